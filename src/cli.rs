@@ -1,0 +1,179 @@
+//! Command-line flags (clap), shared by every front end.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser};
+
+use crate::device::{DeviceArg, DtypeArg};
+use crate::source::DEFAULT_MODEL;
+
+const AFTER_HELP: &str = "\
+Examples:
+  zagreus -m ./open-zagreus-0.4B \"Raccontami qualcosa di interessante sull'Italia.\"
+  zagreus -m ./open-zagreus-0.4B -s \"Sei un assistente utile.\" --temperature 0 -n 64 \"Ciao!\"
+  cat articolo.txt | zagreus -m ./open-zagreus-0.4B \"Riassumi il testo.\"
+  zagreus -m ./zagreus-0.4B-ita --raw \"La capitale d'Italia è\"
+  zagreus -m ./open-zagreus-0.4B --json \"Ciao\"
+
+Sampling defaults come from the model's generation_config.json when it sets them, else from
+the values shown; flags override both.";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "zagreus",
+    version,
+    about = "Run the Zagreus family of small Italian/English language models",
+    long_about = "Run the Zagreus family of small Italian/English language models (and other \
+                  Llama-architecture models) on the CPU or a CUDA GPU.\n\n\
+                  The answer goes to stdout; logs and statistics go to stderr. When stdin is not a \
+                  terminal, its text is read and put before the prompt, separated by a blank line.",
+    after_help = AFTER_HELP
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// A one-shot request: prompt in, answer out.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The prompt (several words are joined with spaces)
+    #[arg(value_name = "PROMPT")]
+    pub prompt: Vec<String>,
+
+    /// System prompt (chat models)
+    #[arg(short, long, value_name = "TEXT", help_heading = "Prompt")]
+    pub system: Option<String>,
+
+    /// Send the prompt as is, without the chat template (base models)
+    #[arg(long, help_heading = "Prompt")]
+    pub raw: bool,
+
+    /// Print one JSON object (text, token ids, finish reason, seed, settings, timings) instead of text
+    #[arg(long, help_heading = "Output")]
+    pub json: bool,
+
+    /// With --json: the log-probability of each generated token and its N most likely alternatives
+    #[arg(long, value_name = "N", requires = "json", help_heading = "Output")]
+    pub logprobs: Option<usize>,
+
+    /// Print load time, token counts, speeds and the seed on stderr
+    #[arg(short, long, help_heading = "Output")]
+    pub verbose: bool,
+
+    /// Print the rendered prompt and its token ids on stderr before generating
+    #[arg(long, help_heading = "Output")]
+    pub verbose_prompt: bool,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+/// Which model, where it runs, and how its prompt is built.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model directory (config.json, tokenizer.json, *.safetensors) or hub id
+    #[arg(short, long, value_name = "MODEL", env = "ZAGREUS_MODEL", default_value = DEFAULT_MODEL, help_heading = "Model")]
+    pub model: String,
+
+    /// Device: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present)
+    #[arg(
+        long,
+        value_name = "DEVICE",
+        default_value = "auto",
+        help_heading = "Model"
+    )]
+    pub device: DeviceArg,
+
+    /// Weight precision
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto, help_heading = "Model")]
+    pub dtype: DtypeArg,
+
+    /// CPU threads [default: all cores]
+    #[arg(short, long, value_name = "N", help_heading = "Model")]
+    pub threads: Option<usize>,
+
+    /// Context size in tokens [default: the model's max_position_embeddings]
+    #[arg(short = 'c', long, value_name = "N", help_heading = "Model")]
+    pub ctx_size: Option<usize>,
+
+    /// Use this Jinja chat template instead of the model's
+    #[arg(long, value_name = "FILE", help_heading = "Model")]
+    pub chat_template: Option<PathBuf>,
+
+    /// Do not put the BOS token in front of the prompt
+    #[arg(long, help_heading = "Model")]
+    pub no_bos: bool,
+}
+
+/// How tokens are chosen and when generation stops. `None` means "the default".
+#[derive(Args, Debug, Clone, Default)]
+pub struct SamplingArgs {
+    /// Randomness; 0 always picks the most likely token [default: 0.7]
+    #[arg(long, value_name = "T", help_heading = "Sampling")]
+    pub temperature: Option<f64>,
+
+    /// Sample from the K most likely tokens only; 0 = off [default: 40]
+    #[arg(long, value_name = "K", help_heading = "Sampling")]
+    pub top_k: Option<usize>,
+
+    /// Sample from the smallest set of tokens whose probability reaches P; 1 = off [default: 0.9]
+    #[arg(long, value_name = "P", help_heading = "Sampling")]
+    pub top_p: Option<f64>,
+
+    /// Drop tokens less likely than P times the most likely one; 0 = off [default: 0.05]
+    #[arg(long, value_name = "P", help_heading = "Sampling")]
+    pub min_p: Option<f64>,
+
+    /// Penalise tokens seen in the last --repeat-last-n tokens (transformers' repetition_penalty);
+    /// 1 = off [default: 1.1]
+    #[arg(long, value_name = "X", help_heading = "Sampling")]
+    pub repeat_penalty: Option<f64>,
+
+    /// How many recent tokens (prompt included) the penalties look at; -1 = the whole context
+    /// [default: 64]
+    #[arg(
+        long,
+        value_name = "N",
+        allow_negative_numbers = true,
+        help_heading = "Sampling"
+    )]
+    pub repeat_last_n: Option<i64>,
+
+    /// Subtract X from the logit of every token already seen [default: 0]
+    #[arg(
+        long,
+        value_name = "X",
+        allow_negative_numbers = true,
+        help_heading = "Sampling"
+    )]
+    pub presence_penalty: Option<f64>,
+
+    /// Subtract X times its count from the logit of every token already seen [default: 0]
+    #[arg(
+        long,
+        value_name = "X",
+        allow_negative_numbers = true,
+        help_heading = "Sampling"
+    )]
+    pub frequency_penalty: Option<f64>,
+
+    /// Random seed; the same seed and settings give the same answer [default: random]
+    #[arg(long, value_name = "N", help_heading = "Sampling")]
+    pub seed: Option<u64>,
+
+    /// Stop after N generated tokens [default: 256]
+    #[arg(short = 'n', long, value_name = "N", help_heading = "Sampling")]
+    pub max_tokens: Option<usize>,
+
+    /// Stop when this text appears (not printed); repeatable
+    #[arg(long, value_name = "TEXT", help_heading = "Sampling")]
+    pub stop: Vec<String>,
+
+    /// Keep going past end-of-generation tokens (for benchmarks)
+    #[arg(long, help_heading = "Sampling")]
+    pub ignore_eos: bool,
+}

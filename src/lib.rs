@@ -1,0 +1,17 @@
+//! zagreus: run the Zagreus family of small Italian/English language models.
+//!
+//! The flow of one request: [`source`] resolves `--model` to files, [`loader`] builds the
+//! [`model`] with its [`tokenizer`] and chat [`template`], a front end ([`oneshot`]) builds the
+//! prompt, and a [`session::Session`] generates with a [`sampling::Sampler`], streaming text.
+
+pub mod cli;
+pub mod device;
+pub mod loader;
+pub mod model;
+pub mod oneshot;
+pub mod sampling;
+pub mod session;
+pub mod settings;
+pub mod source;
+pub mod template;
+pub mod tokenizer;

@@ -1,0 +1,149 @@
+//! Loads everything a model is made of: the network on a device, the tokenizer, the chat
+//! template, decoding defaults and the set of end-of-generation tokens.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+
+use crate::model::weights::Weights;
+use crate::model::{GenerationConfig, Llama, LlamaConfig};
+use crate::source::ModelFiles;
+use crate::template::{ChatTemplate, TemplateTokens};
+use crate::tokenizer::{Tokenizer, TokenizerConfig};
+
+/// Markers that end an assistant turn in common chat formats; one is a stop token when the
+/// template uses it and the tokenizer has it as a single token.
+const END_OF_TURN_MARKERS: &[&str] = &[
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end_of_turn|>",
+    "<end_of_turn>",
+    "<|end|>",
+    "<|eom_id|>",
+];
+
+pub struct LoadOptions<'a> {
+    pub device: Device,
+    /// `None` picks the default for the device and checkpoint.
+    pub dtype: Option<DType>,
+    /// `--chat-template FILE`.
+    pub chat_template: Option<&'a Path>,
+}
+
+pub struct LoadedModel {
+    pub name: String,
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    /// Whether the template is the model's own (or the user's), not the built-in fallback.
+    pub has_template: bool,
+    pub template_tokens: TemplateTokens,
+    pub generation: GenerationConfig,
+    pub stop_ids: BTreeSet<u32>,
+    pub load_time: Duration,
+}
+
+/// The dtype used when `--dtype` is not given: the checkpoint's own half type on the CPU (its
+/// kernels read BF16/F16 directly at full precision), BF16 on accelerators unless the checkpoint
+/// is F16.
+pub fn default_dtype(stored: Option<DType>, device: &Device) -> DType {
+    match (device.is_cpu(), stored) {
+        (true, Some(d @ (DType::BF16 | DType::F16 | DType::F32))) => d,
+        (true, _) => DType::F32,
+        (false, Some(DType::F16)) => DType::F16,
+        (false, _) => DType::BF16,
+    }
+}
+
+pub fn load(files: &ModelFiles, opts: &LoadOptions) -> Result<LoadedModel> {
+    let start = Instant::now();
+    let config = LlamaConfig::from_file(&files.config)?;
+    let generation = match &files.generation_config {
+        Some(p) => GenerationConfig::from_file(p)?,
+        None => GenerationConfig::default(),
+    };
+    let tcfg = match &files.tokenizer_config {
+        Some(p) => TokenizerConfig::from_file(p)?,
+        None => TokenizerConfig::default(),
+    };
+    let tokenizer = Tokenizer::from_file(&files.tokenizer, &tcfg, config.bos_token_id)
+        .with_context(|| format!("loading {}", files.tokenizer.display()))?;
+
+    let (template, has_template) = match (
+        opts.chat_template,
+        &files.chat_template,
+        &tcfg.chat_template,
+    ) {
+        (Some(path), _, _) => (ChatTemplate::from_file(path)?, true),
+        (None, Some(path), _) => (ChatTemplate::from_file(path)?, true),
+        (None, None, Some(src)) => {
+            let origin = files
+                .tokenizer_config
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            (ChatTemplate::new(src.clone(), origin)?, true)
+        }
+        (None, None, None) => (ChatTemplate::chatml(), false),
+    };
+
+    let weights = Weights::open(&files.weights)?;
+    let stored = weights.dtype("model.embed_tokens.weight");
+    let dtype = opts
+        .dtype
+        .unwrap_or_else(|| default_dtype(stored, &opts.device));
+    let model = Llama::load(&config, &weights, dtype, &opts.device)?;
+    drop(weights);
+    if tokenizer.vocab_size() > model.vocab_size() {
+        bail!(
+            "{} has {} tokens but the model's embedding has only {} rows",
+            files.tokenizer.display(),
+            tokenizer.vocab_size(),
+            model.vocab_size()
+        );
+    }
+
+    let mut stop_ids: BTreeSet<u32> = config.eos_token_ids.iter().copied().collect();
+    if let Some(e) = &generation.eos_token_id {
+        stop_ids.extend(e.to_vec());
+    }
+    if let Some(id) = tcfg
+        .eos_token
+        .as_deref()
+        .and_then(|t| tokenizer.token_to_id(t))
+    {
+        stop_ids.insert(id);
+    }
+    for marker in END_OF_TURN_MARKERS {
+        if template.source().contains(marker) {
+            if let Some(id) = tokenizer.token_to_id(marker) {
+                stop_ids.insert(id);
+            }
+        }
+    }
+    stop_ids.retain(|id| (*id as usize) < model.vocab_size());
+
+    let template_tokens = TemplateTokens {
+        bos_token: tcfg
+            .bos_token
+            .clone()
+            .or_else(|| tokenizer.bos().map(|(_, t)| t.to_string())),
+        eos_token: tcfg.eos_token.clone(),
+        pad_token: tcfg.pad_token.clone(),
+        unk_token: tcfg.unk_token.clone(),
+    };
+    Ok(LoadedModel {
+        name: files.name.clone(),
+        model,
+        tokenizer,
+        template,
+        has_template,
+        template_tokens,
+        generation,
+        stop_ids,
+        load_time: start.elapsed(),
+    })
+}

@@ -1,0 +1,348 @@
+//! The Llama network (the architecture of every Zagreus model), shape-driven from `config.json`.
+//!
+//! Matches transformers' `LlamaForCausalLM`: RMSNorm, rotate-half RoPE, grouped-query attention
+//! (each KV head serves `heads / kv_heads` query heads, without copying K/V), a SiLU-gated MLP,
+//! and an LM head that is `lm_head.weight` when the file has one, else the token embedding.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::ops::{rms_norm, softmax_last_dim};
+
+use super::config::LlamaConfig;
+use super::kv_cache::KvCache;
+use super::linear::Linear;
+use super::rope::Rope;
+use super::weights::Weights;
+
+/// Which positions of a forward pass need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Only the last position: all generation needs.
+    Last,
+    /// Every position (reference tests, scoring).
+    All,
+}
+
+struct Block {
+    attn_norm: Tensor,
+    /// q, k and v projections fused into one product.
+    qkv: Linear,
+    o: Linear,
+    mlp_norm: Tensor,
+    /// gate and up projections fused into one product.
+    gate_up: Linear,
+    down: Linear,
+}
+
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: Linear,
+    rope: Rope,
+    device: Device,
+    /// Weight storage dtype.
+    dtype: DType,
+    /// Activation dtype: f32 on the CPU, the weight dtype on accelerators.
+    act_dtype: DType,
+    vocab_size: usize,
+    tied: bool,
+}
+
+/// Activations are f32 on the CPU (its kernels widen half-precision weights in registers) and the
+/// weight dtype on accelerators, where candle's kernels run natively in it.
+pub fn activation_dtype(dtype: DType, device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
+fn load_linear_fused(
+    w: &Weights,
+    names: &[String],
+    shapes: &[Vec<usize>],
+    dtype: DType,
+    dev: &Device,
+) -> Result<Linear> {
+    let mut ws = Vec::with_capacity(names.len());
+    for (name, shape) in names.iter().zip(shapes) {
+        ws.push(w.load(&format!("{name}.weight"), shape, dtype, &Device::Cpu)?);
+    }
+    let weight = if ws.len() == 1 {
+        ws.remove(0)
+    } else {
+        Tensor::cat(&ws, 0)?
+    };
+    let has_bias = names.iter().any(|n| w.contains(&format!("{n}.bias")));
+    let bias = if has_bias {
+        let mut bs = Vec::with_capacity(names.len());
+        for (name, shape) in names.iter().zip(shapes) {
+            let bname = format!("{name}.bias");
+            bs.push(if w.contains(&bname) {
+                w.load(&bname, &shape[..1], DType::F32, &Device::Cpu)?
+            } else {
+                Tensor::zeros(shape[0], DType::F32, &Device::Cpu)?
+            });
+        }
+        Some(
+            Tensor::cat(&bs, 0)?
+                .to_dtype(activation_dtype(dtype, dev))?
+                .to_device(dev)?,
+        )
+    } else {
+        None
+    };
+    Ok(Linear::new(weight.to_device(dev)?, bias))
+}
+
+impl Llama {
+    /// Builds the network from checkpoint tensors, converting weights to `dtype` on `device`.
+    pub fn load(cfg: &LlamaConfig, w: &Weights, dtype: DType, device: &Device) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let (hd, nh, nkv) = (
+            cfg.head_dim,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+        );
+        let act = activation_dtype(dtype, device);
+        let embed_name = "model.embed_tokens.weight";
+        let vocab_size = match w.shape(embed_name) {
+            Some(s) if s.len() == 2 && s[1] == h => s[0],
+            Some(s) => bail!("tensor `{embed_name}` has shape {s:?}, but hidden_size is {h}"),
+            None => bail!("tensor `{embed_name}` is missing"),
+        };
+        if vocab_size != cfg.vocab_size {
+            bail!(
+                "tensor `{embed_name}` has {vocab_size} rows, but config.json says vocab_size {}",
+                cfg.vocab_size
+            );
+        }
+        let embed = w.load(embed_name, &[vocab_size, h], dtype, device)?;
+        let norm_w = |name: &str| w.load(name, &[h], act, device);
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let attn = |n: &str| format!("{p}.self_attn.{n}");
+            let mlp = |n: &str| format!("{p}.mlp.{n}");
+            blocks.push(Block {
+                attn_norm: norm_w(&format!("{p}.input_layernorm.weight"))?,
+                qkv: load_linear_fused(
+                    w,
+                    &[attn("q_proj"), attn("k_proj"), attn("v_proj")],
+                    &[vec![nh * hd, h], vec![nkv * hd, h], vec![nkv * hd, h]],
+                    dtype,
+                    device,
+                )?,
+                o: load_linear_fused(w, &[attn("o_proj")], &[vec![h, nh * hd]], dtype, device)?,
+                mlp_norm: norm_w(&format!("{p}.post_attention_layernorm.weight"))?,
+                gate_up: load_linear_fused(
+                    w,
+                    &[mlp("gate_proj"), mlp("up_proj")],
+                    &[
+                        vec![cfg.intermediate_size, h],
+                        vec![cfg.intermediate_size, h],
+                    ],
+                    dtype,
+                    device,
+                )?,
+                down: load_linear_fused(
+                    w,
+                    &[mlp("down_proj")],
+                    &[vec![h, cfg.intermediate_size]],
+                    dtype,
+                    device,
+                )?,
+            });
+        }
+        let norm = norm_w("model.norm.weight")?;
+        // Tied or not is decided by what the file holds, not only by the config flag.
+        let tied = !w.contains("lm_head.weight");
+        let lm_head = if tied {
+            Linear::new(embed.clone(), None)
+        } else {
+            Linear::new(
+                w.load("lm_head.weight", &[vocab_size, h], dtype, device)?,
+                None,
+            )
+        };
+        let rope = Rope::new(cfg, cfg.max_position_embeddings, act, device)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            rope,
+            device: device.clone(),
+            dtype,
+            act_dtype: act,
+            vocab_size,
+            tied,
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn tied_embeddings(&self) -> bool {
+        self.tied
+    }
+
+    /// The longest sequence the model accepts (`max_position_embeddings`).
+    pub fn max_positions(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+
+    /// A cache sized for at most `max_len` tokens (clamped to the model's positions).
+    pub fn new_cache(&self, max_len: usize) -> KvCache {
+        KvCache::new(
+            self.cfg.num_hidden_layers,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+            max_len.min(self.max_positions()),
+            self.act_dtype,
+            &self.device,
+        )
+    }
+
+    /// Runs `tokens` after the ones already in `cache` and returns f32 logits `(rows, vocab)`,
+    /// one row per position asked for.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: LogitsFor) -> Result<Tensor> {
+        let t = tokens.len();
+        if t == 0 {
+            bail!("internal error: forward called with no tokens");
+        }
+        let pos = cache.len();
+        if pos + t > self.max_positions() {
+            bail!(
+                "position {} is past the model's context of {} tokens (max_position_embeddings)",
+                pos + t,
+                self.max_positions()
+            );
+        }
+        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= self.vocab_size) {
+            bail!(
+                "token id {bad} is outside the model's vocabulary of {}",
+                self.vocab_size
+            );
+        }
+        cache.reserve(t)?;
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self
+            .embed
+            .index_select(&ids, 0)?
+            .to_dtype(self.act_dtype)?
+            .unsqueeze(0)?;
+        let rep = self.cfg.num_attention_heads / self.cfg.num_key_value_heads;
+        let mask = if t > 1 {
+            Some(self.causal_mask(t, pos, rep)?)
+        } else {
+            None
+        };
+        let eps = self.cfg.rms_norm_eps as f32;
+        for (i, b) in self.blocks.iter().enumerate() {
+            let hn = rms_norm(&x, &b.attn_norm, eps)?;
+            let a = self
+                .attention(&hn, b, i, pos, cache, mask.as_ref())
+                .with_context(|| format!("attention of layer {i}"))?;
+            x = (x + a)?;
+            let hn = rms_norm(&x, &b.mlp_norm, eps)?;
+            x = (&x + self.mlp(&hn, b)?)?;
+        }
+        cache.advance(t);
+        let x = match which {
+            LogitsFor::Last => x.narrow(1, t - 1, 1)?,
+            LogitsFor::All => x,
+        };
+        let x = rms_norm(&x.contiguous()?, &self.norm, eps)?;
+        Ok(self.lm_head.forward(&x)?.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+
+    /// Additive mask `(rep * t, pos + t)`: row `r * t + i` (query i of any head in a KV group)
+    /// sees keys up to absolute position `pos + i`.
+    fn causal_mask(&self, t: usize, pos: usize, rep: usize) -> Result<Tensor> {
+        let len = pos + t;
+        let mut m = Vec::with_capacity(rep * t * len);
+        for _ in 0..rep {
+            for i in 0..t {
+                m.extend((0..len).map(|j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }));
+            }
+        }
+        Ok(Tensor::from_vec(m, (rep * t, len), &self.device)?.to_dtype(self.act_dtype)?)
+    }
+
+    fn attention(
+        &self,
+        x: &Tensor,
+        b: &Block,
+        layer: usize,
+        pos: usize,
+        cache: &mut KvCache,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (_, t, _) = x.dims3()?;
+        let (hd, nh, nkv) = (
+            self.cfg.head_dim,
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+        );
+        let rep = nh / nkv;
+        let qkv = b.qkv.forward(x)?;
+        let heads = |start: usize, n: usize| -> Result<Tensor> {
+            Ok(qkv
+                .narrow(D::Minus1, start * hd, n * hd)?
+                .reshape((1, t, n, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = self.rope.apply(&heads(0, nh)?, pos)?;
+        let k = self.rope.apply(&heads(nh, nkv)?, pos)?;
+        let v = heads(nh + nkv, nkv)?;
+        let (k_all, v_all) = cache.append(layer, &k, &v)?;
+        let len = k_all.dim(2)?;
+        // Query heads h = g * rep + r share KV head g: view q as (kv_heads, rep * t, hd), so one
+        // batched product per KV head covers its whole group without repeating K or V.
+        let q = q.reshape((nkv, rep * t, hd))?;
+        let k_all = k_all.squeeze(0)?;
+        let v_all = v_all.squeeze(0)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k_all.t()?)? * scale)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(self.act_dtype)?;
+        let y = probs.matmul(&v_all)?; // (kv_heads, rep * t, hd)
+        debug_assert_eq!(y.dims(), &[nkv, rep * t, hd]);
+        let _ = len;
+        let y = y
+            .reshape((1, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((1, t, nh * hd))?;
+        b.o.forward(&y)
+    }
+
+    fn mlp(&self, x: &Tensor, b: &Block) -> Result<Tensor> {
+        let inter = self.cfg.intermediate_size;
+        let gu = b.gate_up.forward(x)?;
+        let gate = gu.narrow(D::Minus1, 0, inter)?;
+        let up = gu.narrow(D::Minus1, inter, inter)?;
+        b.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)
+    }
+}

@@ -1,0 +1,324 @@
+//! The one-shot and pipe front end: one prompt (argument, stdin, or both) in, one answer out.
+
+use std::io::{IsTerminal, Read, Write};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::cli::RunArgs;
+use crate::device::{device_name, dtype_name, set_threads};
+use crate::loader::{self, LoadOptions, LoadedModel};
+use crate::sampling::Sampler;
+use crate::session::{generate, Completion, GenerateOptions, Session, TokenLogprob};
+use crate::settings::Settings;
+use crate::template::Message;
+
+/// Joins stdin (when it is not a terminal) and the prompt argument: stdin first, a blank line,
+/// then the argument.
+pub fn assemble_prompt(arg: &[String], stdin: Option<Vec<u8>>) -> Result<String> {
+    let arg = arg.join(" ");
+    let piped = match stdin {
+        Some(bytes) => String::from_utf8(bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "stdin is not valid UTF-8 (invalid byte at offset {})",
+                e.utf8_error().valid_up_to()
+            )
+        })?,
+        None => String::new(),
+    };
+    let piped = piped.trim_end();
+    Ok(match (piped.is_empty(), arg.trim().is_empty()) {
+        (true, true) => bail!("no prompt: give one as an argument, or pipe text into stdin"),
+        (false, true) => piped.to_string(),
+        (true, false) => arg,
+        (false, false) => format!("{piped}\n\n{arg}"),
+    })
+}
+
+fn read_stdin_if_piped() -> Result<Option<Vec<u8>>> {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        return Ok(None);
+    }
+    let mut buf = Vec::new();
+    stdin
+        .lock()
+        .read_to_end(&mut buf)
+        .context("cannot read stdin")?;
+    Ok(Some(buf))
+}
+
+/// Renders and tokenizes one request.
+pub fn build_prompt(
+    m: &LoadedModel,
+    text: &str,
+    system: Option<&str>,
+    raw: bool,
+    add_bos: bool,
+) -> Result<(String, Vec<u32>)> {
+    if raw {
+        if system.is_some() {
+            bail!("--system has no effect with --raw (there is no template to put it in)");
+        }
+        return Ok((text.to_string(), m.tokenizer.encode_raw(text, add_bos)?));
+    }
+    let mut messages = Vec::new();
+    if let Some(s) = system {
+        messages.push(Message::new("system", s));
+    }
+    messages.push(Message::new("user", text));
+    let rendered = m
+        .template
+        .render(&messages, None, true, &m.template_tokens)?;
+    let ids = m.tokenizer.encode_chat(&rendered, add_bos)?;
+    Ok((rendered, ids))
+}
+
+pub fn run(args: RunArgs, cancel: Arc<AtomicBool>) -> Result<()> {
+    let stdin = read_stdin_if_piped()?;
+    let text = assemble_prompt(&args.prompt, stdin)?;
+    let threads = set_threads(args.model.threads)?;
+    let device = args.model.device.open()?;
+    let files = crate::source::resolve(&args.model.model)?;
+    let loaded = loader::load(
+        &files,
+        &LoadOptions {
+            device,
+            dtype: args.model.dtype.to_dtype(),
+            chat_template: args.model.chat_template.as_deref(),
+        },
+    )?;
+    let model = &loaded.model;
+    if args.verbose {
+        eprintln!(
+            "zagreus: loaded {} ({:.0}M parameters, {}, {}, {threads} threads) in {:.2} s",
+            loaded.name,
+            model.config().parameter_count() as f64 / 1e6,
+            dtype_name(model.dtype()),
+            device_name(model.device()),
+            loaded.load_time.as_secs_f64()
+        );
+    }
+    if !args.raw && !loaded.has_template && loaded.tokenizer.token_to_id("<|im_start|>").is_none() {
+        eprintln!("zagreus: warning: the model has no chat template and no ChatML tokens (a base model?); use --raw to send the prompt as is");
+    }
+    let settings = Settings::resolve(&args.sampling, &loaded.generation)?;
+    let (rendered, ids) = build_prompt(
+        &loaded,
+        &text,
+        args.system.as_deref(),
+        args.raw,
+        !args.model.no_bos,
+    )?;
+    if args.verbose_prompt {
+        eprintln!(
+            "zagreus: prompt ({} tokens):\n{rendered}\nzagreus: token ids: {ids:?}",
+            ids.len()
+        );
+    }
+    let context = match args.model.ctx_size {
+        Some(0) => bail!("--ctx-size 0: use at least 1"),
+        Some(n) => n.min(model.max_positions()),
+        None => model.max_positions(),
+    };
+    if ids.len() > context {
+        bail!(
+            "the prompt is {} tokens, more than the context of {context} tokens{}; shorten it",
+            ids.len(),
+            if args.model.ctx_size.is_some() {
+                " (--ctx-size)"
+            } else {
+                " (the model's max_position_embeddings)"
+            }
+        );
+    }
+    let mut session = Session::new(model, context);
+    let mut sampler = Sampler::new(settings.sampling.clone());
+    let opts = GenerateOptions {
+        max_tokens: settings.max_tokens,
+        stop_ids: loaded.stop_ids.clone(),
+        stop_strings: settings.stop.clone(),
+        ignore_eos: settings.ignore_eos,
+        logprobs: args.logprobs,
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let stream_text = !args.json;
+    let completion = generate(
+        &mut session,
+        &loaded.tokenizer,
+        &mut sampler,
+        &ids,
+        &opts,
+        &cancel,
+        &mut |piece| {
+            if stream_text {
+                out.write_all(piece.as_bytes())?;
+                out.flush()?;
+            }
+            Ok(())
+        },
+    )?;
+    if args.json {
+        let record = JsonRecord::new(
+            &loaded,
+            &settings,
+            &ids,
+            &completion,
+            args.logprobs.is_some(),
+        );
+        serde_json::to_writer(&mut out, &record)?;
+        out.write_all(b"\n")?;
+    } else if !completion.text.is_empty() && !completion.text.ends_with('\n') {
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    if completion.stats.context_full {
+        eprintln!("zagreus: the context of {context} tokens is full; the answer was cut short (--ctx-size)");
+    }
+    if args.verbose {
+        print_stats(&completion, settings.sampling.seed);
+    }
+    if completion.finish == crate::session::FinishReason::Cancelled {
+        bail!(Interrupted);
+    }
+    Ok(())
+}
+
+/// Generation was stopped by Ctrl+C (exit code 130).
+#[derive(Debug)]
+pub struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+fn print_stats(c: &Completion, seed: u64) {
+    let s = &c.stats;
+    eprintln!(
+        "zagreus: prompt: {} tokens ({} processed) in {:.2} s, {:.1} t/s",
+        s.prompt_tokens,
+        s.prompt_processed,
+        s.prompt_time.as_secs_f64(),
+        s.prompt_tps()
+    );
+    eprintln!(
+        "zagreus: generated: {} tokens in {:.2} s, {:.1} t/s; time to first token {:.2} s",
+        s.generated,
+        s.decode_time.as_secs_f64(),
+        s.decode_tps(),
+        s.time_to_first_token.as_secs_f64()
+    );
+    eprintln!(
+        "zagreus: finish: {}; seed: {seed}; context used: {}",
+        c.finish.as_str(),
+        s.context_used
+    );
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+#[derive(Serialize)]
+struct JsonRecord<'a> {
+    model: &'a str,
+    text: &'a str,
+    finish_reason: &'static str,
+    stop_token_id: Option<u32>,
+    prompt_token_ids: &'a [u32],
+    generated_token_ids: &'a [u32],
+    seed: u64,
+    settings: &'a Settings,
+    usage: Usage,
+    timings: Timings,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logprobs: Option<&'a [TokenLogprob]>,
+}
+
+#[derive(Serialize)]
+struct Usage {
+    prompt_tokens: usize,
+    prompt_tokens_processed: usize,
+    completion_tokens: usize,
+}
+
+#[derive(Serialize)]
+struct Timings {
+    load_ms: f64,
+    prompt_ms: f64,
+    prompt_tokens_per_s: f64,
+    time_to_first_token_ms: f64,
+    decode_ms: f64,
+    decode_tokens_per_s: f64,
+}
+
+impl<'a> JsonRecord<'a> {
+    fn new(
+        m: &'a LoadedModel,
+        settings: &'a Settings,
+        ids: &'a [u32],
+        c: &'a Completion,
+        logprobs: bool,
+    ) -> Self {
+        let s = &c.stats;
+        Self {
+            model: &m.name,
+            text: &c.text,
+            finish_reason: c.finish.as_str(),
+            stop_token_id: c.stop_token,
+            prompt_token_ids: ids,
+            generated_token_ids: &c.tokens,
+            seed: settings.sampling.seed,
+            settings,
+            usage: Usage {
+                prompt_tokens: s.prompt_tokens,
+                prompt_tokens_processed: s.prompt_processed,
+                completion_tokens: s.generated,
+            },
+            timings: Timings {
+                load_ms: ms(m.load_time),
+                prompt_ms: ms(s.prompt_time),
+                prompt_tokens_per_s: s.prompt_tps(),
+                time_to_first_token_ms: ms(s.time_to_first_token),
+                decode_ms: ms(s.decode_time),
+                decode_tokens_per_s: s.decode_tps(),
+            },
+            logprobs: if logprobs { Some(&c.logprobs) } else { None },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stdin_comes_first_then_a_blank_line() {
+        let arg = vec!["Riassumi".to_string(), "il testo.".to_string()];
+        assert_eq!(
+            assemble_prompt(&arg, Some(b"Un articolo.\n".to_vec())).unwrap(),
+            "Un articolo.\n\nRiassumi il testo."
+        );
+        assert_eq!(
+            assemble_prompt(&[], Some(b"solo stdin\n".to_vec())).unwrap(),
+            "solo stdin"
+        );
+        assert_eq!(
+            assemble_prompt(&arg, Some(Vec::new())).unwrap(),
+            "Riassumi il testo."
+        );
+        assert!(assemble_prompt(&[], Some(b"  \n".to_vec())).is_err());
+        let err = assemble_prompt(&[], Some(vec![b'o', b'k', 0xff]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("UTF-8") && err.contains("offset 2"), "{err}");
+    }
+}

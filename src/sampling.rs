@@ -1,0 +1,327 @@
+//! Choosing the next token: repetition, presence and frequency penalties, temperature, top-k,
+//! top-p and min-p, in the order transformers' `generate` applies them, with a seeded RNG.
+
+use std::collections::HashMap;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+/// Sampling settings. Neutral values switch a stage off: temperature 0 (greedy), top_k 0,
+/// top_p 1, min_p 0, repeat_penalty 1, presence/frequency 0.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SamplingParams {
+    pub temperature: f64,
+    pub top_k: usize,
+    pub top_p: f64,
+    pub min_p: f64,
+    pub repeat_penalty: f64,
+    /// How many of the most recent tokens (prompt included) the penalties look at; 0 turns the
+    /// penalties off, -1 means the whole context.
+    pub repeat_last_n: i64,
+    pub presence_penalty: f64,
+    pub frequency_penalty: f64,
+    pub seed: u64,
+}
+
+impl SamplingParams {
+    /// Checks ranges; the message names the flag.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let bad = |flag: &str, v: f64, want: &str| {
+            anyhow::anyhow!("--{flag} {v} is out of range: {want}")
+        };
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(bad(
+                "temperature",
+                self.temperature,
+                "use 0 (greedy) or a positive number",
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(bad("top-p", self.top_p, "use a number in (0, 1]"));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(bad("min-p", self.min_p, "use a number in [0, 1]"));
+        }
+        if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
+            return Err(bad(
+                "repeat-penalty",
+                self.repeat_penalty,
+                "use a positive number (1 = off)",
+            ));
+        }
+        if self.repeat_last_n < -1 {
+            return Err(anyhow::anyhow!(
+                "--repeat-last-n {} is out of range: use -1, 0 or a positive count",
+                self.repeat_last_n
+            ));
+        }
+        if !self.presence_penalty.is_finite() || !self.frequency_penalty.is_finite() {
+            return Err(anyhow::anyhow!(
+                "--presence-penalty and --frequency-penalty must be finite numbers"
+            ));
+        }
+        Ok(())
+    }
+}
+
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+    /// Scratch space reused across steps.
+    candidates: Vec<(u32, f32)>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = StdRng::seed_from_u64(params.seed);
+        Self {
+            params,
+            rng,
+            candidates: Vec::new(),
+        }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token from `logits` (modified in place by the penalties), given the
+    /// tokens so far (`history`: prompt and generated).
+    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        self.apply_penalties(logits, history);
+        let p = &self.params;
+        if p.temperature <= 0.0 {
+            return argmax(logits);
+        }
+        let temp = p.temperature as f32;
+        let c = &mut self.candidates;
+        c.clear();
+        c.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| !l.is_nan())
+                .map(|(i, l)| (i as u32, l / temp)),
+        );
+        if c.is_empty() {
+            return argmax(logits);
+        }
+        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if p.top_k > 0 && p.top_k < c.len() {
+            c.select_nth_unstable_by(p.top_k - 1, by_logit);
+            c.truncate(p.top_k);
+        }
+        c.sort_unstable_by(by_logit);
+        // Softmax over the survivors (max first, so exp never overflows).
+        let max = c[0].1;
+        let mut total = 0f64;
+        for (_, l) in c.iter_mut() {
+            let e = ((*l - max) as f64).exp() as f32;
+            total += e as f64;
+            *l = e;
+        }
+        for (_, pr) in c.iter_mut() {
+            *pr = (*pr as f64 / total) as f32;
+        }
+        if p.top_p < 1.0 {
+            let mut cum = 0f64;
+            let mut keep = c.len();
+            for (i, (_, pr)) in c.iter().enumerate() {
+                cum += *pr as f64;
+                if cum >= p.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            c.truncate(keep.max(1));
+        }
+        if p.min_p > 0.0 {
+            let floor = c[0].1 * p.min_p as f32;
+            let keep = c.iter().take_while(|(_, pr)| *pr >= floor).count();
+            c.truncate(keep.max(1));
+        }
+        let mass: f64 = c.iter().map(|(_, pr)| *pr as f64).sum();
+        let mut r = self.rng.random::<f64>() * mass;
+        for (id, pr) in c.iter() {
+            r -= *pr as f64;
+            if r < 0.0 {
+                return *id;
+            }
+        }
+        c[c.len() - 1].0
+    }
+
+    fn apply_penalties(&self, logits: &mut [f32], history: &[u32]) {
+        let p = &self.params;
+        let active =
+            p.repeat_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+        if !active || p.repeat_last_n == 0 {
+            return;
+        }
+        let window = if p.repeat_last_n < 0 {
+            history
+        } else {
+            &history[history.len().saturating_sub(p.repeat_last_n as usize)..]
+        };
+        let mut counts: HashMap<u32, u32> = HashMap::new();
+        for &t in window {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (&t, &n) in &counts {
+            let Some(l) = logits.get_mut(t as usize) else {
+                continue;
+            };
+            if p.repeat_penalty != 1.0 {
+                let rp = p.repeat_penalty as f32;
+                *l = if *l > 0.0 { *l / rp } else { *l * rp };
+            }
+            *l -= p.presence_penalty as f32 + p.frequency_penalty as f32 * n as f32;
+        }
+    }
+}
+
+/// Index of the largest logit (the first on ties, as `torch.argmax`).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, l) in logits.iter().enumerate() {
+        if *l > logits[best] || logits[best].is_nan() {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// `log_softmax` of raw logits, for reporting log-probabilities.
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|l| ((*l - max) as f64).exp()).sum();
+    let lse = max as f64 + sum.ln();
+    logits.iter().map(|l| (*l as f64 - lse) as f32).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> SamplingParams {
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: 7,
+        }
+    }
+
+    #[test]
+    fn greedy_takes_first_max() {
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            ..params()
+        });
+        assert_eq!(s.sample(&mut [0.0, 3.0, 3.0, 1.0], &[]), 1);
+    }
+
+    #[test]
+    fn repetition_penalty_is_transformers_style() {
+        let s = Sampler::new(SamplingParams {
+            repeat_penalty: 2.0,
+            ..params()
+        });
+        let mut l = [4.0, -4.0, 4.0];
+        s.apply_penalties(&mut l, &[0, 1, 0]);
+        assert_eq!(l, [2.0, -8.0, 4.0]);
+        let s = Sampler::new(SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 1.0,
+            ..params()
+        });
+        let mut l = [4.0, 4.0, 4.0];
+        s.apply_penalties(&mut l, &[0, 1, 0]);
+        assert_eq!(l, [1.5, 2.5, 4.0]);
+        // The window only reaches back repeat_last_n tokens.
+        let s = Sampler::new(SamplingParams {
+            repeat_penalty: 2.0,
+            repeat_last_n: 1,
+            ..params()
+        });
+        let mut l = [4.0, 4.0];
+        s.apply_penalties(&mut l, &[0, 1]);
+        assert_eq!(l, [4.0, 2.0]);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_and_seed_reproducible() {
+        let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
+        let mut s = Sampler::new(SamplingParams {
+            top_k: 1,
+            ..params()
+        });
+        assert_eq!(s.sample(&mut logits.clone(), &[]), argmax(&logits));
+        let draw = |seed| {
+            let mut s = Sampler::new(SamplingParams { seed, ..params() });
+            (0..20)
+                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(1), draw(1));
+        assert_ne!(draw(1), draw(2));
+    }
+
+    #[test]
+    fn top_p_and_min_p_cut_the_tail() {
+        // probabilities ~ [0.64, 0.24, 0.09, 0.03]
+        let logits = [3.0f32, 2.0, 1.0, 0.0];
+        for (p, allowed) in [
+            (
+                SamplingParams {
+                    top_p: 0.5,
+                    ..params()
+                },
+                vec![0],
+            ),
+            (
+                SamplingParams {
+                    top_p: 0.8,
+                    ..params()
+                },
+                vec![0, 1],
+            ),
+            (
+                SamplingParams {
+                    min_p: 0.3,
+                    ..params()
+                },
+                vec![0, 1],
+            ),
+        ] {
+            let mut s = Sampler::new(p);
+            for _ in 0..200 {
+                let t = s.sample(&mut logits.clone(), &[]);
+                assert!(allowed.contains(&t), "{t} not in {allowed:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn sampling_follows_the_distribution() {
+        let logits = [0.0f32, (3.0f32).ln()]; // p = [0.25, 0.75]
+        let mut s = Sampler::new(params());
+        let ones = (0..4000)
+            .filter(|_| s.sample(&mut logits.clone(), &[]) == 1)
+            .count();
+        assert!((2800..3200).contains(&ones), "{ones}");
+    }
+
+    #[test]
+    fn log_softmax_normalises() {
+        let l = log_softmax(&[1.0, 2.0, 3.0]);
+        let total: f32 = l.iter().map(|x| x.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+    }
+}

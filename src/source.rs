@@ -1,0 +1,150 @@
+//! Where a model comes from (`--model`): a local directory now; the design leaves room for hub ids
+//! and GGUF files. Resolving a source yields the paths of the files a model needs.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+
+use crate::model::weights;
+
+/// The model the CLI runs when `--model` is not given.
+pub const DEFAULT_MODEL: &str = "mii-llm/open-zagreus-0.4B";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A directory holding config.json, tokenizer.json and safetensors weights.
+    Dir(PathBuf),
+    /// A Hugging Face hub repository, `owner/name[@revision]`.
+    Hub {
+        repo: String,
+        revision: Option<String>,
+    },
+}
+
+impl ModelSource {
+    /// Decides by what exists: an existing path is a directory (or a file); anything else must be
+    /// a hub id.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let path = Path::new(spec);
+        if path.exists() {
+            if path.is_dir() {
+                return Ok(Self::Dir(path.to_path_buf()));
+            }
+            if spec.ends_with(".gguf") {
+                bail!("--model {spec}: GGUF files are not supported yet; point --model at a directory with safetensors weights");
+            }
+            bail!("--model {spec} is a file; it expects a model directory (config.json, tokenizer.json, *.safetensors)");
+        }
+        let (repo, revision) = match spec.split_once('@') {
+            Some((r, rev)) => (r, Some(rev.to_string())),
+            None => (spec, None),
+        };
+        if !is_hub_id(repo) || revision.as_deref() == Some("") {
+            let looks_like_path = spec.starts_with('.')
+                || spec.starts_with('/')
+                || spec.starts_with('~')
+                || spec.matches('/').count() > 1;
+            if looks_like_path {
+                bail!("--model {spec}: no such directory");
+            }
+            bail!("--model {spec}: not a directory, and not a hub id of the form owner/name[@revision]");
+        }
+        Ok(Self::Hub {
+            repo: repo.to_string(),
+            revision,
+        })
+    }
+}
+
+/// `owner/name` with the characters the hub allows.
+pub fn is_hub_id(s: &str) -> bool {
+    let ok = |part: &str| {
+        !part.is_empty()
+            && part.len() <= 96
+            && !part.starts_with(['.', '-'])
+            && !part.contains("..")
+            && part
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    matches!(s.split_once('/'), Some((owner, name)) if ok(owner) && ok(name))
+}
+
+/// Paths of the files one model is made of.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    /// A short name for messages and `--json` (the directory or hub id).
+    pub name: String,
+    pub config: PathBuf,
+    pub generation_config: Option<PathBuf>,
+    pub tokenizer: PathBuf,
+    pub tokenizer_config: Option<PathBuf>,
+    pub chat_template: Option<PathBuf>,
+    pub weights: Vec<PathBuf>,
+}
+
+impl ModelFiles {
+    /// The files of a local model directory; missing required files are named in the error.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let required = |name: &str| -> Result<PathBuf> {
+            let p = dir.join(name);
+            if !p.is_file() {
+                bail!("{} has no {name}", dir.display());
+            }
+            Ok(p)
+        };
+        let optional = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
+        Ok(Self {
+            name: dir.display().to_string(),
+            config: required("config.json")?,
+            generation_config: optional("generation_config.json"),
+            tokenizer: required("tokenizer.json")?,
+            tokenizer_config: optional("tokenizer_config.json"),
+            chat_template: optional("chat_template.jinja"),
+            weights: weights::safetensors_files(dir)?,
+        })
+    }
+}
+
+/// Resolves `--model` to files on disk.
+pub fn resolve(spec: &str) -> Result<ModelFiles> {
+    match ModelSource::parse(spec)? {
+        ModelSource::Dir(dir) => ModelFiles::from_dir(&dir),
+        ModelSource::Hub { repo, .. } => bail!(
+            "--model {repo}: no such directory, and downloading from the Hugging Face hub is not available yet; \
+             download the model (config.json, tokenizer files, *.safetensors) and pass its directory"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_hub_ids_and_rejects_malformed_ones() {
+        assert_eq!(
+            ModelSource::parse("mii-llm/open-zagreus-0.4B@main").unwrap(),
+            ModelSource::Hub {
+                repo: "mii-llm/open-zagreus-0.4B".into(),
+                revision: Some("main".into())
+            }
+        );
+        assert!(matches!(
+            ModelSource::parse("giux78/Open-Zagreus-0.4B"),
+            Ok(ModelSource::Hub { revision: None, .. })
+        ));
+        for bad in [
+            "just-a-name",
+            "a/b/c/d",
+            "./missing/dir",
+            "owner/",
+            "/abs/missing",
+            "own er/x",
+            "a/b@",
+        ] {
+            assert!(ModelSource::parse(bad).is_err(), "{bad}");
+        }
+        assert!(matches!(ModelSource::parse("."), Ok(ModelSource::Dir(_))));
+    }
+}

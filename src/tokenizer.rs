@@ -1,0 +1,296 @@
+//! The tokenizer: `tokenizer.json` plus the special tokens of `tokenizer_config.json`, the BOS
+//! rules these models expect, and a UTF-8-safe streaming detokenizer.
+
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
+
+/// What `tokenizer_config.json` says about special tokens and templates.
+#[derive(Debug, Clone, Default)]
+pub struct TokenizerConfig {
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub pad_token: Option<String>,
+    pub unk_token: Option<String>,
+    /// `true` when the file has a `bos_token` key (even if null): then it, not config.json, decides.
+    pub has_bos_key: bool,
+    pub add_bos_token: Option<bool>,
+    pub chat_template: Option<String>,
+}
+
+/// A special token as written in tokenizer_config.json: a string or an AddedToken object.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TokenSpec {
+    Text(String),
+    Object { content: String },
+}
+
+/// `chat_template` is a string, or a list of named templates (`default`, `tool_use`, ...).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TemplateSpec {
+    One(String),
+    Named(Vec<NamedTemplate>),
+}
+
+#[derive(Deserialize)]
+struct NamedTemplate {
+    name: String,
+    template: String,
+}
+
+#[derive(Deserialize)]
+struct RawTokenizerConfig {
+    #[serde(default, deserialize_with = "some_token")]
+    bos_token: Option<Option<TokenSpec>>,
+    #[serde(default)]
+    eos_token: Option<TokenSpec>,
+    #[serde(default)]
+    pad_token: Option<TokenSpec>,
+    #[serde(default)]
+    unk_token: Option<TokenSpec>,
+    add_bos_token: Option<bool>,
+    chat_template: Option<TemplateSpec>,
+}
+
+/// Distinguishes a missing `bos_token` key (outer None) from an explicit null (Some(None)).
+fn some_token<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<TokenSpec>>, D::Error> {
+    Option::<TokenSpec>::deserialize(d).map(Some)
+}
+
+fn token_text(spec: Option<TokenSpec>) -> Option<String> {
+    spec.map(|s| match s {
+        TokenSpec::Text(t) => t,
+        TokenSpec::Object { content } => content,
+    })
+}
+
+impl TokenizerConfig {
+    /// Reads `tokenizer_config.json`; a missing file is an empty config.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Ok(Self::default());
+        }
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        Self::from_json(&text).with_context(|| format!("invalid {}", path.display()))
+    }
+
+    pub fn from_json(text: &str) -> Result<Self> {
+        let raw: RawTokenizerConfig = serde_json::from_str(text)?;
+        let chat_template = match raw.chat_template {
+            None => None,
+            Some(TemplateSpec::One(t)) => Some(t),
+            Some(TemplateSpec::Named(list)) => list
+                .iter()
+                .find(|t| t.name == "default")
+                .or(list.first())
+                .map(|t| t.template.clone()),
+        };
+        Ok(Self {
+            has_bos_key: raw.bos_token.is_some(),
+            bos_token: token_text(raw.bos_token.flatten()),
+            eos_token: token_text(raw.eos_token),
+            pad_token: token_text(raw.pad_token),
+            unk_token: token_text(raw.unk_token),
+            add_bos_token: raw.add_bos_token,
+            chat_template,
+        })
+    }
+}
+
+/// A tokenizer with the model's BOS token resolved to an id.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    bos: Option<(u32, String)>,
+    add_bos_token: Option<bool>,
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json`. The BOS token comes from tokenizer_config.json when it names one
+    /// (or says null), else from config.json's `bos_token_id`.
+    pub fn from_file(
+        path: &Path,
+        tcfg: &TokenizerConfig,
+        config_bos_id: Option<u32>,
+    ) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| anyhow!("{} is not a valid tokenizer.json: {e}", path.display()))?;
+        Self::new(inner, tcfg, config_bos_id)
+    }
+
+    pub fn new(
+        inner: tokenizers::Tokenizer,
+        tcfg: &TokenizerConfig,
+        config_bos_id: Option<u32>,
+    ) -> Result<Self> {
+        let bos = if tcfg.has_bos_key {
+            match &tcfg.bos_token {
+                Some(text) => Some((
+                    inner.token_to_id(text).with_context(|| {
+                        format!("bos_token `{text}` is not in the tokenizer's vocabulary")
+                    })?,
+                    text.clone(),
+                )),
+                None => None,
+            }
+        } else {
+            config_bos_id.and_then(|id| inner.id_to_token(id).map(|t| (id, t)))
+        };
+        Ok(Self {
+            inner,
+            bos,
+            add_bos_token: tcfg.add_bos_token,
+        })
+    }
+
+    /// The BOS token (id, text), if the model has one.
+    pub fn bos(&self) -> Option<(u32, &str)> {
+        self.bos.as_ref().map(|(id, t)| (*id, t.as_str()))
+    }
+
+    pub fn token_to_id(&self, text: &str) -> Option<u32> {
+        self.inner.token_to_id(text)
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Encodes a rendered chat prompt: no automatic special tokens (as transformers'
+    /// `apply_chat_template` does), then one BOS in front when the model has one, `add_bos` is
+    /// set, and the text does not already start with it.
+    pub fn encode_chat(&self, rendered: &str, add_bos: bool) -> Result<Vec<u32>> {
+        let mut ids = self.encode(rendered, false)?;
+        if let Some((bos_id, bos_text)) = self.bos() {
+            if add_bos && !rendered.starts_with(bos_text) && ids.first() != Some(&bos_id) {
+                ids.insert(0, bos_id);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Encodes raw text with the tokenizer's own special-token rules (its post-processor), with
+    /// `add_bos_token` from tokenizer_config.json honoured. `add_bos = false` drops the BOS the
+    /// tokenizer would add (one the text itself starts with stays), and a BOS is never doubled.
+    pub fn encode_raw(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
+        let mut ids = self.encode(text, true)?;
+        let Some((bos_id, bos_text)) = self.bos() else {
+            return Ok(ids);
+        };
+        let text_has = text.starts_with(bos_text);
+        let added = ids.first() == Some(&bos_id) && !(text_has && ids.get(1) != Some(&bos_id));
+        let want = add_bos && self.add_bos_token.unwrap_or(added) && !text_has;
+        if added && !want {
+            ids.remove(0);
+        } else if want && !added {
+            ids.insert(0, bos_id);
+        }
+        Ok(ids)
+    }
+
+    fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
+        Ok(self
+            .inner
+            .encode_fast(text, special)
+            .map_err(|e| anyhow!("cannot tokenize the prompt: {e}"))?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// Text of `ids` with special tokens left out.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| anyhow!("cannot decode tokens: {e}"))
+    }
+
+    /// Text of one token, special tokens included (for log-probabilities and diagnostics).
+    pub fn token_text(&self, id: u32) -> String {
+        self.inner.decode(&[id], false).unwrap_or_default()
+    }
+
+    pub fn stream(&self) -> TextStream<'_> {
+        TextStream {
+            tok: self,
+            ids: Vec::new(),
+            prefix: String::new(),
+            prefix_index: 0,
+        }
+    }
+}
+
+/// Turns generated token ids into text as they arrive, emitting a piece as soon as it is valid
+/// UTF-8 (accents and emoji split over several byte tokens are held until complete) and never
+/// printing special tokens.
+///
+/// It decodes a small window of recent tokens and emits what the newest token added, so that
+/// decoders whose output depends on neighbours (leading spaces, byte fallback) stay exact.
+pub struct TextStream<'a> {
+    tok: &'a Tokenizer,
+    ids: Vec<u32>,
+    /// Text of `ids[..prefix_index]`, already emitted.
+    prefix: String,
+    prefix_index: usize,
+}
+
+impl TextStream<'_> {
+    /// Adds a token; returns the new text it completes, if any.
+    pub fn step(&mut self, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let text = self.tok.decode(&self.ids)?;
+        if text.len() > self.prefix.len() && !text.ends_with('\u{FFFD}') {
+            let Some(new) = text.strip_prefix(self.prefix.as_str()) else {
+                bail!("internal error: detokenized text changed its prefix");
+            };
+            let new = new.to_string();
+            self.ids.drain(..self.prefix_index);
+            self.prefix = self.tok.decode(&self.ids)?;
+            self.prefix_index = self.ids.len();
+            return Ok(Some(new));
+        }
+        Ok(None)
+    }
+
+    /// Whatever is still held back (an incomplete UTF-8 sequence at the very end), as text with
+    /// replacement characters.
+    pub fn finish(&mut self) -> Result<Option<String>> {
+        let text = self.tok.decode(&self.ids)?;
+        self.ids.clear();
+        let out = match text.strip_prefix(self.prefix.as_str()) {
+            Some(rest) if !rest.is_empty() => Some(rest.to_string()),
+            _ => None,
+        };
+        self.prefix.clear();
+        self.prefix_index = 0;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokenizer_config_variants() {
+        let c = TokenizerConfig::from_json(
+            r#"{"bos_token":{"content":"<s>","lstrip":false},"eos_token":"</s>","add_bos_token":false,
+               "chat_template":[{"name":"tool_use","template":"T"},{"name":"default","template":"D"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.bos_token.as_deref(), Some("<s>"));
+        assert_eq!(c.eos_token.as_deref(), Some("</s>"));
+        assert_eq!(c.add_bos_token, Some(false));
+        assert_eq!(c.chat_template.as_deref(), Some("D"));
+        assert!(c.has_bos_key);
+        let c = TokenizerConfig::from_json(r#"{"bos_token":null}"#).unwrap();
+        assert!(c.has_bos_key && c.bos_token.is_none());
+        let c = TokenizerConfig::from_json(r#"{}"#).unwrap();
+        assert!(!c.has_bos_key);
+    }
+}
