@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser};
+use clap::{Args, Parser, Subcommand};
 
 use crate::device::{DeviceArg, DtypeArg};
 use crate::source::DEFAULT_MODEL;
@@ -15,8 +15,16 @@ Examples:
   zagreus -m ./zagreus-0.4B-ita --raw \"La capitale d'Italia è\"
   zagreus -m ./open-zagreus-0.4B --json \"Ciao\"
 
+  zagreus \"Ciao!\"                                  (the default model, downloaded once)
+  zagreus pull mii-llm/zagreus-0.4B-ita
+  HF_HUB_OFFLINE=1 zagreus -m mii-llm/open-zagreus-0.4B \"Ciao!\"
+
+A hub model is downloaded once into the Hugging Face cache (HF_HOME, HF_HUB_CACHE; HF_ENDPOINT
+and HF_TOKEN are honoured) and reused from there, online or not.
+
 Sampling defaults come from the model's generation_config.json when it sets them, else from
-the values shown; flags override both.";
+the values shown; flags override both. To send a prompt that starts with a subcommand's name,
+put `--` before it: zagreus -- list the regions of Italy";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -27,11 +35,39 @@ the values shown; flags override both.";
                   Llama-architecture models) on the CPU or a CUDA GPU.\n\n\
                   The answer goes to stdout; logs and statistics go to stderr. When stdin is not a \
                   terminal, its text is read and put before the prompt, separated by a blank line.",
-    after_help = AFTER_HELP
+    after_help = AFTER_HELP,
+    args_override_self = true,
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     #[command(flatten)]
     pub run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Download a model from the Hugging Face hub into the cache without running it; prints
+    /// its local directory
+    Pull(PullArgs),
+    /// List the models in the Hugging Face cache, with their sizes
+    List(ListArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PullArgs {
+    /// Hub id, owner/name[@revision]
+    #[arg(value_name = "MODEL")]
+    pub model: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// Print JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// A one-shot request: prompt in, answer out.
@@ -107,13 +143,23 @@ pub struct ModelArgs {
     /// Do not put the BOS token in front of the prompt
     #[arg(long, help_heading = "Model")]
     pub no_bos: bool,
+
+    /// Use only models already in the Hugging Face cache; never touch the network (also
+    /// HF_HUB_OFFLINE=1)
+    #[arg(long, help_heading = "Model")]
+    pub offline: bool,
 }
 
 /// How tokens are chosen and when generation stops. `None` means "the default".
 #[derive(Args, Debug, Clone, Default)]
 pub struct SamplingArgs {
     /// Randomness; 0 always picks the most likely token [default: 0.7]
-    #[arg(long, value_name = "T", help_heading = "Sampling")]
+    #[arg(
+        long,
+        value_name = "T",
+        allow_negative_numbers = true,
+        help_heading = "Sampling"
+    )]
     pub temperature: Option<f64>,
 
     /// Sample from the K most likely tokens only; 0 = off [default: 40]

@@ -5,7 +5,10 @@
 //! prompt, and a [`session::Session`] generates with a [`sampling::Sampler`], streaming text.
 
 pub mod cli;
+pub mod commands;
 pub mod device;
+pub mod hub;
+pub mod interrupt;
 pub mod loader;
 pub mod model;
 pub mod oneshot;

@@ -1,12 +1,11 @@
 //! The `zagreus` binary: parse flags, dispatch, turn errors into one line and an exit code.
 
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use clap::Parser;
-use zagreus::cli::Cli;
-use zagreus::oneshot::{self, Interrupted};
+use zagreus::cli::{Cli, Command};
+use zagreus::oneshot::Interrupted;
+use zagreus::{commands, interrupt, oneshot};
 
 fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
@@ -23,21 +22,16 @@ fn main() -> ExitCode {
         eprintln!("zagreus: internal error: {msg}{at} (please report this)");
     }));
     let cli = Cli::parse();
-    let cancel = Arc::new(AtomicBool::new(false));
-    install_ctrl_c(cancel.clone());
-    match oneshot::run(cli.run, cancel) {
+    interrupt::install();
+    let result = match cli.command {
+        Some(Command::Pull(args)) => commands::pull(&args),
+        Some(Command::List(args)) => commands::list(&args),
+        None => oneshot::run(cli.run),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => report(e),
     }
-}
-
-/// First Ctrl+C: stop generating (the answer so far is kept). Second: exit at once.
-fn install_ctrl_c(cancel: Arc<AtomicBool>) {
-    let _ = ctrlc::set_handler(move || {
-        if cancel.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-    });
 }
 
 fn report(e: anyhow::Error) -> ExitCode {

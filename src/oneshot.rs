@@ -1,8 +1,6 @@
 //! The one-shot and pipe front end: one prompt (argument, stdin, or both) in, one answer out.
 
 use std::io::{IsTerminal, Read, Write};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -77,12 +75,12 @@ pub fn build_prompt(
     Ok((rendered, ids))
 }
 
-pub fn run(args: RunArgs, cancel: Arc<AtomicBool>) -> Result<()> {
+pub fn run(args: RunArgs) -> Result<()> {
     let stdin = read_stdin_if_piped()?;
     let text = assemble_prompt(&args.prompt, stdin)?;
     let threads = set_threads(args.model.threads)?;
     let device = args.model.device.open()?;
-    let files = crate::source::resolve(&args.model.model)?;
+    let files = crate::source::resolve(&args.model.model, args.model.offline).context("--model")?;
     let loaded = loader::load(
         &files,
         &LoadOptions {
@@ -147,13 +145,14 @@ pub fn run(args: RunArgs, cancel: Arc<AtomicBool>) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let stream_text = !args.json;
+    let generating = crate::interrupt::generating();
     let completion = generate(
         &mut session,
         &loaded.tokenizer,
         &mut sampler,
         &ids,
         &opts,
-        &cancel,
+        crate::interrupt::cancel_flag(),
         &mut |piece| {
             if stream_text {
                 out.write_all(piece.as_bytes())?;
@@ -162,6 +161,7 @@ pub fn run(args: RunArgs, cancel: Arc<AtomicBool>) -> Result<()> {
             Ok(())
         },
     )?;
+    drop(generating);
     if args.json {
         let record = JsonRecord::new(
             &loaded,

@@ -31,9 +31,9 @@ impl ModelSource {
                 return Ok(Self::Dir(path.to_path_buf()));
             }
             if spec.ends_with(".gguf") {
-                bail!("--model {spec}: GGUF files are not supported yet; point --model at a directory with safetensors weights");
+                bail!("{spec}: GGUF files are not supported yet; point --model at a directory with safetensors weights");
             }
-            bail!("--model {spec} is a file; it expects a model directory (config.json, tokenizer.json, *.safetensors)");
+            bail!("{spec} is a file, not a model directory (config.json, tokenizer.json, *.safetensors)");
         }
         let (repo, revision) = match spec.split_once('@') {
             Some((r, rev)) => (r, Some(rev.to_string())),
@@ -45,9 +45,9 @@ impl ModelSource {
                 || spec.starts_with('~')
                 || spec.matches('/').count() > 1;
             if looks_like_path {
-                bail!("--model {spec}: no such directory");
+                bail!("{spec}: no such directory");
             }
-            bail!("--model {spec}: not a directory, and not a hub id of the form owner/name[@revision]");
+            bail!("{spec}: not a directory, and not a hub id of the form owner/name[@revision]");
         }
         Ok(Self::Hub {
             repo: repo.to_string(),
@@ -106,13 +106,15 @@ impl ModelFiles {
     }
 }
 
-/// Resolves `--model` to files on disk.
-pub fn resolve(spec: &str) -> Result<ModelFiles> {
+/// Resolves `--model` to files on disk: a directory as is, a hub id through the cache
+/// (downloading what is missing unless `offline`).
+pub fn resolve(spec: &str, offline: bool) -> Result<ModelFiles> {
     match ModelSource::parse(spec)? {
         ModelSource::Dir(dir) => ModelFiles::from_dir(&dir),
-        ModelSource::Hub { repo, .. } => bail!(
-            "--model {repo}: no such directory, and downloading from the Hugging Face hub is not available yet; \
-             download the model (config.json, tokenizer files, *.safetensors) and pass its directory"
+        ModelSource::Hub { repo, revision } => crate::hub::resolve(
+            &repo,
+            revision.as_deref(),
+            &crate::hub::HubConfig::from_env(offline),
         ),
     }
 }

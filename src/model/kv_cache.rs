@@ -85,8 +85,8 @@ impl KvCache {
             let mut grown = Vec::with_capacity(self.layers);
             for layer in 0..self.layers {
                 let fresh = Tensor::zeros(shape, self.dtype, &self.device)?;
-                if self.len > 0 {
-                    fresh.slice_set(&cache[layer].narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                if let Some(old) = cache.get(layer).filter(|_| self.len > 0) {
+                    fresh.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
                 }
                 grown.push(fresh);
             }

@@ -345,7 +345,7 @@ mod tests {
     fn reference(x: &[f32], w: &[f32]) -> f32 {
         x.iter()
             .zip(w)
-            .map(|(a, b)| (*a as f64 * *b as f64))
+            .map(|(a, b)| *a as f64 * *b as f64)
             .sum::<f64>() as f32
     }
 

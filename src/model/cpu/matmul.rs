@@ -23,6 +23,13 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// Through a method, so closures capture the whole (Send) wrapper, not the raw field.
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
 /// `out[i * n + j] = Σ_k x[i * k + t] * w[j * k + t]` for `x: m × k`, `w: n × k`, `out: m × n`.
 pub fn matmul_t<W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, out: &mut [f32]) {
     assert_eq!(x.len(), m * k, "x has the wrong length");
@@ -58,7 +65,6 @@ fn gemv_rows<W: WeightElem>(
     let chunk = n.div_ceil(threads * 4).max(16);
     let ptr = OutPtr(out.as_mut_ptr());
     (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
-        let ptr = ptr;
         let j0 = c * chunk;
         let j1 = (j0 + chunk).min(n);
         for j in j0..j1 {
@@ -66,7 +72,7 @@ fn gemv_rows<W: WeightElem>(
             for i in 0..m {
                 let v = W::dot(isa, &x[i * k..(i + 1) * k], wr);
                 // SAFETY: column j belongs to this task alone; i * n + j < m * n.
-                unsafe { *ptr.0.add(i * n + j) = v };
+                unsafe { *ptr.at(i * n + j) = v };
             }
         }
     });
@@ -86,7 +92,6 @@ fn gemm_blocked<W: WeightElem>(
     (0..n.div_ceil(W_BLOCK)).into_par_iter().for_each_init(
         || vec![0f32; W_BLOCK * k],
         |buf, b| {
-            let ptr = ptr;
             let j0 = b * W_BLOCK;
             let rows = W_BLOCK.min(n - j0);
             for r in 0..rows {
@@ -99,7 +104,7 @@ fn gemm_blocked<W: WeightElem>(
             let wrow = |r: usize| &buf[r * k..(r + 1) * k];
             let xrow = |i: usize| &x[i * k..(i + 1) * k];
             // SAFETY (all writes below): columns j0..j0+rows belong to this task alone.
-            let put = |i: usize, j: usize, v: f32| unsafe { *ptr.0.add(i * n + j) = v };
+            let put = |i: usize, j: usize, v: f32| unsafe { *ptr.at(i * n + j) = v };
             for i0 in (0..m).step_by(X_TILE) {
                 let i1 = (i0 + X_TILE).min(m);
                 let full_i = i0 + (i1 - i0) / 4 * 4;
