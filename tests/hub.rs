@@ -39,7 +39,7 @@ fn zagreus(home: &Path, endpoint: &str, envs: &[(&str, &str)], args: &[&str]) ->
     }
 }
 
-fn greedy<'a>(model: &'a str) -> Vec<&'a str> {
+fn greedy(model: &str) -> Vec<&str> {
     vec![
         "-m",
         model,
