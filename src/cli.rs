@@ -49,11 +49,35 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Chat with the model in the terminal (the default when no prompt is given on a terminal)
+    Chat(ChatArgs),
     /// Download a model from the Hugging Face hub into the cache without running it; prints
     /// its local directory
     Pull(PullArgs),
     /// List the models in the Hugging Face cache, with their sizes
     List(ListArgs),
+}
+
+/// The interactive chat.
+#[derive(Args, Debug, Clone)]
+pub struct ChatArgs {
+    /// System prompt
+    #[arg(short, long, value_name = "TEXT", help_heading = "Prompt")]
+    pub system: Option<String>,
+
+    /// Print statistics after each answer (toggle with /verbose)
+    #[arg(short, long, help_heading = "Output")]
+    pub verbose: bool,
+
+    /// Do not read or write the input history file (also ZAGREUS_NO_HISTORY=1)
+    #[arg(long, help_heading = "Output")]
+    pub no_history: bool,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
 }
 
 #[derive(Args, Debug)]

@@ -4,6 +4,7 @@
 //! [`model`] with its [`tokenizer`] and chat [`template`], a front end ([`oneshot`]) builds the
 //! prompt, and a [`session::Session`] generates with a [`sampling::Sampler`], streaming text.
 
+pub mod chat;
 pub mod cli;
 pub mod commands;
 pub mod device;
@@ -12,6 +13,7 @@ pub mod interrupt;
 pub mod loader;
 pub mod model;
 pub mod oneshot;
+pub mod repl;
 pub mod sampling;
 pub mod session;
 pub mod settings;

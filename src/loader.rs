@@ -58,6 +58,50 @@ pub fn default_dtype(stored: Option<DType>, device: &Device) -> DType {
     }
 }
 
+/// Sets the threads, opens the device, resolves `--model` and loads it: what every front end
+/// does first. Returns the model and the number of threads in use.
+pub fn load_for(args: &crate::cli::ModelArgs) -> Result<(LoadedModel, usize)> {
+    let threads = crate::device::set_threads(args.threads)?;
+    let device = args.device.open()?;
+    let files = crate::source::resolve(&args.model, args.offline).context("--model")?;
+    let loaded = load(
+        &files,
+        &LoadOptions {
+            device,
+            dtype: args.dtype.to_dtype(),
+            chat_template: args.chat_template.as_deref(),
+        },
+    )?;
+    Ok((loaded, threads))
+}
+
+/// The context size for `--ctx-size` (the model's own when not given).
+pub fn context_size(args: &crate::cli::ModelArgs, model: &Llama) -> Result<usize> {
+    Ok(match args.ctx_size {
+        Some(0) => bail!("--ctx-size 0: use at least 1"),
+        Some(n) => n.min(model.max_positions()),
+        None => model.max_positions(),
+    })
+}
+
+impl LoadedModel {
+    /// One line about the model for `--verbose` and the chat banner.
+    pub fn describe(&self, threads: usize) -> String {
+        format!(
+            "{} ({:.0}M parameters, {}, {}, {threads} threads)",
+            self.name,
+            self.model.config().parameter_count() as f64 / 1e6,
+            crate::device::dtype_name(self.model.dtype()),
+            crate::device::device_name(self.model.device()),
+        )
+    }
+
+    /// Whether this looks like a base model without chat formatting (no template, no ChatML tokens).
+    pub fn lacks_chat_format(&self) -> bool {
+        !self.has_template && self.tokenizer.token_to_id("<|im_start|>").is_none()
+    }
+}
+
 pub fn load(files: &ModelFiles, opts: &LoadOptions) -> Result<LoadedModel> {
     let start = Instant::now();
     let config = LlamaConfig::from_file(&files.config)?;

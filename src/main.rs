@@ -3,9 +3,11 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use zagreus::cli::{Cli, Command};
+use std::io::IsTerminal;
+
+use zagreus::cli::{ChatArgs, Cli, Command};
 use zagreus::oneshot::Interrupted;
-use zagreus::{commands, interrupt, oneshot};
+use zagreus::{commands, interrupt, oneshot, repl};
 
 fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
@@ -26,6 +28,22 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Pull(args)) => commands::pull(&args),
         Some(Command::List(args)) => commands::list(&args),
+        Some(Command::Chat(args)) => repl::run(args),
+        // No prompt on a terminal: a conversation, as `zagreus chat`.
+        None if cli.run.prompt.is_empty()
+            && std::io::stdin().is_terminal()
+            && !cli.run.json
+            && !cli.run.raw =>
+        {
+            let r = cli.run;
+            repl::run(ChatArgs {
+                system: r.system,
+                verbose: r.verbose,
+                no_history: false,
+                model: r.model,
+                sampling: r.sampling,
+            })
+        }
         None => oneshot::run(cli.run),
     };
     match result {

@@ -7,8 +7,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::cli::RunArgs;
-use crate::device::{device_name, dtype_name, set_threads};
-use crate::loader::{self, LoadOptions, LoadedModel};
+use crate::loader::{self, LoadedModel};
 use crate::sampling::Sampler;
 use crate::session::{generate, Completion, GenerateOptions, Session, TokenLogprob};
 use crate::settings::Settings;
@@ -78,29 +77,16 @@ pub fn build_prompt(
 pub fn run(args: RunArgs) -> Result<()> {
     let stdin = read_stdin_if_piped()?;
     let text = assemble_prompt(&args.prompt, stdin)?;
-    let threads = set_threads(args.model.threads)?;
-    let device = args.model.device.open()?;
-    let files = crate::source::resolve(&args.model.model, args.model.offline).context("--model")?;
-    let loaded = loader::load(
-        &files,
-        &LoadOptions {
-            device,
-            dtype: args.model.dtype.to_dtype(),
-            chat_template: args.model.chat_template.as_deref(),
-        },
-    )?;
+    let (loaded, threads) = loader::load_for(&args.model)?;
     let model = &loaded.model;
     if args.verbose {
         eprintln!(
-            "zagreus: loaded {} ({:.0}M parameters, {}, {}, {threads} threads) in {:.2} s",
-            loaded.name,
-            model.config().parameter_count() as f64 / 1e6,
-            dtype_name(model.dtype()),
-            device_name(model.device()),
+            "zagreus: loaded {} in {:.2} s",
+            loaded.describe(threads),
             loaded.load_time.as_secs_f64()
         );
     }
-    if !args.raw && !loaded.has_template && loaded.tokenizer.token_to_id("<|im_start|>").is_none() {
+    if !args.raw && loaded.lacks_chat_format() {
         eprintln!("zagreus: warning: the model has no chat template and no ChatML tokens (a base model?); use --raw to send the prompt as is");
     }
     let settings = Settings::resolve(&args.sampling, &loaded.generation)?;
@@ -117,11 +103,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             ids.len()
         );
     }
-    let context = match args.model.ctx_size {
-        Some(0) => bail!("--ctx-size 0: use at least 1"),
-        Some(n) => n.min(model.max_positions()),
-        None => model.max_positions(),
-    };
+    let context = loader::context_size(&args.model, model)?;
     if ids.len() > context {
         bail!(
             "the prompt is {} tokens, more than the context of {context} tokens{}; shorten it",

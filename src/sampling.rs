@@ -86,6 +86,11 @@ impl Sampler {
         &self.params
     }
 
+    /// Continues `other`'s random sequence (new settings, same seed, no restart).
+    pub fn take_rng_from(&mut self, other: Sampler) {
+        self.rng = other.rng;
+    }
+
     /// Picks the next token from `logits` (modified in place by the penalties), given the
     /// tokens so far (`history`: prompt and generated).
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {

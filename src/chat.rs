@@ -1,0 +1,250 @@
+//! A conversation with a model: its messages and system prompt, rendered through the chat
+//! template into a session whose KV cache keeps the common prefix across turns, fitted into the
+//! context by dropping the oldest exchanges. The terminal UI is `repl.rs`; this part has none.
+
+use anyhow::{bail, Result};
+
+use crate::loader::LoadedModel;
+use crate::sampling::Sampler;
+use crate::session::{generate, Completion, FinishReason, GenerateOptions, Session};
+use crate::settings::Settings;
+use crate::template::Message;
+
+/// What one turn did.
+pub struct Turn {
+    pub completion: Completion,
+    /// Oldest exchanges dropped to make the conversation fit the context.
+    pub dropped: usize,
+}
+
+pub struct Chat<'m> {
+    lm: &'m LoadedModel,
+    session: Session<'m>,
+    system: Option<String>,
+    /// Everything after the system prompt.
+    messages: Vec<Message>,
+    settings: Settings,
+    sampler: Sampler,
+    add_bos: bool,
+}
+
+/// Marks an assistant message whose generation was interrupted.
+pub const INTERRUPTED: &str = "interrupted";
+
+impl<'m> Chat<'m> {
+    pub fn new(
+        lm: &'m LoadedModel,
+        context: usize,
+        system: Option<String>,
+        settings: Settings,
+        add_bos: bool,
+    ) -> Self {
+        let sampler = Sampler::new(settings.sampling.clone());
+        Self {
+            lm,
+            session: Session::new(&lm.model, context),
+            system,
+            messages: Vec::new(),
+            settings,
+            sampler,
+            add_bos,
+        }
+    }
+
+    pub fn model(&self) -> &'m LoadedModel {
+        self.lm
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Replaces the settings; a changed seed restarts the random sequence.
+    pub fn set_settings(&mut self, settings: Settings) -> Result<()> {
+        settings.sampling.validate()?;
+        let reseed = settings.sampling.seed != self.settings.sampling.seed;
+        self.settings = settings;
+        if reseed {
+            self.sampler = Sampler::new(self.settings.sampling.clone());
+        } else {
+            let mut s = Sampler::new(self.settings.sampling.clone());
+            std::mem::swap(&mut s, &mut self.sampler);
+            self.sampler.take_rng_from(s);
+        }
+        Ok(())
+    }
+
+    pub fn system(&self) -> Option<&str> {
+        self.system.as_deref()
+    }
+
+    /// Sets or removes the system prompt; the next turn re-runs only what changed.
+    pub fn set_system(&mut self, system: Option<String>) {
+        self.system = system.filter(|s| !s.trim().is_empty());
+    }
+
+    /// The whole conversation, system prompt first, as chat messages.
+    pub fn messages(&self) -> Vec<Message> {
+        let mut all = Vec::with_capacity(self.messages.len() + 1);
+        if let Some(s) = &self.system {
+            all.push(Message::new("system", s.clone()));
+        }
+        all.extend(self.messages.iter().cloned());
+        all
+    }
+
+    /// Replaces the conversation (a leading system message becomes the system prompt).
+    pub fn load(&mut self, mut messages: Vec<Message>) -> Result<()> {
+        for (i, m) in messages.iter().enumerate() {
+            if !["system", "user", "assistant", "tool"].contains(&m.role.as_str()) {
+                bail!(
+                    "message {} has role `{}` (expected system, user, assistant or tool)",
+                    i + 1,
+                    m.role
+                );
+            }
+            if m.role == "system" && i > 0 {
+                bail!("message {}: a system message may only come first", i + 1);
+            }
+        }
+        self.system = if messages.first().is_some_and(|m| m.role == "system") {
+            Some(messages.remove(0).content)
+        } else {
+            None
+        };
+        self.messages = messages;
+        Ok(())
+    }
+
+    /// A new conversation with the same system prompt.
+    pub fn clear(&mut self) {
+        self.messages.clear();
+    }
+
+    /// Drops the last exchange (the last user message and what follows it). False if empty.
+    pub fn undo(&mut self) -> bool {
+        match self.messages.iter().rposition(|m| m.role == "user") {
+            Some(i) => {
+                self.messages.truncate(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Tokens in the KV cache / the context size.
+    pub fn context_used(&self) -> usize {
+        self.session.tokens().len()
+    }
+
+    pub fn context_size(&self) -> usize {
+        self.session.context_size()
+    }
+
+    /// Token ids of the conversation as the model sees it, ready for the assistant's answer.
+    pub fn prompt_ids(&self) -> Result<Vec<u32>> {
+        let rendered =
+            self.lm
+                .template
+                .render(&self.messages(), None, true, &self.lm.template_tokens)?;
+        self.lm.tokenizer.encode_chat(&rendered, self.add_bos)
+    }
+
+    /// Sends a user message and streams the answer through `on_text`.
+    pub fn send(
+        &mut self,
+        text: &str,
+        on_text: &mut dyn FnMut(&str) -> Result<()>,
+    ) -> Result<Turn> {
+        self.messages.push(Message::new("user", text));
+        match self.answer(on_text) {
+            Ok(turn) => Ok(turn),
+            Err(e) => {
+                // A refused message leaves the conversation as it was.
+                if self.messages.last().is_some_and(|m| m.role == "user") {
+                    self.messages.pop();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Drops the last answer and generates it again.
+    pub fn regen(&mut self, on_text: &mut dyn FnMut(&str) -> Result<()>) -> Result<Turn> {
+        match self.messages.last() {
+            Some(m) if m.role == "assistant" => {
+                self.messages.pop();
+            }
+            Some(m) if m.role == "user" => {}
+            _ => bail!("there is no answer to regenerate yet"),
+        }
+        self.answer(on_text)
+    }
+
+    /// Generates the assistant's next message for the conversation as it stands.
+    fn answer(&mut self, on_text: &mut dyn FnMut(&str) -> Result<()>) -> Result<Turn> {
+        let (ids, dropped) = self.fit()?;
+        let opts = GenerateOptions {
+            max_tokens: self.settings.max_tokens,
+            stop_ids: self.lm.stop_ids.clone(),
+            stop_strings: self.settings.stop.clone(),
+            ignore_eos: self.settings.ignore_eos,
+            logprobs: None,
+        };
+        let generating = crate::interrupt::generating();
+        let completion = generate(
+            &mut self.session,
+            &self.lm.tokenizer,
+            &mut self.sampler,
+            &ids,
+            &opts,
+            crate::interrupt::cancel_flag(),
+            on_text,
+        )?;
+        drop(generating);
+        let mut reply = Message::new("assistant", completion.text.clone());
+        if completion.finish == FinishReason::Cancelled {
+            reply.extra.insert(INTERRUPTED.into(), true.into());
+        }
+        self.messages.push(reply);
+        Ok(Turn {
+            completion,
+            dropped,
+        })
+    }
+
+    /// Renders the conversation, dropping the oldest exchanges until it fits with room for an
+    /// answer. The system prompt and the latest message always stay; if they alone do not fit,
+    /// the message is refused.
+    fn fit(&mut self) -> Result<(Vec<u32>, usize)> {
+        let ctx = self.context_size();
+        let room = self.settings.max_tokens.clamp(1, (ctx / 4).max(1));
+        let mut dropped = 0;
+        loop {
+            let ids = self.prompt_ids()?;
+            if ids.len() + room <= ctx {
+                return Ok((ids, dropped));
+            }
+            // The oldest exchange: from the first message up to (not including) the next user message.
+            let users: Vec<usize> = self
+                .messages
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| m.role == "user")
+                .map(|(i, _)| i)
+                .collect();
+            if users.len() < 2 {
+                if ids.len() < ctx {
+                    // It fits, only with less room for the answer than usual.
+                    return Ok((ids, dropped));
+                }
+                bail!(
+                    "the message is too long: the conversation needs {} tokens, more than the context of {ctx} (system prompt included); shorten it or raise --ctx-size",
+                    ids.len()
+                );
+            }
+            self.messages.drain(..users[1]);
+            dropped += 1;
+        }
+    }
+}

@@ -1,0 +1,316 @@
+//! The chat REPL driven in a real pseudo-terminal, as a person would: streaming, Ctrl+C during an
+//! answer, slash commands, multi-line input, bracketed paste, persistent history, Ctrl+D.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use assert_cmd::cargo::cargo_bin;
+use common::model_dir;
+use expectrl::{ControlCode, Expect, Session};
+
+type Pty = expectrl::session::OsSession;
+
+fn spawn(home: &Path, args: &[&str], envs: &[(&str, &str)]) -> Pty {
+    let mut c = Command::new(cargo_bin("zagreus"));
+    c.args(args)
+        .env("HOME", home)
+        .env("ZAGREUS_HISTORY_FILE", home.join("history.txt"))
+        .env("NO_COLOR", "1")
+        .env("TERM", "xterm")
+        .env_remove("ZAGREUS_NO_HISTORY")
+        .env_remove("ZAGREUS_MODEL");
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    let mut s = Session::spawn(c).expect("spawn in a pty");
+    s.set_expect_timeout(Some(Duration::from_secs(20)));
+    s
+}
+
+fn tied() -> String {
+    model_dir("tied-bf16").display().to_string()
+}
+
+fn chat_args(model: &str, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "chat",
+        "-m",
+        model,
+        "--temperature",
+        "0",
+        "--repeat-penalty",
+        "1",
+        "-n",
+        "5",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn prompt(s: &mut Pty) {
+    s.expect(">>> ").expect("the >>> prompt");
+}
+
+fn exit_code(s: &Pty) -> String {
+    format!("{:?}", s.get_process().wait().unwrap())
+}
+
+/// Saves the conversation with /save and reads it back.
+fn saved(s: &mut Pty, dir: &Path) -> serde_json::Value {
+    let f = dir.join("conv.json");
+    let _ = std::fs::remove_file(&f);
+    s.send_line(format!("/save {}", f.display())).unwrap();
+    s.expect("saved").unwrap();
+    prompt(s);
+    serde_json::from_str(&std::fs::read_to_string(&f).unwrap()).unwrap()
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(|s| s.as_str()).collect()
+}
+
+#[test]
+fn a_conversation_with_slash_commands() {
+    let home = tempfile::tempdir().unwrap();
+    let m = tied();
+    let args = chat_args(&m, &[]);
+    let mut s = spawn(home.path(), &strs(&args), &[]);
+    s.expect("/help for commands").unwrap();
+    prompt(&mut s);
+    s.send_line("Ciao!").unwrap();
+    prompt(&mut s);
+    let conv = saved(&mut s, home.path());
+    assert_eq!(conv[0]["role"], "user");
+    assert_eq!(conv[0]["content"], "Ciao!");
+    assert_eq!(conv[1]["role"], "assistant");
+    let first_answer = conv[1]["content"].clone();
+
+    s.send_line("/verbose").unwrap();
+    s.expect("statistics on").unwrap();
+    prompt(&mut s);
+    s.send_line("/regen").unwrap();
+    s.expect("time to first token").unwrap();
+    let stats = s.expect(">>> ").unwrap();
+    let stats = String::from_utf8_lossy(stats.before()).to_string();
+    assert!(stats.contains("context"), "{stats}");
+    let conv = saved(&mut s, home.path());
+    assert_eq!(
+        conv.as_array().unwrap().len(),
+        2,
+        "regen replaces the answer"
+    );
+    assert_eq!(
+        conv[1]["content"], first_answer,
+        "greedy: the same answer again"
+    );
+
+    s.send_line("/system Sei un pirata.").unwrap();
+    s.expect("system prompt set").unwrap();
+    prompt(&mut s);
+    s.send_line("/system").unwrap();
+    s.expect("Sei un pirata.").unwrap();
+    prompt(&mut s);
+    s.send_line("/set temperature 0").unwrap();
+    s.expect("temperature set to 0").unwrap();
+    prompt(&mut s);
+    s.send_line("/set top_p 7").unwrap();
+    s.expect("out of range").unwrap();
+    prompt(&mut s);
+    s.send_line("Di più").unwrap();
+    s.expect("new, ").unwrap(); // the statistics line counts only new prompt tokens
+    prompt(&mut s);
+    let conv = saved(&mut s, home.path());
+    assert_eq!(conv[0]["role"], "system");
+    assert_eq!(conv.as_array().unwrap().len(), 5);
+
+    s.send_line("/undo").unwrap();
+    s.expect("dropped the last exchange").unwrap();
+    prompt(&mut s);
+    assert_eq!(saved(&mut s, home.path()).as_array().unwrap().len(), 3);
+
+    s.send_line("/show").unwrap();
+    s.expect("context").unwrap();
+    s.expect("available").unwrap();
+    prompt(&mut s);
+
+    // Save, clear, load: the round trip restores the conversation.
+    let keep = home.path().join("keep.json");
+    s.send_line(format!("/save {}", keep.display())).unwrap();
+    s.expect("saved 3 messages").unwrap();
+    prompt(&mut s);
+    s.send_line("/clear").unwrap();
+    s.expect("new conversation").unwrap();
+    prompt(&mut s);
+    assert_eq!(
+        saved(&mut s, home.path()).as_array().unwrap().len(),
+        1,
+        "the system prompt stays"
+    );
+    s.send_line(format!("/load {}", keep.display())).unwrap();
+    s.expect("loaded 3 messages").unwrap();
+    prompt(&mut s);
+    assert_eq!(
+        saved(&mut s, home.path()),
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&keep).unwrap())
+            .unwrap()
+    );
+
+    s.send_line("/regn").unwrap();
+    s.expect("did you mean /regen").unwrap();
+    prompt(&mut s);
+    s.send(ControlCode::EndOfText).unwrap(); // Ctrl+C at an empty prompt
+    s.expect("Ctrl+D or /bye to quit").unwrap();
+    s.send(ControlCode::EndOfTransmission).unwrap(); // Ctrl+D
+    s.expect(expectrl::Eof).unwrap();
+    assert!(exit_code(&s).contains(", 0)"), "{}", exit_code(&s));
+}
+
+#[test]
+fn ctrl_c_stops_a_long_answer_and_keeps_the_session() {
+    let home = tempfile::tempdir().unwrap();
+    // The fixture model with a long context, so an answer can run for many seconds.
+    let m = home.path().join("long");
+    std::fs::create_dir_all(&m).unwrap();
+    for e in std::fs::read_dir(model_dir("tied-bf16")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), m.join(e.file_name())).unwrap();
+    }
+    let cfg = std::fs::read_to_string(m.join("config.json")).unwrap();
+    std::fs::write(
+        m.join("config.json"),
+        cfg.replace(
+            "\"max_position_embeddings\": 64",
+            "\"max_position_embeddings\": 200000",
+        ),
+    )
+    .unwrap();
+    let ms = m.display().to_string();
+    let args = chat_args(&ms, &["--ignore-eos", "-n", "1000000"]);
+    let mut s = spawn(home.path(), &strs(&args), &[]);
+    prompt(&mut s);
+    s.send_line("Ciao!").unwrap();
+    s.expect(expectrl::NBytes(200)).unwrap(); // the answer is streaming
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    s.send(ControlCode::EndOfText).unwrap();
+    s.expect("answer interrupted").unwrap();
+    prompt(&mut s);
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "generation stopped after {:?}",
+        t.elapsed()
+    );
+    let conv = saved(&mut s, home.path());
+    assert_eq!(conv[1]["role"], "assistant");
+    assert_eq!(
+        conv[1]["interrupted"], true,
+        "the partial answer stays, marked"
+    );
+    assert!(!conv[1]["content"].as_str().unwrap().is_empty());
+    s.send_line("/bye").unwrap();
+    s.expect(expectrl::Eof).unwrap();
+    assert!(exit_code(&s).contains(", 0)"), "{}", exit_code(&s));
+}
+
+#[test]
+fn multiline_blocks_and_bracketed_paste_are_one_message() {
+    let home = tempfile::tempdir().unwrap();
+    let m = tied();
+    let args = chat_args(&m, &["-n", "1"]);
+    let mut s = spawn(home.path(), &strs(&args), &[]);
+    prompt(&mut s);
+    s.send_line("\"\"\"").unwrap();
+    s.expect("... ").unwrap();
+    s.send_line("riga uno").unwrap();
+    s.send_line("riga due\"\"\"").unwrap();
+    prompt(&mut s);
+    let conv = saved(&mut s, home.path());
+    assert_eq!(conv[0]["content"], "riga uno\nriga due");
+    s.send("\x1b[200~incollato\nsu due righe\x1b[201~").unwrap();
+    s.send("\r").unwrap();
+    prompt(&mut s);
+    let conv = saved(&mut s, home.path());
+    assert_eq!(conv[2]["content"], "incollato\nsu due righe");
+    s.send_line("/bye").unwrap();
+    s.expect(expectrl::Eof).unwrap();
+}
+
+#[test]
+fn history_persists_across_runs_and_can_be_turned_off() {
+    let home = tempfile::tempdir().unwrap();
+    let m = tied();
+    let args = chat_args(&m, &["-n", "1"]);
+    let mut s = spawn(home.path(), &strs(&args), &[]);
+    prompt(&mut s);
+    s.send_line("ricordami").unwrap();
+    prompt(&mut s);
+    s.send_line("/bye").unwrap();
+    s.expect(expectrl::Eof).unwrap();
+    let history = std::fs::read_to_string(home.path().join("history.txt")).unwrap();
+    assert!(history.contains("ricordami"), "{history}");
+
+    // A second run: up arrow twice reaches the message of the first run (after /bye).
+    let mut s = spawn(home.path(), &strs(&args), &[]);
+    prompt(&mut s);
+    s.send("\x1b[A").unwrap();
+    s.send("\x1b[A").unwrap();
+    s.send("\r").unwrap();
+    prompt(&mut s);
+    let conv = saved(&mut s, home.path());
+    assert_eq!(conv[0]["content"], "ricordami");
+    s.send_line("/bye").unwrap();
+    s.expect(expectrl::Eof).unwrap();
+
+    // ZAGREUS_NO_HISTORY: nothing read or written.
+    let other = tempfile::tempdir().unwrap();
+    let mut s = spawn(other.path(), &strs(&args), &[("ZAGREUS_NO_HISTORY", "1")]);
+    prompt(&mut s);
+    s.send_line("segreto").unwrap();
+    prompt(&mut s);
+    s.send_line("/bye").unwrap();
+    s.expect(expectrl::Eof).unwrap();
+    assert!(!other.path().join("history.txt").exists());
+}
+
+#[test]
+fn no_prompt_on_a_terminal_opens_the_chat() {
+    let home = tempfile::tempdir().unwrap();
+    let m = tied();
+    let mut s = spawn(home.path(), &["-m", &m], &[]);
+    s.expect("/help for commands").unwrap();
+    prompt(&mut s);
+    s.send(ControlCode::EndOfTransmission).unwrap();
+    s.expect(expectrl::Eof).unwrap();
+    assert!(exit_code(&s).contains(", 0)"), "{}", exit_code(&s));
+}
+
+#[test]
+fn chat_with_piped_stdin_answers_once_and_never_waits_at_a_prompt() {
+    let out = Command::new(cargo_bin("zagreus"))
+        .args(["chat", "-m", &tied(), "--temperature", "0", "-n", "3"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(b"Ciao!")?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains(">>>"), "{stdout}");
+    assert!(!stdout.is_empty());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("/help"));
+}
