@@ -50,7 +50,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Chat with the model in the terminal (the default when no prompt is given on a terminal)
-    Chat(ChatArgs),
+    Chat(Box<ChatArgs>),
     /// Download a model from the Hugging Face hub into the cache without running it; prints
     /// its local directory
     Pull(PullArgs),

@@ -28,7 +28,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Pull(args)) => commands::pull(&args),
         Some(Command::List(args)) => commands::list(&args),
-        Some(Command::Chat(args)) => repl::run(args),
+        Some(Command::Chat(args)) => repl::run(*args),
         // No prompt on a terminal: a conversation, as `zagreus chat`.
         None if cli.run.prompt.is_empty()
             && std::io::stdin().is_terminal()

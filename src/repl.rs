@@ -180,19 +180,16 @@ impl<'m> Repl<'m> {
             } else {
                 vec![first.to_string()]
             };
-            loop {
-                match self.read("... ")? {
-                    Input::Line(l) => match l.strip_suffix("\"\"\"") {
-                        Some(last) => {
-                            if !last.is_empty() || parts.is_empty() {
-                                parts.push(last.to_string());
-                            }
-                            return Ok(Some(parts.join("\n")));
+            // Ctrl+C or Ctrl+D abandon the block.
+            while let Input::Line(l) = self.read("... ")? {
+                match l.strip_suffix("\"\"\"") {
+                    Some(last) => {
+                        if !last.is_empty() || parts.is_empty() {
+                            parts.push(last.to_string());
                         }
-                        None => parts.push(l),
-                    },
-                    // Ctrl+C or Ctrl+D abandon the block.
-                    Input::Interrupted | Input::Eof => break,
+                        return Ok(Some(parts.join("\n")));
+                    }
+                    None => parts.push(l),
                 }
             }
         }
