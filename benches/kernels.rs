@@ -1,1 +1,94 @@
-fn main() {}
+//! Micro-benchmarks of the CPU engine's hot kernels at the Zagreus shape (`cargo bench`).
+//! Decode products are memory-bound: compare their bytes/s with the machine's read bandwidth.
+
+use divan::counter::BytesCount;
+use divan::Bencher;
+use zagreus::model::cpu::arena::{Arena, Placement};
+use zagreus::model::cpu::attention::{attention, LayerKv};
+use zagreus::model::cpu::kernels::Isa;
+use zagreus::model::cpu::kernels::PANEL;
+use zagreus::model::cpu::qmatrix::{matmul, Format, QMatrix};
+
+fn main() {
+    divan::main();
+}
+
+/// A `rows x cols` matrix of the given format with pseudo-random weights.
+fn matrix(format: Format, rows: usize, cols: usize) -> (Arena, QMatrix) {
+    let mut arena =
+        Arena::new(format.arena_bytes(rows, cols) + 4096, Placement::from_env()).unwrap();
+    let m = QMatrix::alloc(&mut arena, format, rows, cols).unwrap();
+    let mut panel = vec![0f32; PANEL * cols];
+    for b in 0..m.panels() {
+        for (i, v) in panel.iter_mut().enumerate() {
+            *v = (((b * 31 + i * 17) % 97) as f32 - 48.0) / 500.0;
+        }
+        m.set_panel(&mut arena, b, &panel);
+    }
+    (arena, m)
+}
+
+const FORMATS: &[Format] = &[Format::Bf16, Format::Q8_0, Format::F32];
+
+/// One decode step's largest product: the tied LM head, 128256 x 960.
+#[divan::bench(args = FORMATS, sample_count = 20)]
+fn gemv_lm_head(bencher: Bencher, format: Format) {
+    let (arena, m) = matrix(format, 128_256, 960);
+    let x: Vec<f32> = (0..960).map(|i| (i % 13) as f32 / 13.0).collect();
+    let mut out = vec![0f32; 128_256];
+    bencher
+        .counter(BytesCount::new(m.bytes()))
+        .bench_local(|| matmul(&arena, &m, &x, 1, &mut out));
+}
+
+/// Prefill of 128 tokens through the fused gate/up projection (5120 x 960).
+#[divan::bench(args = FORMATS, sample_count = 10)]
+fn gemm_pp128_gate_up(bencher: Bencher, format: Format) {
+    let (arena, m) = matrix(format, 5120, 960);
+    let x: Vec<f32> = (0..128 * 960).map(|i| (i % 13) as f32 / 13.0).collect();
+    let mut out = vec![0f32; 128 * 5120];
+    let flops: usize = 2 * 128 * 5120 * 960;
+    bencher
+        .counter(divan::counter::ItemsCount::new(flops))
+        .bench_local(|| matmul(&arena, &m, &x, 128, &mut out));
+}
+
+/// Attention of one query (15 heads, 5 KV heads, head_dim 64) against 2048 cached positions.
+#[divan::bench(sample_count = 50)]
+fn attention_decode_ctx2048(bencher: Bencher) {
+    let (heads, kvh, hd, len) = (15, 5, 64, 2048);
+    let cap = len;
+    let kt: Vec<f32> = (0..kvh * hd * cap).map(|i| (i % 7) as f32 / 7.0).collect();
+    let v = kt.clone();
+    let q: Vec<f32> = (0..heads * hd).map(|i| (i % 5) as f32 / 5.0).collect();
+    let mut out = vec![0f32; heads * hd];
+    bencher.bench_local(|| {
+        attention(
+            Isa::get(),
+            &LayerKv {
+                kt: &kt,
+                v: &v,
+                cap,
+            },
+            &q,
+            heads * hd,
+            1,
+            len - 1,
+            heads,
+            kvh,
+            hd,
+            &mut out,
+        )
+    });
+}
+
+/// A product whose weights stay in L2 (768 x 960 bf16 = 1.4 MB): the kernels' compute rate.
+#[divan::bench(args = FORMATS, sample_count = 50)]
+fn gemv_in_cache(bencher: Bencher, format: Format) {
+    let (arena, m) = matrix(format, 768, 960);
+    let x: Vec<f32> = (0..960).map(|i| (i % 13) as f32 / 13.0).collect();
+    let mut out = vec![0f32; 768];
+    bencher
+        .counter(BytesCount::new(m.bytes()))
+        .bench_local(|| matmul(&arena, &m, &x, 1, &mut out));
+}

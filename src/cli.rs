@@ -5,6 +5,23 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::device::{DeviceArg, DtypeArg};
+use crate::model::Format;
+
+/// `--quantize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QuantizeArg {
+    /// 8-bit blocks of 32 with a scale each (llama.cpp's Q8_0)
+    #[value(name = "q8_0")]
+    Q8_0,
+}
+
+impl QuantizeArg {
+    pub fn format(self) -> Format {
+        match self {
+            QuantizeArg::Q8_0 => Format::Q8_0,
+        }
+    }
+}
 use crate::source::DEFAULT_MODEL;
 
 const AFTER_HELP: &str = "\
@@ -56,6 +73,60 @@ pub enum Command {
     Pull(PullArgs),
     /// List the models in the Hugging Face cache, with their sizes
     List(ListArgs),
+    /// Measure prompt processing and generation speed (llama-bench style)
+    Bench(Box<BenchArgs>),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Random weights of a named shape instead of --model: zagreus-0.4b, smollm2-135m
+    #[arg(long, value_name = "SHAPE")]
+    pub random: Option<String>,
+
+    /// Prompt lengths to measure (pp); repeatable or comma-separated
+    #[arg(
+        short = 'p',
+        long = "prompt",
+        value_name = "N",
+        value_delimiter = ',',
+        default_value = "128"
+    )]
+    pub prompt: Vec<usize>,
+
+    /// Tokens to generate (tg); repeatable or comma-separated
+    #[arg(
+        short = 'n',
+        long = "gen",
+        value_name = "N",
+        value_delimiter = ',',
+        default_value = "64"
+    )]
+    pub gen: Vec<usize>,
+
+    /// Context depth before generating (tokens already in the cache); comma-separated
+    #[arg(
+        short = 'd',
+        long = "depth",
+        value_name = "N",
+        value_delimiter = ',',
+        default_value = "0"
+    )]
+    pub depth: Vec<usize>,
+
+    /// Repetitions of each test (after one warm-up run)
+    #[arg(short = 'r', long, value_name = "N", default_value_t = 5)]
+    pub repetitions: usize,
+
+    /// Weight memory for --random: huge (2 MiB pages) or normal (4 KiB pages)
+    #[arg(long, value_name = "KIND")]
+    pub placement: Option<String>,
+
+    /// Print JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
 }
 
 /// The interactive chat.
@@ -151,6 +222,10 @@ pub struct ModelArgs {
     /// Weight precision
     #[arg(long, value_enum, default_value_t = DtypeArg::Auto, help_heading = "Model")]
     pub dtype: DtypeArg,
+
+    /// Quantize the weights at load (CPU): q8_0 reads about half the bytes of bf16 per token
+    #[arg(long, value_enum, value_name = "TYPE", help_heading = "Model")]
+    pub quantize: Option<QuantizeArg>,
 
     /// CPU threads [default: all cores]
     #[arg(short, long, value_name = "N", help_heading = "Model")]

@@ -4,6 +4,7 @@
 //! [`model`] with its [`tokenizer`] and chat [`template`], a front end ([`oneshot`]) builds the
 //! prompt, and a [`session::Session`] generates with a [`sampling::Sampler`], streaming text.
 
+pub mod bench;
 pub mod chat;
 pub mod cli;
 pub mod commands;

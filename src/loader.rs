@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 
+use crate::model::cpu::arena::Placement;
 use crate::model::weights::Weights;
-use crate::model::{GenerationConfig, Llama, LlamaConfig};
+use crate::model::{CpuLlama, Format, GenerationConfig, Llama, LlamaConfig, Model};
 use crate::source::ModelFiles;
 use crate::template::{ChatTemplate, TemplateTokens};
 use crate::tokenizer::{Tokenizer, TokenizerConfig};
@@ -25,17 +26,30 @@ const END_OF_TURN_MARKERS: &[&str] = &[
     "<|eom_id|>",
 ];
 
+/// Which implementation runs the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Engine {
+    /// zagreus' CPU engine on the CPU, candle elsewhere.
+    #[default]
+    Auto,
+    /// candle tensors on any device (the GPU path; on the CPU, for cross-checks).
+    Candle,
+}
+
 pub struct LoadOptions<'a> {
     pub device: Device,
     /// `None` picks the default for the device and checkpoint.
     pub dtype: Option<DType>,
+    /// `--quantize`: quantize the weights at load (CPU engine).
+    pub quantize: Option<Format>,
     /// `--chat-template FILE`.
     pub chat_template: Option<&'a Path>,
+    pub engine: Engine,
 }
 
 pub struct LoadedModel {
     pub name: String,
-    pub model: Llama,
+    pub model: Model,
     pub tokenizer: Tokenizer,
     pub template: ChatTemplate,
     /// Whether the template is the model's own (or the user's), not the built-in fallback.
@@ -69,19 +83,34 @@ pub fn load_for(args: &crate::cli::ModelArgs) -> Result<(LoadedModel, usize)> {
         &LoadOptions {
             device,
             dtype: args.dtype.to_dtype(),
+            quantize: args.quantize.map(|q| q.format()),
             chat_template: args.chat_template.as_deref(),
+            engine: Engine::Auto,
         },
     )?;
     Ok((loaded, threads))
 }
 
 /// The context size for `--ctx-size` (the model's own when not given).
-pub fn context_size(args: &crate::cli::ModelArgs, model: &Llama) -> Result<usize> {
+pub fn context_size(args: &crate::cli::ModelArgs, model: &Model) -> Result<usize> {
     Ok(match args.ctx_size {
         Some(0) => bail!("--ctx-size 0: use at least 1"),
         Some(n) => n.min(model.max_positions()),
         None => model.max_positions(),
     })
+}
+
+impl LoadOptions<'_> {
+    /// Defaults on the CPU: the checkpoint's own precision, the CPU engine.
+    pub fn cpu() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: None,
+            quantize: None,
+            chat_template: None,
+            engine: Engine::Auto,
+        }
+    }
 }
 
 impl LoadedModel {
@@ -91,8 +120,8 @@ impl LoadedModel {
             "{} ({:.0}M parameters, {}, {}, {threads} threads)",
             self.name,
             self.model.config().parameter_count() as f64 / 1e6,
-            crate::device::dtype_name(self.model.dtype()),
-            crate::device::device_name(self.model.device()),
+            self.model.precision(),
+            crate::device::device_name(&self.model.device()),
         )
     }
 
@@ -100,6 +129,37 @@ impl LoadedModel {
     pub fn lacks_chat_format(&self) -> bool {
         !self.has_template && self.tokenizer.token_to_id("<|im_start|>").is_none()
     }
+}
+
+/// The network from the safetensors files, on the engine and in the precision asked for.
+fn load_network(config: &LlamaConfig, files: &ModelFiles, opts: &LoadOptions) -> Result<Model> {
+    let weights = Weights::open(&files.weights)?;
+    let stored = weights.dtype("model.embed_tokens.weight");
+    let dtype = opts
+        .dtype
+        .unwrap_or_else(|| default_dtype(stored, &opts.device));
+    Ok(match (opts.engine, &opts.device) {
+        (Engine::Auto, Device::Cpu) => {
+            let format = match (opts.quantize, dtype) {
+                (Some(q), _) => q,
+                (None, DType::BF16) => Format::Bf16,
+                (None, DType::F16) => Format::F16,
+                (None, _) => Format::F32,
+            };
+            Model::Cpu(CpuLlama::load(
+                config,
+                &weights,
+                format,
+                Placement::from_env(),
+            )?)
+        }
+        _ => {
+            if opts.quantize.is_some() {
+                bail!("--quantize works on the CPU only; use --device cpu");
+            }
+            Model::Candle(Llama::load(config, &weights, dtype, &opts.device)?)
+        }
+    })
 }
 
 pub fn load(files: &ModelFiles, opts: &LoadOptions) -> Result<LoadedModel> {
@@ -113,8 +173,18 @@ pub fn load(files: &ModelFiles, opts: &LoadOptions) -> Result<LoadedModel> {
         Some(p) => TokenizerConfig::from_file(p)?,
         None => TokenizerConfig::default(),
     };
-    let tokenizer = Tokenizer::from_file(&files.tokenizer, &tcfg, config.bos_token_id)
-        .with_context(|| format!("loading {}", files.tokenizer.display()))?;
+    // Parsing a large tokenizer.json takes a few hundred milliseconds: overlap it with the weights.
+    let (tokenizer, model) = std::thread::scope(|scope| -> Result<(Tokenizer, Model)> {
+        let tok = scope.spawn(|| {
+            Tokenizer::from_file(&files.tokenizer, &tcfg, config.bos_token_id)
+                .with_context(|| format!("loading {}", files.tokenizer.display()))
+        });
+        let model = load_network(&config, files, opts);
+        let tokenizer = tok
+            .join()
+            .map_err(|_| anyhow::anyhow!("internal error: the tokenizer loader panicked"))??;
+        Ok((tokenizer, model?))
+    })?;
 
     let (template, has_template) = match (
         opts.chat_template,
@@ -134,13 +204,6 @@ pub fn load(files: &ModelFiles, opts: &LoadOptions) -> Result<LoadedModel> {
         (None, None, None) => (ChatTemplate::chatml(), false),
     };
 
-    let weights = Weights::open(&files.weights)?;
-    let stored = weights.dtype("model.embed_tokens.weight");
-    let dtype = opts
-        .dtype
-        .unwrap_or_else(|| default_dtype(stored, &opts.device));
-    let model = Llama::load(&config, &weights, dtype, &opts.device)?;
-    drop(weights);
     if tokenizer.vocab_size() > model.vocab_size() {
         bail!(
             "{} has {} tokens but the model's embedding has only {} rows",

@@ -28,6 +28,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Pull(args)) => commands::pull(&args),
         Some(Command::List(args)) => commands::list(&args),
+        Some(Command::Bench(args)) => zagreus::bench::run(&args),
         Some(Command::Chat(args)) => repl::run(*args),
         // No prompt on a terminal: a conversation, as `zagreus chat`.
         None if cli.run.prompt.is_empty()

@@ -459,8 +459,8 @@ impl<'m> Repl<'m> {
         writeln!(
             out,
             "runs on      {}, {}",
-            crate::device::device_name(lm.model.device()),
-            crate::device::dtype_name(lm.model.dtype())
+            crate::device::device_name(&lm.model.device()),
+            lm.model.precision()
         )?;
         writeln!(
             out,

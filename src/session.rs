@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use serde::Serialize;
 
-use crate::model::{KvCache, Llama, LogitsFor};
+use crate::model::{Cache, LogitsFor, Model};
 use crate::sampling::{log_softmax, Sampler};
 use crate::tokenizer::Tokenizer;
 
@@ -17,30 +17,30 @@ use crate::tokenizer::Tokenizer;
 pub const PREFILL_CHUNK: usize = 256;
 
 pub struct Session<'m> {
-    model: &'m Llama,
-    cache: KvCache,
+    model: &'m Model,
+    cache: Cache,
     tokens: Vec<u32>,
+    logits: Vec<f32>,
 }
 
 /// What a prefill did.
 pub struct Prefill {
-    /// Logits after the last prompt token.
-    pub logits: Vec<f32>,
     /// Prompt tokens actually run through the network (the rest came from the cache).
     pub processed: usize,
 }
 
 impl<'m> Session<'m> {
     /// A session whose context holds at most `context_size` tokens (clamped to the model's).
-    pub fn new(model: &'m Llama, context_size: usize) -> Self {
+    pub fn new(model: &'m Model, context_size: usize) -> Self {
         Self {
             model,
             cache: model.new_cache(context_size),
             tokens: Vec::new(),
+            logits: Vec::new(),
         }
     }
 
-    pub fn model(&self) -> &'m Llama {
+    pub fn model(&self) -> &'m Model {
         self.model
     }
 
@@ -81,27 +81,33 @@ impl<'m> Session<'m> {
         // At least the last prompt token is run, to get its logits.
         let keep = common.min(prompt.len() - 1);
         self.truncate(keep);
-        let mut logits = None;
         for chunk in prompt[keep..].chunks(PREFILL_CHUNK) {
-            logits = Some(self.run(chunk)?);
+            self.run(chunk)?;
         }
         Ok(Prefill {
-            logits: logits.expect("at least one token is run"),
             processed: prompt.len() - keep,
         })
     }
 
-    /// Feeds one token and returns the logits after it.
-    pub fn step(&mut self, token: u32) -> Result<Vec<f32>> {
+    /// Feeds one token; its logits are then in `logits()`.
+    pub fn step(&mut self, token: u32) -> Result<()> {
         self.run(&[token])
     }
 
-    fn run(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let logits = self
-            .model
-            .forward(tokens, &mut self.cache, LogitsFor::Last)?;
+    /// Logits after the last token run (penalties may modify them in place).
+    pub fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+
+    pub fn logits_mut(&mut self) -> &mut [f32] {
+        &mut self.logits
+    }
+
+    fn run(&mut self, tokens: &[u32]) -> Result<()> {
+        self.model
+            .forward(tokens, &mut self.cache, LogitsFor::Last, &mut self.logits)?;
         self.tokens.extend_from_slice(tokens);
-        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+        Ok(())
     }
 }
 
@@ -268,7 +274,6 @@ pub fn generate(
         prompt_time: start.elapsed(),
         ..Stats::default()
     };
-    let mut logits = prefill.logits;
     let mut history: Vec<u32> = prompt.to_vec();
     let mut tokens = Vec::new();
     let mut logprobs = Vec::new();
@@ -291,8 +296,8 @@ pub fn generate(
         if cancel.load(Ordering::Relaxed) {
             break FinishReason::Cancelled;
         }
-        let raw = opts.logprobs.map(|_| logits.clone());
-        let token = sampler.sample(&mut logits, &history);
+        let raw = opts.logprobs.map(|_| session.logits().to_vec());
+        let token = sampler.sample(session.logits_mut(), &history);
         if first_token_at.is_none() {
             first_token_at = Some(Instant::now());
             stats.time_to_first_token = start.elapsed();
@@ -320,7 +325,7 @@ pub fn generate(
             stats.context_full = true;
             break FinishReason::Length;
         }
-        logits = session.step(token)?;
+        session.step(token)?;
     };
     if finish != FinishReason::StopString {
         if let Some(piece) = stream.finish()? {

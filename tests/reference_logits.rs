@@ -1,25 +1,32 @@
 //! The network against transformers: logits of random reference models (written by
 //! scripts/make_fixtures.py with transformers' LlamaForCausalLM, f32) for every prompt position and
-//! every KV-cached decode step, and the greedy tokens exactly.
+//! every KV-cached decode step, and the greedy tokens exactly, in both implementations (the CPU
+//! engine and the candle path used on GPUs), in every precision within its stated tolerance.
 
 mod common;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use common::{floats, ids, model_dir, read_json};
-use zagreus::loader::{load, LoadOptions, LoadedModel};
-use zagreus::model::LogitsFor;
+use zagreus::loader::{load, Engine, LoadOptions, LoadedModel};
+use zagreus::model::{Format, LogitsFor};
 use zagreus::source::ModelFiles;
 
 const MODELS: &[&str] = &["tied-bf16", "untied-f32-sharded", "llama3-rope"];
 
-fn load_model(name: &str, dtype: Option<DType>) -> LoadedModel {
+fn load_model(
+    name: &str,
+    dtype: Option<DType>,
+    quantize: Option<Format>,
+    engine: Engine,
+) -> LoadedModel {
     let files = ModelFiles::from_dir(&model_dir(name)).unwrap();
     load(
         &files,
         &LoadOptions {
-            device: Device::Cpu,
             dtype,
-            chat_template: None,
+            quantize,
+            engine,
+            ..LoadOptions::cpu()
         },
     )
     .unwrap()
@@ -33,141 +40,189 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-/// Runs the prompt (all positions) and then the greedy tokens one by one through the KV cache,
-/// returning the worst logit difference against the reference, and checks greedy agreement.
-fn worst_diff(name: &str, dtype: Option<DType>) -> f32 {
-    let m = load_model(name, dtype);
+struct Diffs {
+    /// Worst difference over the prompt positions (prefill).
+    prompt: f32,
+    /// Worst difference over the KV-cached decode steps.
+    steps: f32,
+}
+
+/// Runs the prompt (all positions) and then the greedy tokens one by one through the KV cache.
+/// Checks greedy agreement when `exact_greedy`.
+fn diffs(
+    name: &str,
+    dtype: Option<DType>,
+    quantize: Option<Format>,
+    engine: Engine,
+    exact_greedy: bool,
+) -> Diffs {
+    let m = load_model(name, dtype, quantize, engine);
     let r = read_json(&model_dir(name).join("reference.json"));
     let prompt = ids(&r["prompt_ids"]);
     let greedy = ids(&r["greedy_ids"]);
+    let vocab = m.model.vocab_size();
     let mut cache = m.model.new_cache(m.model.max_positions());
-    let logits = m
-        .model
-        .forward(&prompt, &mut cache, LogitsFor::All)
+    let mut logits = Vec::new();
+    m.model
+        .forward(&prompt, &mut cache, LogitsFor::All, &mut logits)
         .unwrap();
-    let rows: Vec<Vec<f32>> = logits.to_vec2().unwrap();
     let want_rows = r["prompt_logits"].as_array().unwrap();
-    assert_eq!(rows.len(), want_rows.len());
-    let mut worst = 0f32;
-    for (got, want) in rows.iter().zip(want_rows) {
-        worst = worst.max(max_abs_diff(got, &floats(want)));
+    assert_eq!(logits.len(), want_rows.len() * vocab);
+    let mut d = Diffs {
+        prompt: 0.0,
+        steps: 0.0,
+    };
+    for (got, want) in logits.chunks(vocab).zip(want_rows) {
+        d.prompt = d.prompt.max(max_abs_diff(got, &floats(want)));
     }
-    let mut last = rows.last().unwrap().clone();
+    let mut last = logits[logits.len() - vocab..].to_vec();
     for (i, (&tok, want)) in greedy
         .iter()
         .zip(r["step_logits"].as_array().unwrap())
         .enumerate()
     {
-        assert_eq!(
-            zagreus::sampling::argmax(&last),
-            tok,
-            "{name} {dtype:?}: greedy token {i} differs"
-        );
-        last = m
-            .model
-            .forward(&[tok], &mut cache, LogitsFor::Last)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
+        if exact_greedy {
+            assert_eq!(
+                zagreus::sampling::argmax(&last),
+                tok,
+                "{name} {dtype:?} {quantize:?} {engine:?}: greedy token {i} differs"
+            );
+        }
+        m.model
+            .forward(&[tok], &mut cache, LogitsFor::Last, &mut last)
             .unwrap();
-        worst = worst.max(max_abs_diff(&last, &floats(want)));
+        d.steps = d.steps.max(max_abs_diff(&last, &floats(want)));
     }
-    eprintln!("{name} {dtype:?}: max |Δlogit| = {worst:e}");
-    worst
+    eprintln!(
+        "{name} {dtype:?} {quantize:?} {engine:?}: max |Δlogit| prompt {:e}, steps {:e}",
+        d.prompt, d.steps
+    );
+    d
 }
 
 #[test]
 fn f32_logits_match_transformers_for_prompt_and_every_cached_step() {
-    for name in MODELS {
-        let d = worst_diff(name, Some(DType::F32));
-        assert!(d <= 1e-3, "{name}: max |Δlogit| {d} > 1e-3");
+    for engine in [Engine::Auto, Engine::Candle] {
+        for name in MODELS {
+            let d = diffs(name, Some(DType::F32), None, engine, true);
+            assert!(
+                d.prompt <= 1e-3 && d.steps <= 1e-3,
+                "{name} {engine:?}: {} / {} > 1e-3",
+                d.prompt,
+                d.steps
+            );
+        }
     }
 }
 
 #[test]
-fn bf16_weights_of_a_bf16_checkpoint_are_exact() {
-    // A BF16 checkpoint kept in BF16 (the CPU default) computes with exactly the same weights as
-    // transformers' f32 upcast, with f32 activations: the same 1e-3 tolerance holds.
-    let d = worst_diff("tied-bf16", Some(DType::BF16));
-    assert!(d <= 1e-3, "max |Δlogit| {d} > 1e-3");
-    let d = worst_diff("tied-bf16", None);
-    assert!(d <= 1e-3, "default dtype: max |Δlogit| {d} > 1e-3");
+fn bf16_checkpoints_in_bf16_are_exact() {
+    // A BF16 checkpoint kept in BF16 (the CPU default) computes with exactly transformers'
+    // weights, and activations stay f32 in every product: the f32 tolerance holds.
+    for engine in [Engine::Auto, Engine::Candle] {
+        for dtype in [Some(DType::BF16), None] {
+            let d = diffs("tied-bf16", dtype, None, engine, true);
+            assert!(d.prompt.max(d.steps) <= 1e-3, "{engine:?} {dtype:?}: {} / {} > 1e-3", d.prompt, d.steps);
+        }
+    }
 }
 
 #[test]
-fn rounded_weights_stay_within_stated_tolerance() {
-    // An f32 checkpoint rounded to 16-bit weights: f16 keeps 11 significant bits, bf16 8.
-    for (dtype, tol) in [(DType::F16, 0.02), (DType::BF16, 0.15)] {
-        for name in ["untied-f32-sharded", "llama3-rope"] {
-            let d = worst_diff(name, Some(dtype));
-            assert!(d <= tol, "{name} {dtype:?}: max |Δlogit| {d} > {tol}");
+fn rounded_and_quantized_weights_stay_within_stated_tolerance() {
+    // An f32 checkpoint rounded to 16-bit weights (f16 keeps 11 significant bits, bf16 8), and
+    // every checkpoint quantized to Q8_0 at load.
+    for (dtype, quantize, tol) in [
+        (Some(DType::F16), None, 0.02),
+        (Some(DType::BF16), None, 0.2),
+        (None, Some(Format::Q8_0), 0.3),
+    ] {
+        for name in MODELS {
+            if quantize.is_none() && *name == "tied-bf16" {
+                continue;
+            }
+            let d = diffs(name, dtype, quantize, Engine::Auto, false);
+            assert!(
+                d.prompt.max(d.steps) <= tol,
+                "{name} {dtype:?} {quantize:?}: {} / {} > {tol}",
+                d.prompt,
+                d.steps
+            );
         }
     }
 }
 
 #[test]
 fn truncating_the_cache_and_refeeding_gives_the_same_logits() {
-    let m = load_model("tied-bf16", None);
-    let r = read_json(&model_dir("tied-bf16").join("reference.json"));
-    let prompt = ids(&r["prompt_ids"]);
-    let mut cache = m.model.new_cache(64);
-    let full: Vec<f32> = m
-        .model
-        .forward(&prompt, &mut cache, LogitsFor::Last)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    for keep in [0, 1, 20, prompt.len() - 1] {
-        cache.truncate(keep);
-        let again: Vec<f32> = m
-            .model
-            .forward(&prompt[keep..], &mut cache, LogitsFor::Last)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
+    for engine in [Engine::Auto, Engine::Candle] {
+        let m = load_model("tied-bf16", Some(DType::F32), None, engine);
+        let r = read_json(&model_dir("tied-bf16").join("reference.json"));
+        let prompt = ids(&r["prompt_ids"]);
+        let mut cache = m.model.new_cache(64);
+        let mut full = Vec::new();
+        m.model
+            .forward(&prompt, &mut cache, LogitsFor::Last, &mut full)
             .unwrap();
-        assert!(max_abs_diff(&full, &again) < 1e-4, "keep={keep}");
-        assert_eq!(cache.len(), prompt.len());
+        for keep in [0, 1, 20, prompt.len() - 1] {
+            cache.truncate(keep);
+            let mut again = Vec::new();
+            m.model
+                .forward(&prompt[keep..], &mut cache, LogitsFor::Last, &mut again)
+                .unwrap();
+            assert!(max_abs_diff(&full, &again) < 1e-4, "{engine:?} keep={keep}");
+            assert_eq!(cache.len(), prompt.len());
+        }
     }
 }
 
 #[test]
 fn positions_past_the_model_context_are_an_error_not_a_panic() {
-    let m = load_model("llama3-rope", None);
-    let mut cache = m.model.new_cache(1000);
-    assert_eq!(
-        cache.max_len(),
-        64,
-        "the cache is clamped to max_position_embeddings"
-    );
-    let err = m
-        .model
-        .forward(&[1u32; 65], &mut cache, LogitsFor::Last)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("max_position_embeddings"), "{err}");
-    m.model
-        .forward(&[1u32; 64], &mut cache, LogitsFor::Last)
-        .unwrap();
-    let err = m
-        .model
-        .forward(&[1], &mut cache, LogitsFor::Last)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("65") && err.contains("64"), "{err}");
+    for engine in [Engine::Auto, Engine::Candle] {
+        let m = load_model("llama3-rope", None, None, engine);
+        let mut cache = m.model.new_cache(1000);
+        assert_eq!(
+            cache.max_len(),
+            64,
+            "the cache is clamped to max_position_embeddings"
+        );
+        let mut out = Vec::new();
+        let err = m
+            .model
+            .forward(&[1u32; 65], &mut cache, LogitsFor::Last, &mut out)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_position_embeddings"), "{err}");
+        m.model
+            .forward(&[1u32; 64], &mut cache, LogitsFor::Last, &mut out)
+            .unwrap();
+        let err = m
+            .model
+            .forward(&[1], &mut cache, LogitsFor::Last, &mut out)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("65") && err.contains("64"), "{err}");
+        let err = m
+            .model
+            .forward(
+                &[5000],
+                &mut m.model.new_cache(8),
+                LogitsFor::Last,
+                &mut out,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("vocabulary"), "{err}");
+    }
 }
 
 #[test]
 fn vocabulary_comes_from_the_checkpoint_and_lm_head_from_tensor_presence() {
-    let tied = load_model("tied-bf16", None);
-    assert_eq!(tied.model.vocab_size(), 320);
-    assert!(tied.model.tied_embeddings());
-    let untied = load_model("untied-f32-sharded", None);
-    assert!(!untied.model.tied_embeddings());
-    assert_eq!(untied.model.config().head_dim, 24);
-    assert_eq!(untied.model.config().rope_theta, 500000.0);
+    for engine in [Engine::Auto, Engine::Candle] {
+        let tied = load_model("tied-bf16", None, None, engine);
+        assert_eq!(tied.model.vocab_size(), 320);
+        assert!(tied.model.tied_embeddings());
+        let untied = load_model("untied-f32-sharded", None, None, engine);
+        assert!(!untied.model.tied_embeddings());
+        assert_eq!(untied.model.config().head_dim, 24);
+        assert_eq!(untied.model.config().rope_theta, 500000.0);
+    }
 }

@@ -1,9 +1,7 @@
-//! A linear layer (`y = x Wᵀ + b`) that picks the right product for the device and weight type.
+//! A linear layer (`y = x Wᵀ + b`) on candle tensors (the GPU path).
 
 use anyhow::Result;
-use candle_core::{Device, Tensor};
-
-use super::cpu::MatmulT;
+use candle_core::{DType, Tensor};
 
 /// Weights `(out, in)` in their storage dtype, and an optional bias.
 #[derive(Clone, Debug)]
@@ -21,12 +19,14 @@ impl Linear {
         &self.weight
     }
 
-    /// `x (…, in)` to `(…, out)`. On the CPU, `x` is f32 and the weights are read in their stored
-    /// type by zagreus' own kernels; elsewhere candle's matmul runs in the weights' dtype.
+    /// `x (…, in)` to `(…, out)`, in the weights' dtype on accelerators. On the CPU (where this
+    /// path only serves to cross-check the CPU engine) it computes in f32, since candle's CPU
+    /// matmul has no BF16.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match x.device() {
-            Device::Cpu => x.contiguous()?.apply_op2_no_bwd(&self.weight, &MatmulT)?,
-            _ => x.broadcast_matmul(&self.weight.t()?)?,
+        let y = if x.device().is_cpu() && self.weight.dtype() != DType::F32 {
+            x.broadcast_matmul(&self.weight.to_dtype(DType::F32)?.t()?)?
+        } else {
+            x.broadcast_matmul(&self.weight.t()?)?
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,

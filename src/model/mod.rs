@@ -1,4 +1,5 @@
-//! The model: configuration, weights, the network, its KV cache and CPU kernels.
+//! The model: configuration, weights, and two implementations of the same Llama network behind
+//! one interface: zagreus' own CPU engine (`cpu::engine`), and candle tensors for GPUs.
 
 pub mod config;
 pub mod cpu;
@@ -8,6 +9,134 @@ pub mod llama;
 pub mod rope;
 pub mod weights;
 
+use anyhow::Result;
+use candle_core::Device;
+
 pub use config::{GenerationConfig, LlamaConfig};
+pub use cpu::engine::{CpuCache, CpuLlama};
+pub use cpu::qmatrix::Format;
 pub use kv_cache::KvCache;
 pub use llama::{Llama, LogitsFor};
+
+/// A loaded network.
+pub enum Model {
+    /// The CPU engine (CPU device).
+    Cpu(CpuLlama),
+    /// candle tensors (CUDA; also runs on the CPU, for cross-checks).
+    Candle(Llama),
+}
+
+/// A session's key/value cache for the matching network (one per session: the size difference
+/// between the variants does not matter).
+#[allow(clippy::large_enum_variant)]
+pub enum Cache {
+    Cpu(CpuCache),
+    Candle(KvCache),
+}
+
+impl Cache {
+    /// Tokens currently cached.
+    pub fn len(&self) -> usize {
+        match self {
+            Cache::Cpu(c) => c.len(),
+            Cache::Candle(c) => c.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The most tokens it holds (the context size).
+    pub fn max_len(&self) -> usize {
+        match self {
+            Cache::Cpu(c) => c.max_len(),
+            Cache::Candle(c) => c.max_len(),
+        }
+    }
+
+    /// Forgets every token after the first `len`.
+    pub fn truncate(&mut self, len: usize) {
+        match self {
+            Cache::Cpu(c) => c.truncate(len),
+            Cache::Candle(c) => c.truncate(len),
+        }
+    }
+}
+
+impl Model {
+    pub fn config(&self) -> &LlamaConfig {
+        match self {
+            Model::Cpu(m) => m.config(),
+            Model::Candle(m) => m.config(),
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Model::Cpu(m) => m.vocab_size(),
+            Model::Candle(m) => m.vocab_size(),
+        }
+    }
+
+    /// The longest sequence the model accepts (`max_position_embeddings`).
+    pub fn max_positions(&self) -> usize {
+        self.config().max_position_embeddings
+    }
+
+    pub fn tied_embeddings(&self) -> bool {
+        match self {
+            Model::Cpu(m) => m.tied_embeddings(),
+            Model::Candle(m) => m.tied_embeddings(),
+        }
+    }
+
+    /// The weight format (`bf16`, `q8_0`, ...).
+    pub fn precision(&self) -> &'static str {
+        match self {
+            Model::Cpu(m) => m.format().name(),
+            Model::Candle(m) => m.dtype().as_str(),
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match self {
+            Model::Cpu(_) => Device::Cpu,
+            Model::Candle(m) => m.device().clone(),
+        }
+    }
+
+    /// A cache for at most `max_len` tokens (clamped to the model's positions).
+    pub fn new_cache(&self, max_len: usize) -> Cache {
+        match self {
+            Model::Cpu(m) => Cache::Cpu(m.new_cache(max_len)),
+            Model::Candle(m) => Cache::Candle(m.new_cache(max_len)),
+        }
+    }
+
+    /// Runs `tokens` after those in `cache` and puts the logits (`rows x vocab`, one row per
+    /// position asked for) into `out`.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut Cache,
+        which: LogitsFor,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        match (self, cache) {
+            (Model::Cpu(m), Cache::Cpu(c)) => {
+                let logits = m.forward(tokens, c, which)?;
+                out.clear();
+                out.extend_from_slice(logits);
+            }
+            (Model::Candle(m), Cache::Candle(c)) => {
+                *out = m
+                    .forward(tokens, c, which)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+            }
+            _ => anyhow::bail!("internal error: a cache of the other engine"),
+        }
+        Ok(())
+    }
+}

@@ -1,11 +1,10 @@
 //! Safetensors weights: one `model.safetensors` or the shards named by
 //! `model.safetensors.index.json`, memory-mapped and read tensor by tensor.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -64,40 +63,99 @@ pub fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
         .collect()
 }
 
-/// Read access to the tensors of a checkpoint, by name.
+/// Element type of a stored tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl StoredDtype {
+    pub fn size(self) -> usize {
+        match self {
+            StoredDtype::F32 => 4,
+            StoredDtype::F16 | StoredDtype::Bf16 => 2,
+        }
+    }
+
+    pub fn to_candle(self) -> DType {
+        match self {
+            StoredDtype::F32 => DType::F32,
+            StoredDtype::F16 => DType::F16,
+            StoredDtype::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// Where one tensor's bytes are.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    pub name: String,
+    file: usize,
+    pub dtype: StoredDtype,
+    pub shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// Read access to the tensors of a checkpoint, by name, straight from memory-mapped files.
 pub struct Weights {
-    st: MmapedSafetensors,
-    /// For error messages: the directory or file the tensors come from.
+    maps: Vec<memmap2::Mmap>,
+    tensors: HashMap<String, TensorEntry>,
+    /// For error messages: the file or directory the tensors come from.
     origin: String,
 }
 
 impl Weights {
     /// Maps the safetensors files and parses their headers (a truncated or corrupt file fails here).
     pub fn open(files: &[PathBuf]) -> Result<Self> {
-        for f in files {
-            let meta =
-                std::fs::metadata(f).with_context(|| format!("cannot open {}", f.display()))?;
-            if meta.len() < 8 {
-                bail!(
-                    "{} is not a safetensors file ({} bytes)",
-                    f.display(),
-                    meta.len()
+        let mut maps = Vec::with_capacity(files.len());
+        let mut tensors = HashMap::new();
+        for (i, f) in files.iter().enumerate() {
+            let file =
+                std::fs::File::open(f).with_context(|| format!("cannot open {}", f.display()))?;
+            let len = file
+                .metadata()
+                .with_context(|| format!("cannot read {}", f.display()))?
+                .len();
+            if len < 8 {
+                bail!("{} is not a safetensors file ({len} bytes)", f.display());
+            }
+            // SAFETY: mapped read-only; as with any mmap, a file truncated by another process
+            // while we run could fault. Model files are not modified in place in practice.
+            let map = unsafe { memmap2::Mmap::map(&file) }
+                .with_context(|| format!("cannot map {}", f.display()))?;
+            let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| {
+                anyhow::anyhow!("{} is not a valid safetensors file: {e}", f.display())
+            })?;
+            let base = map.as_ptr() as usize;
+            for (name, view) in st.tensors() {
+                let dtype = match view.dtype() {
+                    safetensors::Dtype::F32 => StoredDtype::F32,
+                    safetensors::Dtype::F16 => StoredDtype::F16,
+                    safetensors::Dtype::BF16 => StoredDtype::Bf16,
+                    other => bail!(
+                        "{}: tensor `{name}` has dtype {other:?}; zagreus reads F32, F16 and BF16",
+                        f.display()
+                    ),
+                };
+                let data = view.data();
+                let start = data.as_ptr() as usize - base;
+                tensors.insert(
+                    name.clone(),
+                    TensorEntry {
+                        name,
+                        file: i,
+                        dtype,
+                        shape: view.shape().to_vec(),
+                        start,
+                        end: start + data.len(),
+                    },
                 );
             }
+            maps.push(map);
         }
-        // SAFETY: the files are mapped read-only; as with any mmap, a file truncated by another
-        // process while we run could fault. Model files are not modified in place in practice.
-        let st = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| {
-            let name = files
-                .iter()
-                .map(|f| f.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ");
-            anyhow::anyhow!(
-                "{name} is not a valid safetensors file: {}",
-                strip_candle(e)
-            )
-        })?;
         let origin = match files {
             [one] => one.display().to_string(),
             many => format!(
@@ -106,25 +164,93 @@ impl Weights {
                 many[0].parent().unwrap_or(Path::new(".")).display()
             ),
         };
-        Ok(Self { st, origin })
+        Ok(Self {
+            maps,
+            tensors,
+            origin,
+        })
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.st.get(name).is_ok()
+        self.tensors.contains_key(name)
     }
 
     /// The shape of a stored tensor, if present.
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.st.get(name).ok().map(|v| v.shape().to_vec())
+        self.tensors.get(name).map(|t| t.shape.clone())
     }
 
     /// The stored dtype of a tensor, if present.
     pub fn dtype(&self, name: &str) -> Option<DType> {
-        let view = self.st.get(name).ok()?;
-        DType::try_from(view.dtype()).ok()
+        self.tensors.get(name).map(|t| t.dtype.to_candle())
     }
 
-    /// Loads tensor `name`, checks its shape, and converts it to `dtype` on `device`.
+    /// The entry of tensor `name`, checked to have `shape`.
+    pub fn entry(&self, name: &str, shape: &[usize]) -> Result<&TensorEntry> {
+        let t = self
+            .tensors
+            .get(name)
+            .with_context(|| format!("{}: tensor `{name}` is missing", self.origin))?;
+        if t.shape != shape {
+            bail!(
+                "{}: tensor `{name}` has shape {:?}, but config.json implies {:?}",
+                self.origin,
+                t.shape,
+                shape
+            );
+        }
+        Ok(t)
+    }
+
+    /// The raw little-endian bytes of a tensor.
+    pub fn bytes(&self, t: &TensorEntry) -> &[u8] {
+        &self.maps[t.file][t.start..t.end]
+    }
+
+    /// Decodes `dst.len()` elements starting at element `from` into f32.
+    pub fn read_f32(&self, t: &TensorEntry, from: usize, dst: &mut [f32]) {
+        let size = t.dtype.size();
+        let bytes = &self.bytes(t)[from * size..(from + dst.len()) * size];
+        match t.dtype {
+            StoredDtype::F32 => {
+                for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            StoredDtype::Bf16 => {
+                for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *d = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+                }
+            }
+            StoredDtype::F16 => {
+                for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *d = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+                }
+            }
+        }
+    }
+
+    /// Drops a tensor's pages from this process' memory once it has been copied, so loading never
+    /// holds the file and the copy at the same time (the page cache keeps the file for next time).
+    pub fn release(&self, t: &TensorEntry) {
+        const PAGE: usize = 4096;
+        let start = t.start.div_ceil(PAGE) * PAGE;
+        let end = t.end / PAGE * PAGE;
+        if end > start {
+            // SAFETY: DONTNEED on a read-only file mapping only drops our view of the pages; the
+            // data is re-read from the file if touched again, and nothing borrows it now.
+            let _ = unsafe {
+                self.maps[t.file].unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    end - start,
+                )
+            };
+        }
+    }
+
+    /// Loads tensor `name` as a candle tensor, checks its shape, and converts it to `dtype` on
+    /// `device`.
     pub fn load(
         &self,
         name: &str,
@@ -132,31 +258,22 @@ impl Weights {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        let view = self
-            .st
-            .get(name)
-            .map_err(|_| anyhow::anyhow!("{}: tensor `{name}` is missing", self.origin))?;
-        if view.shape() != shape {
-            bail!(
-                "{}: tensor `{name}` has shape {:?}, but config.json implies {:?}",
-                self.origin,
-                view.shape(),
-                shape
-            );
-        }
-        let t = self.st.load(name, &Device::Cpu).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: cannot read tensor `{name}`: {}",
-                self.origin,
-                strip_candle(e)
-            )
-        })?;
-        let t = if t.dtype() == dtype {
-            t
+        let t = self.entry(name, shape)?;
+        let tensor =
+            Tensor::from_raw_buffer(self.bytes(t), t.dtype.to_candle(), shape, &Device::Cpu)
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "{}: cannot read tensor `{name}`: {}",
+                        self.origin,
+                        strip_candle(e)
+                    )
+                })?;
+        let tensor = if tensor.dtype() == dtype {
+            tensor
         } else {
-            t.to_dtype(dtype)?
+            tensor.to_dtype(dtype)?
         };
-        Ok(t.to_device(device)?)
+        Ok(tensor.to_device(device)?)
     }
 }
 

@@ -1,0 +1,69 @@
+//! Q8_0 quantization: blocks of 32 weights along the input dimension as signed bytes with one
+//! scale each (llama.cpp's format; the kernels keep quants and scales in separate panel arrays).
+//! The products multiply f32 activations with the widened bytes: no activation quantization.
+
+// Register-blocked kernels index several arrays with the same counters; explicit loops read
+// closer to the math than iterator chains.
+#![allow(clippy::needless_range_loop)]
+
+pub const BLOCK: usize = 32;
+
+/// Quantizes one row: `q` gets `src.len()` bytes, `d` one scale per started block.
+pub fn quantize_row_q8_0(src: &[f32], q: &mut [i8], d: &mut [f32]) {
+    for (b, chunk) in src.chunks(BLOCK).enumerate() {
+        let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // The scale is rounded to f16 as in llama.cpp, so GGUF files and our own quantization
+        // give the same numbers.
+        let scale = half::f16::from_f32(amax / 127.0).to_f32();
+        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        d[b] = scale;
+        for (i, v) in chunk.iter().enumerate() {
+            q[b * BLOCK + i] = (v * inv).round().clamp(-127.0, 127.0) as i8;
+        }
+    }
+}
+
+/// `dst[i] = q[i] · d[i / 32]`.
+pub fn dequantize_row_q8_0(q: &[i8], d: &[f32], dst: &mut [f32]) {
+    for (i, (o, v)) in dst.iter_mut().zip(q).enumerate() {
+        *o = *v as f32 * d[i / BLOCK];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn quantization_error_is_within_half_a_step() {
+        let v = rand_vec(100, 3);
+        let mut q = vec![0i8; 100];
+        let mut d = vec![0f32; 4];
+        quantize_row_q8_0(&v, &mut q, &mut d);
+        let mut back = vec![0f32; 100];
+        dequantize_row_q8_0(&q, &d, &mut back);
+        for (i, (a, b)) in v.iter().zip(&back).enumerate() {
+            assert!(
+                (a - b).abs() <= d[i / BLOCK] * 0.5 + 1e-6,
+                "{i}: {a} vs {b}"
+            );
+        }
+        // An all-zero block has scale 0 and stays 0.
+        let mut q = vec![1i8; 32];
+        let mut d = vec![1f32; 1];
+        quantize_row_q8_0(&[0.0; 32], &mut q, &mut d);
+        assert!(q.iter().all(|x| *x == 0) && d[0] == 0.0);
+    }
+}
