@@ -4,7 +4,7 @@
 use divan::counter::BytesCount;
 use divan::Bencher;
 use zagreus::model::cpu::arena::{Arena, Placement};
-use zagreus::model::cpu::attention::{attention, LayerKv};
+use zagreus::model::cpu::attention::{attention, AttnScratch, LayerKv};
 use zagreus::model::cpu::kernels::Isa;
 use zagreus::model::cpu::kernels::PANEL;
 use zagreus::model::cpu::qmatrix::{matmul, Format, QMatrix};

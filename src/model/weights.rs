@@ -233,9 +233,14 @@ impl Weights {
     /// Drops a tensor's pages from this process' memory once it has been copied, so loading never
     /// holds the file and the copy at the same time (the page cache keeps the file for next time).
     pub fn release(&self, t: &TensorEntry) {
+        self.release_range(t, 0, t.end - t.start);
+    }
+
+    /// As `release`, for bytes `from..to` of the tensor only (pages wholly inside).
+    pub fn release_range(&self, t: &TensorEntry, from: usize, to: usize) {
         const PAGE: usize = 4096;
-        let start = t.start.div_ceil(PAGE) * PAGE;
-        let end = t.end / PAGE * PAGE;
+        let start = (t.start + from).div_ceil(PAGE) * PAGE;
+        let end = (t.start + to.min(t.end - t.start)) / PAGE * PAGE;
         if end > start {
             // SAFETY: DONTNEED on a read-only file mapping only drops our view of the pages; the
             // data is re-read from the file if touched again, and nothing borrows it now.

@@ -34,6 +34,40 @@ thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// A piece of work: query rows `i0..i0 + rows` of KV group `g` against keys `k0..k1`.
+#[derive(Clone, Copy)]
+struct Unit {
+    g: usize,
+    i0: usize,
+    rows: usize,
+    k0: usize,
+    k1: usize,
+    /// Where this unit's partial results start in `AttnScratch::parts`.
+    at: usize,
+}
+
+/// Buffers reused across calls (one per session), so attention allocates nothing per token.
+#[derive(Default)]
+pub struct AttnScratch {
+    units: Vec<Unit>,
+    /// Per unit, row and head: `[max, sum, acc(head_dim)]`.
+    parts: Vec<f32>,
+    best: Vec<f32>,
+    sums: Vec<f32>,
+}
+
+/// Shared pointer for units writing disjoint ranges of `parts`.
+#[derive(Clone, Copy)]
+struct Parts(*mut f32);
+// SAFETY: every unit writes only its own range (`Unit::at` .. + its length).
+unsafe impl Send for Parts {}
+unsafe impl Sync for Parts {}
+impl Parts {
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
 /// Attention output for `t` query rows at positions `pos..pos + t`. `q` holds each row's query
 /// heads (`heads * head_dim`, row stride `q_stride`); `out` gets `heads * head_dim` per row.
 #[allow(clippy::too_many_arguments)]
@@ -48,101 +82,83 @@ pub fn attention(
     kv_heads: usize,
     head_dim: usize,
     out: &mut [f32],
+    sc: &mut AttnScratch,
 ) {
     let rep = heads / kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
     let row_out = heads * head_dim;
-    // Work units: (group, first query row, query rows, key range).
-    let mut units: Vec<(usize, usize, usize, usize, usize)> = Vec::new();
+    let part_len = rep * (head_dim + 2);
+    sc.units.clear();
+    let mut at = 0;
     for g in 0..kv_heads {
         if t == 1 {
+            // Decoding: split long contexts over key blocks so both cores work on every group.
             let len = pos + 1;
-            let parts = len.div_ceil(KEY_BLOCK);
-            for p in 0..parts {
-                units.push((g, 0, 1, p * KEY_BLOCK, ((p + 1) * KEY_BLOCK).min(len)));
+            for p in 0..len.div_ceil(KEY_BLOCK) {
+                sc.units.push(Unit { g, i0: 0, rows: 1, k0: p * KEY_BLOCK, k1: ((p + 1) * KEY_BLOCK).min(len), at });
+                at += part_len;
             }
         } else {
             for i0 in (0..t).step_by(QUERY_BLOCK) {
-                units.push((
-                    g,
-                    i0,
-                    QUERY_BLOCK.min(t - i0),
-                    0,
-                    pos + (i0 + QUERY_BLOCK).min(t),
-                ));
+                let rows = QUERY_BLOCK.min(t - i0);
+                sc.units.push(Unit { g, i0, rows, k0: 0, k1: pos + i0 + rows, at });
+                at += rows * part_len;
             }
         }
     }
-    // Each unit writes (max, sum, acc) for its rows and heads; merged below when keys were split.
-    let part_len = rep * (head_dim + 2);
-    let results: Vec<Vec<f32>> = units
-        .par_iter()
-        .map(|&(g, i0, rows, k0, k1)| {
-            let mut res = vec![0f32; rows * part_len];
-            SCORES.with(|s| {
-                let mut scores = s.borrow_mut();
-                scores.resize(rep * (k1 - k0), 0.0);
-                for a in 0..rows {
-                    let i = i0 + a;
-                    let limit = (pos + i + 1).min(k1);
-                    if limit <= k0 {
-                        // No visible keys in this block (cannot happen for causal prefill).
-                        for r in 0..rep {
-                            res[a * part_len + r * (head_dim + 2)] = f32::NEG_INFINITY;
-                        }
-                        continue;
+    sc.parts.resize(at, 0.0);
+    let parts = Parts(sc.parts.as_mut_ptr());
+    sc.units.par_iter().for_each(|u| {
+        // SAFETY: this unit's range of `parts` belongs to it alone.
+        let res = unsafe { std::slice::from_raw_parts_mut(parts.at(u.at), u.rows * part_len) };
+        SCORES.with(|s| {
+            let mut scores = s.borrow_mut();
+            scores.resize(rep * (u.k1 - u.k0), 0.0);
+            for a in 0..u.rows {
+                let i = u.i0 + a;
+                let limit = (pos + i + 1).min(u.k1);
+                let res = &mut res[a * part_len..(a + 1) * part_len];
+                if limit <= u.k0 {
+                    // No visible keys in this block.
+                    for r in 0..rep {
+                        res[r * (head_dim + 2)] = f32::NEG_INFINITY;
                     }
-                    let qrow = &q[i * q_stride + g * rep * head_dim
-                        ..i * q_stride + (g + 1) * rep * head_dim];
-                    attend(
-                        isa,
-                        kv,
-                        g,
-                        qrow,
-                        scale,
-                        rep,
-                        head_dim,
-                        k0,
-                        limit,
-                        &mut scores,
-                        &mut res[a * part_len..(a + 1) * part_len],
-                    );
+                    continue;
                 }
-            });
-            res
-        })
-        .collect();
-    // Merge partials per (row, head) and normalise.
-    for (r_out, o) in out.chunks_exact_mut(row_out).enumerate().take(t) {
-        o.fill(0.0);
-        let _ = r_out;
-    }
-    let mut best = vec![f32::NEG_INFINITY; t * heads];
-    for (u, &(g, i0, rows, _, _)) in units.iter().enumerate() {
-        for a in 0..rows {
+                let qrow = &q[i * q_stride + u.g * rep * head_dim..i * q_stride + (u.g + 1) * rep * head_dim];
+                attend(isa, kv, u.g, qrow, scale, rep, head_dim, u.k0, limit, &mut scores, res);
+            }
+        });
+    });
+    // Merge the partials of each (row, head) with the online-softmax rule, then normalise.
+    out[..t * row_out].fill(0.0);
+    sc.best.clear();
+    sc.best.resize(t * heads, f32::NEG_INFINITY);
+    sc.sums.clear();
+    sc.sums.resize(t * heads, 0.0);
+    let part = |u: &Unit, a: usize, r: usize| u.at + a * part_len + r * (head_dim + 2);
+    for u in &sc.units {
+        for a in 0..u.rows {
             for r in 0..rep {
-                let m = results[u][a * part_len + r * (head_dim + 2)];
-                let h = g * rep + r;
-                best[(i0 + a) * heads + h] = best[(i0 + a) * heads + h].max(m);
+                let h = (u.i0 + a) * heads + u.g * rep + r;
+                sc.best[h] = sc.best[h].max(sc.parts[part(u, a, r)]);
             }
         }
     }
-    let mut sums = vec![0f32; t * heads];
-    for (u, &(g, i0, rows, _, _)) in units.iter().enumerate() {
-        for a in 0..rows {
-            let i = i0 + a;
+    for u in &sc.units {
+        for a in 0..u.rows {
+            let i = u.i0 + a;
             for r in 0..rep {
-                let h = g * rep + r;
-                let part = &results[u]
-                    [a * part_len + r * (head_dim + 2)..a * part_len + (r + 1) * (head_dim + 2)];
-                let (m, s, acc) = (part[0], part[1], &part[2..]);
+                let h = u.g * rep + r;
+                let p = part(u, a, r);
+                let m = sc.parts[p];
                 if m == f32::NEG_INFINITY {
                     continue;
                 }
-                let w = (m - best[i * heads + h]).exp();
-                sums[i * heads + h] += s * w;
+                let w = (m - sc.best[i * heads + h]).exp();
+                sc.sums[i * heads + h] += sc.parts[p + 1] * w;
                 let o = &mut out[i * row_out + h * head_dim..i * row_out + (h + 1) * head_dim];
-                for (od, ad) in o.iter_mut().zip(acc) {
+                for (od, ad) in o.iter_mut().zip(&sc.parts[p + 2..p + 2 + head_dim]) {
                     *od += ad * w;
                 }
             }
@@ -150,7 +166,7 @@ pub fn attention(
     }
     for i in 0..t {
         for h in 0..heads {
-            let inv = 1.0 / sums[i * heads + h];
+            let inv = 1.0 / sc.sums[i * heads + h];
             for v in &mut out[i * row_out + h * head_dim..i * row_out + (h + 1) * head_dim] {
                 *v *= inv;
             }
@@ -338,6 +354,7 @@ mod tests {
                     kvh,
                     hd,
                     &mut out,
+                    &mut AttnScratch::default(),
                 );
                 for (a, b) in out.iter().zip(&want) {
                     assert!((a - b).abs() < 1e-5, "{isa:?} t={t} pos={pos}: {a} vs {b}");

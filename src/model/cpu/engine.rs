@@ -5,8 +5,8 @@
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 
-use super::arena::{Arena, Placement};
-use super::attention::{attention, LayerKv};
+use super::arena::{Arena, ArenaWriter, Placement};
+use super::attention::{attention, AttnScratch, LayerKv};
 use super::kernels::Isa;
 use super::kernels::PANEL;
 use super::ops::{add_in_place, rms_norm, rope_heads, silu_mul};
@@ -109,7 +109,34 @@ fn fill(arena: &mut Arena, m: &QMatrix, w: &Weights, srcs: &[&TensorEntry]) {
         )
     });
     let writer = arena.writer();
-    (0..m.panels()).into_par_iter().for_each_init(
+    // In batches, releasing each batch's source pages right after: loading never holds much of
+    // the file and the arena at the same time (peak memory stays close to the weights' size).
+    const BATCH: usize = 512;
+    for first in (0..m.panels()).step_by(BATCH) {
+        let last = (first + BATCH).min(m.panels());
+        fill_panels(m, w, &locate, same_type, writer, first..last);
+        let (r0, r1) = (first * PANEL, (last * PANEL).min(m.rows));
+        for (t, s) in srcs.iter().zip(&starts) {
+            let size = t.dtype.size() * k;
+            let (a, b) = (r0.max(*s), r1.min(s + t.shape[0]));
+            if a < b {
+                w.release_range(t, (a - s) * size, (b - s) * size);
+            }
+        }
+    }
+}
+
+/// Fills panels `range` of `m` in parallel.
+fn fill_panels<'a>(
+    m: &QMatrix,
+    w: &Weights,
+    locate: &(dyn Fn(usize) -> (&'a TensorEntry, usize) + Sync),
+    same_type: bool,
+    writer: ArenaWriter,
+    range: std::ops::Range<usize>,
+) {
+    let k = m.cols;
+    range.into_par_iter().for_each_init(
         || vec![0f32; PANEL * k],
         |buf, b| {
             let live = PANEL.min(m.rows - b * PANEL);
@@ -134,9 +161,6 @@ fn fill(arena: &mut Arena, m: &QMatrix, w: &Weights, srcs: &[&TensorEntry]) {
             unsafe { m.write_panel(writer, b, buf) };
         },
     );
-    for t in srcs {
-        w.release(t);
-    }
 }
 
 impl CpuLlama {
@@ -443,6 +467,7 @@ impl CpuLlama {
                 nkv,
                 hd,
                 &mut s.att[..t * nh * hd],
+                &mut s.attn,
             );
             matmul(
                 &self.arena,
@@ -527,6 +552,7 @@ struct Scratch {
     cos: Vec<f32>,
     sin: Vec<f32>,
     logits: Vec<f32>,
+    attn: AttnScratch,
 }
 
 impl Scratch {
