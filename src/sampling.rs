@@ -1,8 +1,6 @@
 //! Choosing the next token: repetition, presence and frequency penalties, temperature, top-k,
 //! top-p and min-p, in the order transformers' `generate` applies them, with a seeded RNG.
 
-use std::collections::HashMap;
-
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -68,8 +66,9 @@ impl SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
-    /// Scratch space reused across steps.
+    /// Scratch space reused across steps (no allocation per token).
     candidates: Vec<(u32, f32)>,
+    window: Vec<u32>,
 }
 
 impl Sampler {
@@ -79,6 +78,7 @@ impl Sampler {
             params,
             rng,
             candidates: Vec::new(),
+            window: Vec::new(),
         }
     }
 
@@ -157,7 +157,7 @@ impl Sampler {
         c[c.len() - 1].0
     }
 
-    fn apply_penalties(&self, logits: &mut [f32], history: &[u32]) {
+    fn apply_penalties(&mut self, logits: &mut [f32], history: &[u32]) {
         let p = &self.params;
         let active =
             p.repeat_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
@@ -169,11 +169,12 @@ impl Sampler {
         } else {
             &history[history.len().saturating_sub(p.repeat_last_n as usize)..]
         };
-        let mut counts: HashMap<u32, u32> = HashMap::new();
-        for &t in window {
-            *counts.entry(t).or_default() += 1;
-        }
-        for (&t, &n) in &counts {
+        // Count occurrences by sorting a copy of the window (a reused buffer).
+        self.window.clear();
+        self.window.extend_from_slice(window);
+        self.window.sort_unstable();
+        for run in self.window.chunk_by(|a, b| a == b) {
+            let (t, n) = (run[0], run.len());
             let Some(l) = logits.get_mut(t as usize) else {
                 continue;
             };
@@ -234,14 +235,14 @@ mod tests {
 
     #[test]
     fn repetition_penalty_is_transformers_style() {
-        let s = Sampler::new(SamplingParams {
+        let mut s = Sampler::new(SamplingParams {
             repeat_penalty: 2.0,
             ..params()
         });
         let mut l = [4.0, -4.0, 4.0];
         s.apply_penalties(&mut l, &[0, 1, 0]);
         assert_eq!(l, [2.0, -8.0, 4.0]);
-        let s = Sampler::new(SamplingParams {
+        let mut s = Sampler::new(SamplingParams {
             presence_penalty: 0.5,
             frequency_penalty: 1.0,
             ..params()
@@ -250,7 +251,7 @@ mod tests {
         s.apply_penalties(&mut l, &[0, 1, 0]);
         assert_eq!(l, [1.5, 2.5, 4.0]);
         // The window only reaches back repeat_last_n tokens.
-        let s = Sampler::new(SamplingParams {
+        let mut s = Sampler::new(SamplingParams {
             repeat_penalty: 2.0,
             repeat_last_n: 1,
             ..params()

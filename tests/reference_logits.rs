@@ -122,7 +122,12 @@ fn bf16_checkpoints_in_bf16_are_exact() {
     for engine in [Engine::Auto, Engine::Candle] {
         for dtype in [Some(DType::BF16), None] {
             let d = diffs("tied-bf16", dtype, None, engine, true);
-            assert!(d.prompt.max(d.steps) <= 1e-3, "{engine:?} {dtype:?}: {} / {} > 1e-3", d.prompt, d.steps);
+            assert!(
+                d.prompt.max(d.steps) <= 1e-3,
+                "{engine:?} {dtype:?}: {} / {} > 1e-3",
+                d.prompt,
+                d.steps
+            );
         }
     }
 }

@@ -95,13 +95,27 @@ pub fn attention(
             // Decoding: split long contexts over key blocks so both cores work on every group.
             let len = pos + 1;
             for p in 0..len.div_ceil(KEY_BLOCK) {
-                sc.units.push(Unit { g, i0: 0, rows: 1, k0: p * KEY_BLOCK, k1: ((p + 1) * KEY_BLOCK).min(len), at });
+                sc.units.push(Unit {
+                    g,
+                    i0: 0,
+                    rows: 1,
+                    k0: p * KEY_BLOCK,
+                    k1: ((p + 1) * KEY_BLOCK).min(len),
+                    at,
+                });
                 at += part_len;
             }
         } else {
             for i0 in (0..t).step_by(QUERY_BLOCK) {
                 let rows = QUERY_BLOCK.min(t - i0);
-                sc.units.push(Unit { g, i0, rows, k0: 0, k1: pos + i0 + rows, at });
+                sc.units.push(Unit {
+                    g,
+                    i0,
+                    rows,
+                    k0: 0,
+                    k1: pos + i0 + rows,
+                    at,
+                });
                 at += rows * part_len;
             }
         }
@@ -125,8 +139,21 @@ pub fn attention(
                     }
                     continue;
                 }
-                let qrow = &q[i * q_stride + u.g * rep * head_dim..i * q_stride + (u.g + 1) * rep * head_dim];
-                attend(isa, kv, u.g, qrow, scale, rep, head_dim, u.k0, limit, &mut scores, res);
+                let qrow = &q[i * q_stride + u.g * rep * head_dim
+                    ..i * q_stride + (u.g + 1) * rep * head_dim];
+                attend(
+                    isa,
+                    kv,
+                    u.g,
+                    qrow,
+                    scale,
+                    rep,
+                    head_dim,
+                    u.k0,
+                    limit,
+                    &mut scores,
+                    res,
+                );
             }
         });
     });
@@ -193,37 +220,52 @@ fn attend(
     let n = k1 - k0;
     let kt = &kv.kt[g * head_dim * kv.cap..(g + 1) * head_dim * kv.cap];
     let v = &kv.v[g * kv.cap * head_dim..(g + 1) * kv.cap * head_dim];
-    scores_and_softmax(
-        isa,
-        kt,
-        kv.cap,
-        q,
-        scale,
-        rep,
-        head_dim,
-        k0,
-        n,
-        &mut scores[..rep * n],
-        res,
-    );
-    weighted_values(isa, v, &scores[..rep * n], rep, head_dim, k0, n, res);
+    let scores = &mut scores[..rep * n];
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && head_dim == 64 && rep <= 4 {
+        // SAFETY: AVX-512 is available (Isa), and all slices cover the ranges used.
+        unsafe {
+            x86::scores_hd64(kt, kv.cap, q, scale, rep, k0, n, scores);
+            x86::softmax_rows(scores, rep, n, head_dim, res);
+            x86::values_hd64(v, scores, rep, k0, n, res);
+        }
+        return;
+    }
+    raw_scores(isa, kt, kv.cap, q, scale, rep, head_dim, k0, n, scores);
+    softmax_rows(isa, scores, rep, n, head_dim, res);
+    weighted_values(isa, v, scores, rep, head_dim, k0, n, res);
 }
 
 super::ops::multiversion! {
-    /// `scores[r][j] = exp(scale · q_r · k_{k0+j} − max_r)`; writes max and sum into `res`.
+    /// `scores[r][j] = scale · q_r · k_{k0+j}`, 16 keys at a time in a register-sized block.
     #[allow(clippy::too_many_arguments)]
-    pub fn scores_and_softmax(kt: &[f32], cap: usize, q: &[f32], scale: f32, rep: usize, head_dim: usize, k0: usize, n: usize, scores: &mut [f32], res: &mut [f32]) {
+    pub fn raw_scores(kt: &[f32], cap: usize, q: &[f32], scale: f32, rep: usize, head_dim: usize, k0: usize, n: usize, scores: &mut [f32]) {
         for r in 0..rep {
-            let s = &mut scores[r * n..(r + 1) * n];
-            s.fill(0.0);
             let qr = &q[r * head_dim..(r + 1) * head_dim];
-            for (d, qd) in qr.iter().enumerate() {
-                let qd = qd * scale;
-                let krow = &kt[d * cap + k0..d * cap + k0 + n];
-                for (sj, kj) in s.iter_mut().zip(krow) {
-                    *sj += qd * kj;
+            let s = &mut scores[r * n..(r + 1) * n];
+            for j0 in (0..n).step_by(16) {
+                let w = 16.min(n - j0);
+                let mut acc = [0f32; 16];
+                for (d, qd) in qr.iter().enumerate() {
+                    let krow = &kt[d * cap + k0 + j0..d * cap + k0 + j0 + w];
+                    for (a, kj) in acc.iter_mut().zip(krow) {
+                        *a += qd * kj;
+                    }
+                }
+                for (sj, a) in s[j0..j0 + w].iter_mut().zip(acc) {
+                    *sj = a * scale;
                 }
             }
+        }
+    }
+}
+
+super::ops::multiversion! {
+    /// Each row of scores becomes `exp(s − max)`; max and sum go into `res` (`[max, sum, ..]`
+    /// per head, stride `head_dim + 2`).
+    pub fn softmax_rows(scores: &mut [f32], rep: usize, n: usize, head_dim: usize, res: &mut [f32]) {
+        for r in 0..rep {
+            let s = &mut scores[r * n..(r + 1) * n];
             let m = s.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b));
             let mut sum = 0f32;
             for sj in s.iter_mut() {
@@ -249,6 +291,201 @@ super::ops::multiversion! {
                 for (a, vd) in acc.iter_mut().zip(vrow) {
                     *a += p * vd;
                 }
+            }
+        }
+    }
+}
+
+/// Register-blocked AVX-512 kernels for the common head size 64 (4 vectors) and up to 4 query
+/// heads per KV head: keys are loaded once for all heads of the group.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// AVX-512F; `kt` covers `64 * cap`, `q` `rep * 64`, `scores` `rep * n`, keys `k0..k0 + n`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn scores_hd64(
+        kt: &[f32],
+        cap: usize,
+        q: &[f32],
+        scale: f32,
+        rep: usize,
+        k0: usize,
+        n: usize,
+        scores: &mut [f32],
+    ) {
+        match rep {
+            1 => scores_r::<1>(kt, cap, q, scale, k0, n, scores),
+            2 => scores_r::<2>(kt, cap, q, scale, k0, n, scores),
+            3 => scores_r::<3>(kt, cap, q, scale, k0, n, scores),
+            _ => scores_r::<4>(kt, cap, q, scale, k0, n, scores),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn scores_r<const R: usize>(
+        kt: &[f32],
+        cap: usize,
+        q: &[f32],
+        scale: f32,
+        k0: usize,
+        n: usize,
+        scores: &mut [f32],
+    ) {
+        const HD: usize = 64;
+        let (kp, qp, sp) = (kt.as_ptr(), q.as_ptr(), scores.as_mut_ptr());
+        let sv = _mm512_set1_ps(scale);
+        let mut j = 0;
+        // 48 keys per block: 3 vectors x R heads accumulators.
+        while j + 48 <= n {
+            let mut acc = [[_mm512_setzero_ps(); 3]; R];
+            for d in 0..HD {
+                let row = kp.add(d * cap + k0 + j);
+                let k = [
+                    _mm512_loadu_ps(row),
+                    _mm512_loadu_ps(row.add(16)),
+                    _mm512_loadu_ps(row.add(32)),
+                ];
+                for r in 0..R {
+                    let qd = _mm512_set1_ps(*qp.add(r * HD + d));
+                    for b in 0..3 {
+                        acc[r][b] = _mm512_fmadd_ps(qd, k[b], acc[r][b]);
+                    }
+                }
+            }
+            for r in 0..R {
+                for b in 0..3 {
+                    _mm512_storeu_ps(sp.add(r * n + j + 16 * b), _mm512_mul_ps(acc[r][b], sv));
+                }
+            }
+            j += 48;
+        }
+        while j < n {
+            let w = 16.min(n - j);
+            let m = ((1u32 << w) - 1) as u16;
+            let mut acc = [_mm512_setzero_ps(); R];
+            for d in 0..HD {
+                let k = _mm512_maskz_loadu_ps(m, kp.add(d * cap + k0 + j));
+                for r in 0..R {
+                    acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(*qp.add(r * HD + d)), k, acc[r]);
+                }
+            }
+            for r in 0..R {
+                _mm512_mask_storeu_ps(sp.add(r * n + j), m, _mm512_mul_ps(acc[r], sv));
+            }
+            j += w;
+        }
+    }
+
+    /// `exp` of 16 lanes: range reduction to `2^n · e^r` and a degree-6 polynomial, as
+    /// `ops::exp_approx` (relative error below 2e-7).
+    #[inline(always)]
+    unsafe fn exp16(x: __m512) -> __m512 {
+        let x = _mm512_min_ps(
+            _mm512_max_ps(x, _mm512_set1_ps(-87.0)),
+            _mm512_set1_ps(88.0),
+        );
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(
+            n,
+            _mm512_set1_ps(1.428_606_8e-6),
+            _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x),
+        );
+        let mut p = _mm512_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        _mm512_scalef_ps(p, n)
+    }
+
+    /// Each row becomes `exp(s − max)`; max and sum go into `res` (stride `head_dim + 2`).
+    ///
+    /// # Safety
+    /// AVX-512F; `scores` covers `rep * n`, `res` `rep * (head_dim + 2)`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn softmax_rows(
+        scores: &mut [f32],
+        rep: usize,
+        n: usize,
+        head_dim: usize,
+        res: &mut [f32],
+    ) {
+        for r in 0..rep {
+            let s = scores.as_mut_ptr().add(r * n);
+            let mut mv = _mm512_set1_ps(f32::NEG_INFINITY);
+            let mut j = 0;
+            while j < n {
+                let m = ((1u32 << 16.min(n - j)) - 1) as u16;
+                mv = _mm512_mask_max_ps(mv, m, mv, _mm512_maskz_loadu_ps(m, s.add(j)));
+                j += 16;
+            }
+            let max = _mm512_reduce_max_ps(mv);
+            let (mb, mut sum) = (_mm512_set1_ps(max), _mm512_setzero_ps());
+            j = 0;
+            while j < n {
+                let m = ((1u32 << 16.min(n - j)) - 1) as u16;
+                let e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s.add(j)), mb));
+                _mm512_mask_storeu_ps(s.add(j), m, e);
+                sum = _mm512_mask_add_ps(sum, m, sum, e);
+                j += 16;
+            }
+            res[r * (head_dim + 2)] = max;
+            res[r * (head_dim + 2) + 1] = _mm512_reduce_add_ps(sum);
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F; `v` covers rows `k0..k0 + n` of 64, `scores` `rep * n`, `res` `rep * 66`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn values_hd64(
+        v: &[f32],
+        scores: &[f32],
+        rep: usize,
+        k0: usize,
+        n: usize,
+        res: &mut [f32],
+    ) {
+        match rep {
+            1 => values_r::<1>(v, scores, k0, n, res),
+            2 => values_r::<2>(v, scores, k0, n, res),
+            3 => values_r::<3>(v, scores, k0, n, res),
+            _ => values_r::<4>(v, scores, k0, n, res),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn values_r<const R: usize>(
+        v: &[f32],
+        scores: &[f32],
+        k0: usize,
+        n: usize,
+        res: &mut [f32],
+    ) {
+        const HD: usize = 64;
+        let (vp, sp) = (v.as_ptr(), scores.as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        for j in 0..n {
+            let row = vp.add((k0 + j) * HD);
+            let vv = [
+                _mm512_loadu_ps(row),
+                _mm512_loadu_ps(row.add(16)),
+                _mm512_loadu_ps(row.add(32)),
+                _mm512_loadu_ps(row.add(48)),
+            ];
+            for r in 0..R {
+                let p = _mm512_set1_ps(*sp.add(r * n + j));
+                for b in 0..4 {
+                    acc[r][b] = _mm512_fmadd_ps(p, vv[b], acc[r][b]);
+                }
+            }
+        }
+        for r in 0..R {
+            for b in 0..4 {
+                _mm512_storeu_ps(res.as_mut_ptr().add(r * (HD + 2) + 2 + 16 * b), acc[r][b]);
             }
         }
     }
@@ -320,6 +557,9 @@ mod tests {
             (13, 4, 6, 2, 16),
             (1, 1100, 15, 5, 64),
             (20, 30, 4, 1, 10),
+            (9, 70, 8, 2, 64),
+            (3, 5, 2, 2, 64),
+            (50, 0, 6, 3, 64),
         ] {
             let len = pos + t;
             let cap = len + 3;
