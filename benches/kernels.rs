@@ -62,6 +62,7 @@ fn attention_decode_ctx2048(bencher: Bencher) {
     let v = kt.clone();
     let q: Vec<f32> = (0..heads * hd).map(|i| (i % 5) as f32 / 5.0).collect();
     let mut out = vec![0f32; heads * hd];
+    let mut sc = AttnScratch::default();
     bencher.bench_local(|| {
         attention(
             Isa::get(),
@@ -78,6 +79,7 @@ fn attention_decode_ctx2048(bencher: Bencher) {
             kvh,
             hd,
             &mut out,
+            &mut sc,
         )
     });
 }

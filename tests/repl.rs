@@ -54,7 +54,11 @@ fn chat_args(model: &str, extra: &[&str]) -> Vec<String> {
 }
 
 fn prompt(s: &mut Pty) {
-    s.expect(">>> ").expect("the >>> prompt");
+    if let Err(e) = s.expect(">>> ") {
+        let mut buf = vec![0u8; 4096];
+        let n = s.try_read(&mut buf).unwrap_or(0);
+        panic!("the >>> prompt: {e:?}; pending output: {:?}", String::from_utf8_lossy(&buf[..n]));
+    }
 }
 
 fn exit_code(s: &Pty) -> String {
@@ -228,6 +232,8 @@ fn multiline_blocks_and_bracketed_paste_are_one_message() {
     s.send_line("\"\"\"").unwrap();
     s.expect("... ").unwrap();
     s.send_line("riga uno").unwrap();
+    // Wait for each continuation prompt: the terminal line editor re-arms between lines.
+    s.expect("... ").unwrap();
     s.send_line("riga due\"\"\"").unwrap();
     prompt(&mut s);
     let conv = saved(&mut s, home.path());
