@@ -107,7 +107,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             let cfg = named_shape(shape)?;
             let device = args.model.device.open()?;
             if !device.is_cpu() {
-                bail!("--random runs on the CPU engine; use -m MODEL for other devices");
+                if args.model.quantize.is_some() {
+                    bail!("--quantize works on the CPU only");
+                }
+                let dtype = args
+                    .model
+                    .dtype
+                    .to_dtype()
+                    .unwrap_or(candle_core::DType::BF16);
+                let model = Model::Candle(crate::model::Llama::random(&cfg, dtype, &device)?);
+                return measure(args, model, format!("{shape} (random)"), threads);
             }
             let format = match (args.model.quantize, args.model.dtype.to_dtype()) {
                 (Some(q), _) => q.format(),
@@ -131,6 +140,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             (loaded.model, name)
         }
     };
+    measure(args, model, name, threads)
+}
+
+/// Runs the requested tests on a loaded network and prints the table or JSON.
+fn measure(args: &BenchArgs, model: Model, name: String, threads: usize) -> Result<()> {
     let bytes_per_token = match &model {
         Model::Cpu(m) => Some(m.bytes_per_token()),
         Model::Candle(_) => None,

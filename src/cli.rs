@@ -75,6 +75,25 @@ pub enum Command {
     List(ListArgs),
     /// Measure prompt processing and generation speed (llama-bench style)
     Bench(Box<BenchArgs>),
+    /// Compare the model's logits with a recorded transformers reference (for checking a device
+    /// or build; see scripts/gpu-check.sh)
+    #[command(hide = true)]
+    CheckLogits(Box<CheckLogitsArgs>),
+}
+
+#[derive(Args, Debug)]
+pub struct CheckLogitsArgs {
+    /// reference.json written by scripts/make_fixtures.py (prompt_ids, prompt_logits, greedy_ids,
+    /// step_logits)
+    #[arg(long, value_name = "FILE")]
+    pub reference: PathBuf,
+
+    /// Largest allowed |Δlogit|
+    #[arg(long, value_name = "X", default_value_t = 1e-3)]
+    pub tolerance: f32,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
 }
 
 #[derive(Args, Debug)]

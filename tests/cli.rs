@@ -531,11 +531,9 @@ fn bad_flags_and_values_are_named() {
     assert_eq!(out.code, 2, "--logprobs needs --json: {}", out.stderr);
 }
 
+#[cfg(not(feature = "cuda"))]
 #[test]
 fn cuda_in_a_cpu_build_is_a_clear_error() {
-    if cfg!(feature = "cuda") {
-        return;
-    }
     assert_clean_error(
         &run(&["-m", &tied(), "--device", "cuda", "Ciao"], b""),
         &["--features cuda"],
@@ -575,4 +573,139 @@ fn prompts_longer_than_the_context_are_refused() {
 fn invalid_input_text_is_refused() {
     assert_clean_error(&run(&["-m", &tied()], b"ok \xff\xfe"), &["stdin", "UTF-8"]);
     assert_clean_error(&run(&["-m", &tied()], b""), &["no prompt"]);
+}
+
+#[test]
+fn bench_reports_prompt_and_generation_speed() {
+    let out = run(
+        &[
+            "bench",
+            "-m",
+            &tied(),
+            "-p",
+            "8",
+            "-n",
+            "4",
+            "-d",
+            "0,16",
+            "-r",
+            "2",
+            "--json",
+        ],
+        b"",
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let j: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let tests: Vec<&str> = j
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["test"].as_str().unwrap())
+        .collect();
+    assert_eq!(tests, ["pp8", "tg4", "tg4@d16"]);
+    for m in j.as_array().unwrap() {
+        assert!(m["tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert_eq!(m["samples"].as_array().unwrap().len(), 2);
+        assert_eq!(m["format"], "bf16");
+        assert_eq!(
+            m["weight_gb_per_s"].is_number(),
+            m["test"].as_str().unwrap().starts_with("tg")
+        );
+    }
+    // The table, and random weights of a named shape (no download).
+    let out = run(
+        &[
+            "bench",
+            "--random",
+            "smollm2-135m",
+            "--quantize",
+            "q8_0",
+            "-p",
+            "4",
+            "-n",
+            "2",
+            "-r",
+            "1",
+        ],
+        b"",
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stdout
+            .contains("| smollm2-135m (random) | q8_0 | cpu |"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("| pp4 |") && out.stdout.contains("| tg2 |"),
+        "{}",
+        out.stdout
+    );
+    assert_clean_error(
+        &run(&["bench", "--random", "gpt-5"], b""),
+        &["gpt-5", "zagreus-0.4b"],
+    );
+    assert_clean_error(
+        &run(&["bench", "-m", &tied(), "-r", "0"], b""),
+        &["--repetitions"],
+    );
+}
+
+#[test]
+fn check_logits_compares_with_a_transformers_reference() {
+    let m = tied();
+    let reference = model_dir("tied-bf16").join("reference.json");
+    let r = reference.to_str().unwrap();
+    let out = run(&["check-logits", "-m", &m, "--reference", r], b"");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("greedy tokens 12/12 agree"),
+        "{}",
+        out.stdout
+    );
+    // Q8_0 weights are further from the f32 reference than 1e-3: the check fails, clearly.
+    let out = run(
+        &[
+            "check-logits",
+            "-m",
+            &m,
+            "--reference",
+            r,
+            "--quantize",
+            "q8_0",
+        ],
+        b"",
+    );
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("more than 0.001"), "{}", out.stderr);
+    assert_clean_error(
+        &run(
+            &["check-logits", "-m", &m, "--reference", "/no/such.json"],
+            b"",
+        ),
+        &["/no/such.json"],
+    );
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn a_cuda_build_without_a_usable_gpu_says_so_and_auto_uses_the_cpu() {
+    assert_clean_error(
+        &run(&["-m", &tied(), "--device", "cuda", "Ciao"], b""),
+        &["--device cuda:0", "GPU"],
+    );
+    let out = run(
+        &[
+            "-m",
+            &tied(),
+            "--device",
+            "auto",
+            "-n",
+            "2",
+            "--json",
+            "Ciao",
+        ],
+        b"",
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
 }

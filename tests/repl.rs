@@ -57,7 +57,10 @@ fn prompt(s: &mut Pty) {
     if let Err(e) = s.expect(">>> ") {
         let mut buf = vec![0u8; 4096];
         let n = s.try_read(&mut buf).unwrap_or(0);
-        panic!("the >>> prompt: {e:?}; pending output: {:?}", String::from_utf8_lossy(&buf[..n]));
+        panic!(
+            "the >>> prompt: {e:?}; pending output: {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
     }
 }
 

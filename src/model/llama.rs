@@ -184,6 +184,61 @@ impl Llama {
         })
     }
 
+    /// A network of this shape with random weights (normal, std 1/sqrt(fan-in); norms 1), for
+    /// benchmarks on devices the CPU engine does not cover. Tied embeddings.
+    pub fn random(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let (hd, nh, nkv, inter) = (
+            cfg.head_dim,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.intermediate_size,
+        );
+        let act = activation_dtype(dtype, device);
+        let mat = |rows: usize, cols: usize| -> Result<Linear> {
+            let w = Tensor::randn(
+                0f32,
+                (1.0 / cols as f64).sqrt() as f32,
+                (rows, cols),
+                device,
+            )?
+            .to_dtype(dtype)?;
+            Ok(Linear::new(w, None))
+        };
+        let ones = || -> Result<Tensor> { Ok(Tensor::ones(h, act, device)?) };
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for _ in 0..cfg.num_hidden_layers {
+            blocks.push(Block {
+                attn_norm: ones()?,
+                qkv: mat((nh + 2 * nkv) * hd, h)?,
+                o: mat(h, nh * hd)?,
+                mlp_norm: ones()?,
+                gate_up: mat(2 * inter, h)?,
+                down: mat(h, inter)?,
+            });
+        }
+        let embed = Tensor::randn(
+            0f32,
+            (4.0 / h as f64).sqrt() as f32,
+            (cfg.vocab_size, h),
+            device,
+        )?
+        .to_dtype(dtype)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            lm_head: Linear::new(embed.clone(), None),
+            embed,
+            blocks,
+            norm: ones()?,
+            rope: Rope::new(cfg, cfg.max_position_embeddings, act, device)?,
+            device: device.clone(),
+            dtype,
+            act_dtype: act,
+            vocab_size: cfg.vocab_size,
+            tied: true,
+        })
+    }
+
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
     }
