@@ -15,8 +15,7 @@ fn main() {
 
 /// A `rows x cols` matrix of the given format with pseudo-random weights.
 fn matrix(format: Format, rows: usize, cols: usize) -> (Arena, QMatrix) {
-    let mut arena =
-        Arena::new(format.arena_bytes(rows, cols) + 4096, Placement::from_env()).unwrap();
+    let mut arena = Arena::new(format.arena_bytes(rows, cols) + 4096, Placement::from_env()).unwrap();
     let m = QMatrix::alloc(&mut arena, format, rows, cols).unwrap();
     let mut panel = vec![0f32; PANEL * cols];
     for b in 0..m.panels() {
@@ -66,11 +65,7 @@ fn attention_decode_ctx2048(bencher: Bencher) {
     bencher.bench_local(|| {
         attention(
             Isa::get(),
-            &LayerKv {
-                kt: &kt,
-                v: &v,
-                cap,
-            },
+            &LayerKv { kt: &kt, v: &v, cap },
             &q,
             heads * hd,
             1,

@@ -110,11 +110,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 if args.model.quantize.is_some() {
                     bail!("--quantize works on the CPU only");
                 }
-                let dtype = args
-                    .model
-                    .dtype
-                    .to_dtype()
-                    .unwrap_or(candle_core::DType::BF16);
+                let dtype = args.model.dtype.to_dtype().unwrap_or(candle_core::DType::BF16);
                 let model = Model::Candle(crate::model::Llama::random(&cfg, dtype, &device)?);
                 return measure(args, model, format!("{shape} (random)"), threads);
             }
@@ -164,21 +160,14 @@ fn measure(args: &BenchArgs, model: Model, name: String, threads: usize) -> Resu
         for &d in &args.depth {
             if n > 0 {
                 let m = &model;
-                let label = if d > 0 {
-                    format!("tg{n}@d{d}")
-                } else {
-                    format!("tg{n}")
-                };
+                let label = if d > 0 { format!("tg{n}@d{d}") } else { format!("tg{n}") };
                 tests.push((label, Box::new(move || decode_speed(m, n, d))));
             }
         }
     }
     let mut out = std::io::stdout().lock();
     if !args.json {
-        writeln!(
-            out,
-            "| model | format | device | threads | test | t/s | weights GB/s |"
-        )?;
+        writeln!(out, "| model | format | device | threads | test | t/s | weights GB/s |")?;
         writeln!(out, "| --- | --- | --- | ---: | ---: | ---: | ---: |")?;
     }
     for (label, f) in &tests {

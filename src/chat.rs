@@ -32,13 +32,7 @@ pub struct Chat<'m> {
 pub const INTERRUPTED: &str = "interrupted";
 
 impl<'m> Chat<'m> {
-    pub fn new(
-        lm: &'m LoadedModel,
-        context: usize,
-        system: Option<String>,
-        settings: Settings,
-        add_bos: bool,
-    ) -> Self {
+    pub fn new(lm: &'m LoadedModel, context: usize, system: Option<String>, settings: Settings, add_bos: bool) -> Self {
         let sampler = Sampler::new(settings.sampling.clone());
         Self {
             lm,
@@ -143,19 +137,15 @@ impl<'m> Chat<'m> {
 
     /// Token ids of the conversation as the model sees it, ready for the assistant's answer.
     pub fn prompt_ids(&self) -> Result<Vec<u32>> {
-        let rendered =
-            self.lm
-                .template
-                .render(&self.messages(), None, true, &self.lm.template_tokens)?;
+        let rendered = self
+            .lm
+            .template
+            .render(&self.messages(), None, true, &self.lm.template_tokens)?;
         self.lm.tokenizer.encode_chat(&rendered, self.add_bos)
     }
 
     /// Sends a user message and streams the answer through `on_text`.
-    pub fn send(
-        &mut self,
-        text: &str,
-        on_text: &mut dyn FnMut(&str) -> Result<()>,
-    ) -> Result<Turn> {
+    pub fn send(&mut self, text: &str, on_text: &mut dyn FnMut(&str) -> Result<()>) -> Result<Turn> {
         self.messages.push(Message::new("user", text));
         match self.answer(on_text) {
             Ok(turn) => Ok(turn),
@@ -207,10 +197,7 @@ impl<'m> Chat<'m> {
             reply.extra.insert(INTERRUPTED.into(), true.into());
         }
         self.messages.push(reply);
-        Ok(Turn {
-            completion,
-            dropped,
-        })
+        Ok(Turn { completion, dropped })
     }
 
     /// Renders the conversation, dropping the oldest exchanges until it fits with room for an

@@ -13,12 +13,16 @@ pub enum QuantizeArg {
     /// 8-bit blocks of 32 with a scale each (llama.cpp's Q8_0)
     #[value(name = "q8_0")]
     Q8_0,
+    /// 4-bit blocks of 32 with a scale each (llama.cpp's Q4_0): half the bytes of q8_0, less accurate
+    #[value(name = "q4_0")]
+    Q4_0,
 }
 
 impl QuantizeArg {
     pub fn format(self) -> Format {
         match self {
             QuantizeArg::Q8_0 => Format::Q8_0,
+            QuantizeArg::Q4_0 => Format::Q4_0,
         }
     }
 }
@@ -230,12 +234,7 @@ pub struct ModelArgs {
     pub model: String,
 
     /// Device: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present)
-    #[arg(
-        long,
-        value_name = "DEVICE",
-        default_value = "auto",
-        help_heading = "Model"
-    )]
+    #[arg(long, value_name = "DEVICE", default_value = "auto", help_heading = "Model")]
     pub device: DeviceArg,
 
     /// Weight precision
@@ -272,12 +271,7 @@ pub struct ModelArgs {
 #[derive(Args, Debug, Clone, Default)]
 pub struct SamplingArgs {
     /// Randomness; 0 always picks the most likely token [default: 0.7]
-    #[arg(
-        long,
-        value_name = "T",
-        allow_negative_numbers = true,
-        help_heading = "Sampling"
-    )]
+    #[arg(long, value_name = "T", allow_negative_numbers = true, help_heading = "Sampling")]
     pub temperature: Option<f64>,
 
     /// Sample from the K most likely tokens only; 0 = off [default: 40]
@@ -299,30 +293,15 @@ pub struct SamplingArgs {
 
     /// How many recent tokens (prompt included) the penalties look at; -1 = the whole context
     /// [default: 64]
-    #[arg(
-        long,
-        value_name = "N",
-        allow_negative_numbers = true,
-        help_heading = "Sampling"
-    )]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, help_heading = "Sampling")]
     pub repeat_last_n: Option<i64>,
 
     /// Subtract X from the logit of every token already seen [default: 0]
-    #[arg(
-        long,
-        value_name = "X",
-        allow_negative_numbers = true,
-        help_heading = "Sampling"
-    )]
+    #[arg(long, value_name = "X", allow_negative_numbers = true, help_heading = "Sampling")]
     pub presence_penalty: Option<f64>,
 
     /// Subtract X times its count from the logit of every token already seen [default: 0]
-    #[arg(
-        long,
-        value_name = "X",
-        allow_negative_numbers = true,
-        help_heading = "Sampling"
-    )]
+    #[arg(long, value_name = "X", allow_negative_numbers = true, help_heading = "Sampling")]
     pub frequency_penalty: Option<f64>,
 
     /// Random seed; the same seed and settings give the same answer [default: random]

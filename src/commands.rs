@@ -46,17 +46,8 @@ pub fn list(args: &ListArgs) -> Result<()> {
         eprintln!("zagreus: no models in {}", cfg.cache_dir.display());
         return Ok(());
     }
-    let width = models
-        .iter()
-        .map(|m| m.model.len())
-        .max()
-        .unwrap_or(5)
-        .max(5);
-    writeln!(
-        out,
-        "{:<width$}  {:<10}  {:>9}  STATUS",
-        "MODEL", "REVISION", "SIZE"
-    )?;
+    let width = models.iter().map(|m| m.model.len()).max().unwrap_or(5).max(5);
+    writeln!(out, "{:<width$}  {:<10}  {:>9}  STATUS", "MODEL", "REVISION", "SIZE")?;
     for m in &models {
         let rev = if m.revision.len() > 10 {
             &m.revision[..10]
@@ -80,8 +71,8 @@ pub fn list(args: &ListArgs) -> Result<()> {
 pub fn check_logits(args: &CheckLogitsArgs) -> Result<()> {
     let text = std::fs::read_to_string(&args.reference)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.reference.display()))?;
-    let r: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("invalid {}: {e}", args.reference.display()))?;
+    let r: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("invalid {}: {e}", args.reference.display()))?;
     let ids = |key: &str| -> Result<Vec<u32>> {
         r[key]
             .as_array()
@@ -101,11 +92,7 @@ pub fn check_logits(args: &CheckLogitsArgs) -> Result<()> {
         Ok(a.iter()
             .map(|row| {
                 row.as_array()
-                    .map(|v| {
-                        v.iter()
-                            .map(|x| x.as_f64().unwrap_or(f64::NAN) as f32)
-                            .collect()
-                    })
+                    .map(|v| v.iter().map(|x| x.as_f64().unwrap_or(f64::NAN) as f32).collect())
                     .unwrap_or_default()
             })
             .collect())
@@ -118,12 +105,7 @@ pub fn check_logits(args: &CheckLogitsArgs) -> Result<()> {
     let mut cache = model.new_cache(model.max_positions());
     let mut logits = Vec::new();
     model.forward(&prompt, &mut cache, LogitsFor::All, &mut logits)?;
-    let diff = |a: &[f32], b: &[f32]| {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max)
-    };
+    let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
     let worst_prompt = logits
         .chunks(vocab)
         .zip(&want_prompt)
@@ -146,10 +128,7 @@ pub fn check_logits(args: &CheckLogitsArgs) -> Result<()> {
         greedy.len()
     );
     if worst_prompt.max(worst_steps) > args.tolerance {
-        bail!(
-            "logits differ from the reference by more than {}",
-            args.tolerance
-        );
+        bail!("logits differ from the reference by more than {}", args.tolerance);
     }
     Ok(())
 }

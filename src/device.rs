@@ -51,8 +51,13 @@ fn open_cuda(ordinal: usize) -> Result<Device> {
     let opened = std::panic::catch_unwind(|| Device::new_cuda(ordinal));
     match opened {
         Ok(Ok(d)) => Ok(d),
-        Ok(Err(e)) => bail!("--device cuda:{ordinal}: cannot open the GPU: {}", crate::model::weights::strip_candle(e)),
-        Err(_) => bail!("--device cuda:{ordinal}: cannot open the GPU: the NVIDIA driver (libcuda) is missing or unusable"),
+        Ok(Err(e)) => bail!(
+            "--device cuda:{ordinal}: cannot open the GPU: {}",
+            crate::model::weights::strip_candle(e)
+        ),
+        Err(_) => {
+            bail!("--device cuda:{ordinal}: cannot open the GPU: the NVIDIA driver (libcuda) is missing or unusable")
+        }
     }
 }
 
@@ -101,16 +106,12 @@ pub fn set_threads(threads: Option<usize>) -> Result<usize> {
     let n = match threads {
         Some(0) => bail!("--threads 0: use at least 1"),
         Some(n) => n,
-        None => std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
+        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     };
     // candle's CPU matmul sizes its pool from this variable.
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     // Ignore "already initialised": a second call in the same process keeps the first pool.
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global();
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
     Ok(rayon::current_num_threads())
 }
 

@@ -18,11 +18,7 @@ use crate::source::ModelFiles;
 /// Files a model needs, besides its weights.
 const REQUIRED: &[&str] = &["config.json", "tokenizer.json"];
 /// Files used when the repo has them.
-const OPTIONAL: &[&str] = &[
-    "generation_config.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-];
+const OPTIONAL: &[&str] = &["generation_config.json", "tokenizer_config.json", "chat_template.jinja"];
 /// Optional files whose absence must be known (present, or recorded as missing) before a cached
 /// model counts as complete; `chat_template.jinja` may simply be unknown (older downloaders never
 /// asked for it).
@@ -39,12 +35,7 @@ pub struct HubConfig {
 
 fn env_true(name: &str) -> bool {
     std::env::var(name)
-        .map(|v| {
-            matches!(
-                v.trim().to_ascii_lowercase().as_str(),
-                "1" | "true" | "yes" | "on"
-            )
-        })
+        .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
         .unwrap_or(false)
 }
 
@@ -56,14 +47,12 @@ impl HubConfig {
     /// HF_ENDPOINT, HF_HUB_CACHE, HF_HOME (and XDG_CACHE_HOME), HF_TOKEN, HF_TOKEN_PATH and the
     /// token file, HF_HUB_OFFLINE.
     pub fn from_env(offline: bool) -> Self {
-        let home = nonempty_env("HF_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                let cache = nonempty_env("XDG_CACHE_HOME")
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| home_dir().join(".cache"));
-                cache.join("huggingface")
-            });
+        let home = nonempty_env("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
+            let cache = nonempty_env("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| home_dir().join(".cache"));
+            cache.join("huggingface")
+        });
         let cache_dir = nonempty_env("HF_HUB_CACHE")
             .map(PathBuf::from)
             .unwrap_or_else(|| home.join("hub"));
@@ -94,8 +83,7 @@ fn home_dir() -> PathBuf {
 
 /// The cache folder of one model repo (`models--owner--name`).
 fn repo_dir(cfg: &HubConfig, repo: &str) -> PathBuf {
-    cfg.cache_dir
-        .join(format!("models--{}", repo.replace('/', "--")))
+    cfg.cache_dir.join(format!("models--{}", repo.replace('/', "--")))
 }
 
 fn is_commit(rev: &str) -> bool {
@@ -180,11 +168,7 @@ fn download(repo: &str, rev: &str, label: &str, cfg: &HubConfig) -> Result<Model
         .with_user_agent("zagreus", env!("CARGO_PKG_VERSION"))
         .build()
         .map_err(|e| explain(e, cfg, label, None))?;
-    let api_repo = api.repo(Repo::with_revision(
-        repo.to_string(),
-        RepoType::Model,
-        rev.to_string(),
-    ));
+    let api_repo = api.repo(Repo::with_revision(repo.to_string(), RepoType::Model, rev.to_string()));
     let info = api_repo.info().map_err(|e| explain(e, cfg, label, None))?;
     let commit = info.sha.clone();
     let names: BTreeSet<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
@@ -208,10 +192,7 @@ fn download(repo: &str, rev: &str, label: &str, cfg: &HubConfig) -> Result<Model
     };
     let started = Instant::now();
     let tty = std::io::stderr().is_terminal();
-    eprintln!(
-        "zagreus: downloading {label} into {}",
-        cfg.cache_dir.display()
-    );
+    eprintln!("zagreus: downloading {label} into {}", cfg.cache_dir.display());
     let snap = repo_dir(cfg, repo).join("snapshots").join(&commit);
     let fetch = |name: &str| -> Result<()> {
         if snap.join(name).is_file() {
@@ -234,29 +215,22 @@ fn download(repo: &str, rev: &str, label: &str, cfg: &HubConfig) -> Result<Model
             fetch(f)?;
         } else {
             // Remember the absence, as huggingface_hub does, so a cached model is known complete.
-            std::fs::create_dir_all(&no_exist).with_context(|| {
-                format!("cannot write to the cache {}", cfg.cache_dir.display())
-            })?;
-            std::fs::File::create(no_exist.join(f)).with_context(|| {
-                format!("cannot write to the cache {}", cfg.cache_dir.display())
-            })?;
+            std::fs::create_dir_all(&no_exist)
+                .with_context(|| format!("cannot write to the cache {}", cfg.cache_dir.display()))?;
+            std::fs::File::create(no_exist.join(f))
+                .with_context(|| format!("cannot write to the cache {}", cfg.cache_dir.display()))?;
         }
     }
     fetch(weights_entry)?;
     if weights_entry == INDEX_FILE {
         let index = snap.join(INDEX_FILE);
-        let text = std::fs::read_to_string(&index)
-            .with_context(|| format!("cannot read {}", index.display()))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("invalid {INDEX_FILE} in {label}"))?;
+        let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("invalid {INDEX_FILE} in {label}"))?;
         let shards: BTreeSet<String> = json
             .get("weight_map")
             .and_then(|m| m.as_object())
-            .map(|m| {
-                m.values()
-                    .filter_map(|v| v.as_str().map(String::from))
-                    .collect()
-            })
+            .map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect())
             .unwrap_or_default();
         for shard in &shards {
             if !names.contains(shard) || shard.contains('/') {
@@ -270,12 +244,10 @@ fn download(repo: &str, rev: &str, label: &str, cfg: &HubConfig) -> Result<Model
     if !is_commit(rev) {
         let ref_path = refs.join(rev);
         if let Some(parent) = ref_path.parent() {
-            std::fs::create_dir_all(parent).with_context(|| {
-                format!("cannot write to the cache {}", cfg.cache_dir.display())
-            })?;
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot write to the cache {}", cfg.cache_dir.display()))?;
         }
-        std::fs::write(&ref_path, &commit)
-            .with_context(|| format!("cannot write {}", ref_path.display()))?;
+        std::fs::write(&ref_path, &commit).with_context(|| format!("cannot write {}", ref_path.display()))?;
     }
     if tty {
         eprintln!(
@@ -354,11 +326,7 @@ impl DownloadProgress {
             return;
         }
         let now = Instant::now();
-        if !force
-            && self
-                .last_draw
-                .is_some_and(|t| now - t < Duration::from_millis(100))
-        {
+        if !force && self.last_draw.is_some_and(|t| now - t < Duration::from_millis(100)) {
             return;
         }
         self.last_draw = Some(now);
@@ -370,10 +338,7 @@ impl DownloadProgress {
             100.0
         };
         let eta = if rate > 0.0 {
-            format!(
-                "{:.0}s",
-                (self.total.saturating_sub(self.done)) as f64 / rate
-            )
+            format!("{:.0}s", (self.total.saturating_sub(self.done)) as f64 / rate)
         } else {
             "?".into()
         };
@@ -448,10 +413,7 @@ pub fn list_cached(cfg: &HubConfig) -> Result<Vec<CachedModel>> {
     let entries = match std::fs::read_dir(&cfg.cache_dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => {
-            return Err(e)
-                .with_context(|| format!("cannot read the cache {}", cfg.cache_dir.display()))
-        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read the cache {}", cfg.cache_dir.display())),
     };
     for entry in entries.flatten() {
         let folder = entry.file_name().to_string_lossy().to_string();
@@ -465,11 +427,7 @@ pub fn list_cached(cfg: &HubConfig) -> Result<Vec<CachedModel>> {
         collect_refs(&dir.join("refs"), "", &mut revs);
         if revs.is_empty() {
             // Snapshots reached by commit only.
-            for snap in std::fs::read_dir(dir.join("snapshots"))
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
+            for snap in std::fs::read_dir(dir.join("snapshots")).into_iter().flatten().flatten() {
                 let c = snap.file_name().to_string_lossy().to_string();
                 revs.push((c.clone(), c));
             }

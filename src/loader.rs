@@ -135,9 +135,7 @@ impl LoadedModel {
 fn load_network(config: &LlamaConfig, files: &ModelFiles, opts: &LoadOptions) -> Result<Model> {
     let weights = Weights::open(&files.weights)?;
     let stored = weights.dtype("model.embed_tokens.weight");
-    let dtype = opts
-        .dtype
-        .unwrap_or_else(|| default_dtype(stored, &opts.device));
+    let dtype = opts.dtype.unwrap_or_else(|| default_dtype(stored, &opts.device));
     Ok(match (opts.engine, &opts.device) {
         (Engine::Auto, Device::Cpu) => {
             let format = match (opts.quantize, dtype) {
@@ -146,12 +144,7 @@ fn load_network(config: &LlamaConfig, files: &ModelFiles, opts: &LoadOptions) ->
                 (None, DType::F16) => Format::F16,
                 (None, _) => Format::F32,
             };
-            Model::Cpu(CpuLlama::load(
-                config,
-                &weights,
-                format,
-                Placement::from_env(),
-            )?)
+            Model::Cpu(CpuLlama::load(config, &weights, format, Placement::from_env())?)
         }
         _ => {
             if opts.quantize.is_some() {
@@ -186,11 +179,7 @@ pub fn load(files: &ModelFiles, opts: &LoadOptions) -> Result<LoadedModel> {
         Ok((tokenizer, model?))
     })?;
 
-    let (template, has_template) = match (
-        opts.chat_template,
-        &files.chat_template,
-        &tcfg.chat_template,
-    ) {
+    let (template, has_template) = match (opts.chat_template, &files.chat_template, &tcfg.chat_template) {
         (Some(path), _, _) => (ChatTemplate::from_file(path)?, true),
         (None, Some(path), _) => (ChatTemplate::from_file(path)?, true),
         (None, None, Some(src)) => {
@@ -217,11 +206,7 @@ pub fn load(files: &ModelFiles, opts: &LoadOptions) -> Result<LoadedModel> {
     if let Some(e) = &generation.eos_token_id {
         stop_ids.extend(e.to_vec());
     }
-    if let Some(id) = tcfg
-        .eos_token
-        .as_deref()
-        .and_then(|t| tokenizer.token_to_id(t))
-    {
+    if let Some(id) = tcfg.eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
         stop_ids.insert(id);
     }
     for marker in END_OF_TURN_MARKERS {

@@ -32,11 +32,7 @@ fn main() -> ExitCode {
         Some(Command::CheckLogits(args)) => commands::check_logits(&args),
         Some(Command::Chat(args)) => repl::run(*args),
         // No prompt on a terminal: a conversation, as `zagreus chat`.
-        None if cli.run.prompt.is_empty()
-            && std::io::stdin().is_terminal()
-            && !cli.run.json
-            && !cli.run.raw =>
-        {
+        None if cli.run.prompt.is_empty() && std::io::stdin().is_terminal() && !cli.run.json && !cli.run.raw => {
             let r = cli.run;
             repl::run(ChatArgs {
                 system: r.system,
@@ -65,10 +61,7 @@ fn report(e: anyhow::Error) -> ExitCode {
     }) {
         return ExitCode::SUCCESS;
     }
-    let msg = format!("{e:#}")
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ");
+    let msg = format!("{e:#}").split_whitespace().collect::<Vec<_>>().join(" ");
     eprintln!("zagreus: error: {msg}");
     ExitCode::from(1)
 }

@@ -41,10 +41,7 @@ fn read_stdin_if_piped() -> Result<Option<Vec<u8>>> {
         return Ok(None);
     }
     let mut buf = Vec::new();
-    stdin
-        .lock()
-        .read_to_end(&mut buf)
-        .context("cannot read stdin")?;
+    stdin.lock().read_to_end(&mut buf).context("cannot read stdin")?;
     Ok(Some(buf))
 }
 
@@ -67,9 +64,7 @@ pub fn build_prompt(
         messages.push(Message::new("system", s));
     }
     messages.push(Message::new("user", text));
-    let rendered = m
-        .template
-        .render(&messages, None, true, &m.template_tokens)?;
+    let rendered = m.template.render(&messages, None, true, &m.template_tokens)?;
     let ids = m.tokenizer.encode_chat(&rendered, add_bos)?;
     Ok((rendered, ids))
 }
@@ -90,13 +85,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         eprintln!("zagreus: warning: the model has no chat template and no ChatML tokens (a base model?); use --raw to send the prompt as is");
     }
     let settings = Settings::resolve(&args.sampling, &loaded.generation)?;
-    let (rendered, ids) = build_prompt(
-        &loaded,
-        &text,
-        args.system.as_deref(),
-        args.raw,
-        !args.model.no_bos,
-    )?;
+    let (rendered, ids) = build_prompt(&loaded, &text, args.system.as_deref(), args.raw, !args.model.no_bos)?;
     if args.verbose_prompt {
         eprintln!(
             "zagreus: prompt ({} tokens):\n{rendered}\nzagreus: token ids: {ids:?}",
@@ -145,13 +134,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     )?;
     drop(generating);
     if args.json {
-        let record = JsonRecord::new(
-            &loaded,
-            &settings,
-            &ids,
-            &completion,
-            args.logprobs.is_some(),
-        );
+        let record = JsonRecord::new(&loaded, &settings, &ids, &completion, args.logprobs.is_some());
         serde_json::to_writer(&mut out, &record)?;
         out.write_all(b"\n")?;
     } else if !completion.text.is_empty() && !completion.text.ends_with('\n') {
@@ -247,13 +230,7 @@ struct Timings {
 }
 
 impl<'a> JsonRecord<'a> {
-    fn new(
-        m: &'a LoadedModel,
-        settings: &'a Settings,
-        ids: &'a [u32],
-        c: &'a Completion,
-        logprobs: bool,
-    ) -> Self {
+    fn new(m: &'a LoadedModel, settings: &'a Settings, ids: &'a [u32], c: &'a Completion, logprobs: bool) -> Self {
         let s = &c.stats;
         Self {
             model: &m.name,
@@ -297,10 +274,7 @@ mod tests {
             assemble_prompt(&[], Some(b"solo stdin\n".to_vec())).unwrap(),
             "solo stdin"
         );
-        assert_eq!(
-            assemble_prompt(&arg, Some(Vec::new())).unwrap(),
-            "Riassumi il testo."
-        );
+        assert_eq!(assemble_prompt(&arg, Some(Vec::new())).unwrap(), "Riassumi il testo.");
         assert!(assemble_prompt(&[], Some(b"  \n".to_vec())).is_err());
         let err = assemble_prompt(&[], Some(vec![b'o', b'k', 0xff]))
             .unwrap_err()

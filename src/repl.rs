@@ -33,8 +33,7 @@ Messages over several lines: start and end them with \"\"\", or paste them.
 Ctrl+C stops an answer; the session goes on.";
 
 const COMMANDS: &[&str] = &[
-    "/help", "/system", "/clear", "/regen", "/undo", "/set", "/show", "/save", "/load", "/verbose",
-    "/bye", "/exit",
+    "/help", "/system", "/clear", "/regen", "/undo", "/set", "/show", "/save", "/load", "/verbose", "/bye", "/exit",
 ];
 
 /// `zagreus chat`, or `zagreus` with no prompt on a terminal.
@@ -59,13 +58,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
     }
     let settings = Settings::resolve(&args.sampling, &loaded.generation)?;
     let context = loader::context_size(&args.model, &loaded.model)?;
-    let chat = Chat::new(
-        &loaded,
-        context,
-        args.system.clone(),
-        settings,
-        !args.model.no_bos,
-    );
+    let chat = Chat::new(&loaded, context, args.system.clone(), settings, !args.model.no_bos);
     let history = history_path(args.no_history);
     let mut repl = Repl::new(chat, args.verbose, history)?;
     eprintln!(
@@ -89,9 +82,7 @@ fn history_path(disabled: bool) -> Option<PathBuf> {
 }
 
 fn data_dir() -> Option<PathBuf> {
-    let home = std::env::var_os("HOME")
-        .filter(|h| !h.is_empty())
-        .map(PathBuf::from);
+    let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).map(PathBuf::from);
     if cfg!(target_os = "macos") {
         return home.map(|h| h.join("Library/Application Support"));
     }
@@ -125,16 +116,12 @@ impl<'m> Repl<'m> {
             .bracketed_paste(true)
             .max_history_size(10_000)?
             .build();
-        let mut editor =
-            DefaultEditor::with_config(config).context("cannot set up the terminal")?;
+        let mut editor = DefaultEditor::with_config(config).context("cannot set up the terminal")?;
         if let Some(h) = &history {
             match editor.load_history(h) {
                 Ok(()) => {}
                 Err(ReadlineError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => eprintln!(
-                    "zagreus: warning: cannot read the history {}: {e}",
-                    h.display()
-                ),
+                Err(e) => eprintln!("zagreus: warning: cannot read the history {}: {e}", h.display()),
             }
         }
         let color = std::io::stdout().is_terminal()
@@ -205,10 +192,7 @@ impl<'m> Repl<'m> {
                 let _ = std::fs::create_dir_all(dir);
             }
             if let Err(e) = self.editor.append_history(h) {
-                eprintln!(
-                    "zagreus: warning: cannot write the history {}: {e}",
-                    h.display()
-                );
+                eprintln!("zagreus: warning: cannot write the history {}: {e}", h.display());
                 self.history = None;
             }
         }
@@ -262,16 +246,11 @@ impl<'m> Repl<'m> {
             ));
         }
         match c.finish {
-            FinishReason::Cancelled => {
-                self.note("answer interrupted (kept in the conversation; /regen to redo it)")
-            }
+            FinishReason::Cancelled => self.note("answer interrupted (kept in the conversation; /regen to redo it)"),
             FinishReason::Length if c.stats.context_full => {
                 self.note("the context is full: the answer was cut short (/clear starts over)")
             }
-            FinishReason::Length => self.note(&format!(
-                "stopped at {} tokens (/set max_tokens N)",
-                c.tokens.len()
-            )),
+            FinishReason::Length => self.note(&format!("stopped at {} tokens (/set max_tokens N)", c.tokens.len())),
             _ => {}
         }
         if self.verbose {
@@ -346,23 +325,18 @@ impl<'m> Repl<'m> {
                 }
                 let json = serde_json::to_string_pretty(&self.chat.messages())?;
                 write_atomically(Path::new(arg), format!("{json}\n").as_bytes())?;
-                self.note(&format!(
-                    "saved {} messages to {arg}",
-                    self.chat.messages().len()
-                ));
+                self.note(&format!("saved {} messages to {arg}", self.chat.messages().len()));
             }
             "/load" => {
                 if arg.is_empty() {
                     bail!("/load needs a file name");
                 }
-                let text =
-                    std::fs::read_to_string(arg).with_context(|| format!("cannot read {arg}"))?;
-                let messages: Vec<Message> = serde_json::from_str(&text)
-                    .with_context(|| format!("{arg} is not a JSON list of chat messages ({{\"role\": ..., \"content\": ...}})"))?;
+                let text = std::fs::read_to_string(arg).with_context(|| format!("cannot read {arg}"))?;
+                let messages: Vec<Message> = serde_json::from_str(&text).with_context(|| {
+                    format!("{arg} is not a JSON list of chat messages ({{\"role\": ..., \"content\": ...}})")
+                })?;
                 let n = messages.len();
-                self.chat
-                    .load(messages)
-                    .with_context(|| format!("cannot load {arg}"))?;
+                self.chat.load(messages).with_context(|| format!("cannot load {arg}"))?;
                 self.note(&format!("loaded {n} messages from {arg}"));
             }
             "/verbose" => {
@@ -471,11 +445,7 @@ impl<'m> Repl<'m> {
                 "built-in ChatML"
             }
         )?;
-        writeln!(
-            out,
-            "system       {}",
-            self.chat.system().unwrap_or("(none)")
-        )?;
+        writeln!(out, "system       {}", self.chat.system().unwrap_or("(none)"))?;
         writeln!(out, "messages     {}", self.chat.messages().len())?;
         writeln!(
             out,
@@ -483,11 +453,7 @@ impl<'m> Repl<'m> {
             self.chat.context_used(),
             self.chat.context_size()
         )?;
-        writeln!(
-            out,
-            "statistics   {}",
-            if self.verbose { "on" } else { "off" }
-        )?;
+        writeln!(out, "statistics   {}", if self.verbose { "on" } else { "off" })?;
         writeln!(out, "{}", settings_text(self.chat.settings()))?;
         Ok(())
     }
@@ -527,11 +493,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur.push(
-                (prev[j] + usize::from(ca != *cb))
-                    .min(prev[j + 1] + 1)
-                    .min(cur[j] + 1),
-            );
+            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
         }
         prev = cur;
     }
@@ -547,11 +509,7 @@ pub fn write_atomically(path: &Path, data: &[u8]) -> Result<()> {
     let name = path
         .file_name()
         .with_context(|| format!("{} is not a file name", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
     let result = std::fs::write(&tmp, data).and_then(|()| std::fs::rename(&tmp, path));
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
@@ -568,10 +526,7 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 }
 
 fn one_line(e: &anyhow::Error) -> String {
-    format!("{e:#}")
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
+    format!("{e:#}").split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]

@@ -25,9 +25,7 @@ pub struct SamplingParams {
 impl SamplingParams {
     /// Checks ranges; the message names the flag.
     pub fn validate(&self) -> anyhow::Result<()> {
-        let bad = |flag: &str, v: f64, want: &str| {
-            anyhow::anyhow!("--{flag} {v} is out of range: {want}")
-        };
+        let bad = |flag: &str, v: f64, want: &str| anyhow::anyhow!("--{flag} {v} is out of range: {want}");
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return Err(bad(
                 "temperature",
@@ -159,8 +157,7 @@ impl Sampler {
 
     fn apply_penalties(&mut self, logits: &mut [f32], history: &[u32]) {
         let p = &self.params;
-        let active =
-            p.repeat_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+        let active = p.repeat_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
         if !active || p.repeat_last_n == 0 {
             return;
         }
@@ -264,16 +261,11 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy_and_seed_reproducible() {
         let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
-        let mut s = Sampler::new(SamplingParams {
-            top_k: 1,
-            ..params()
-        });
+        let mut s = Sampler::new(SamplingParams { top_k: 1, ..params() });
         assert_eq!(s.sample(&mut logits.clone(), &[]), argmax(&logits));
         let draw = |seed| {
             let mut s = Sampler::new(SamplingParams { seed, ..params() });
-            (0..20)
-                .map(|_| s.sample(&mut logits.clone(), &[]))
-                .collect::<Vec<_>>()
+            (0..20).map(|_| s.sample(&mut logits.clone(), &[])).collect::<Vec<_>>()
         };
         assert_eq!(draw(1), draw(1));
         assert_ne!(draw(1), draw(2));
@@ -284,27 +276,9 @@ mod tests {
         // probabilities ~ [0.64, 0.24, 0.09, 0.03]
         let logits = [3.0f32, 2.0, 1.0, 0.0];
         for (p, allowed) in [
-            (
-                SamplingParams {
-                    top_p: 0.5,
-                    ..params()
-                },
-                vec![0],
-            ),
-            (
-                SamplingParams {
-                    top_p: 0.8,
-                    ..params()
-                },
-                vec![0, 1],
-            ),
-            (
-                SamplingParams {
-                    min_p: 0.3,
-                    ..params()
-                },
-                vec![0, 1],
-            ),
+            (SamplingParams { top_p: 0.5, ..params() }, vec![0]),
+            (SamplingParams { top_p: 0.8, ..params() }, vec![0, 1]),
+            (SamplingParams { min_p: 0.3, ..params() }, vec![0, 1]),
         ] {
             let mut s = Sampler::new(p);
             for _ in 0..200 {
@@ -318,9 +292,7 @@ mod tests {
     fn sampling_follows_the_distribution() {
         let logits = [0.0f32, (3.0f32).ln()]; // p = [0.25, 0.75]
         let mut s = Sampler::new(params());
-        let ones = (0..4000)
-            .filter(|_| s.sample(&mut logits.clone(), &[]) == 1)
-            .count();
+        let ones = (0..4000).filter(|_| s.sample(&mut logits.clone(), &[]) == 1).count();
         assert!((2800..3200).contains(&ones), "{ones}");
     }
 

@@ -72,12 +72,7 @@ impl<'m> Session<'m> {
                 self.context_size()
             );
         }
-        let common = self
-            .tokens
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count();
+        let common = self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
         // At least the last prompt token is run, to get its logits.
         let keep = common.min(prompt.len() - 1);
         self.truncate(keep);
@@ -223,11 +218,7 @@ impl StopMatcher {
     /// text up to it is returned and the rest dropped).
     pub fn push(&mut self, text: &str) -> (String, bool) {
         self.held.push_str(text);
-        let hit = self
-            .stops
-            .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min();
+        let hit = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min();
         if let Some(at) = hit {
             let out = self.held[..at].to_string();
             self.held.clear();
@@ -427,14 +418,8 @@ mod tests {
 
     #[test]
     fn stop_strings_across_pieces_are_never_printed() {
-        assert_eq!(
-            run(&["END"], &["hello E", "N", "D more"]),
-            ("hello ".into(), true)
-        );
-        assert_eq!(
-            run(&["END"], &["hello EN", "x"]),
-            ("hello ENx".into(), false)
-        );
+        assert_eq!(run(&["END"], &["hello E", "N", "D more"]), ("hello ".into(), true));
+        assert_eq!(run(&["END"], &["hello EN", "x"]), ("hello ENx".into(), false));
         assert_eq!(
             run(&["\n\n", "Utente:"], &["ciao\n", "\nUtente"]),
             ("ciao".into(), true)
@@ -446,10 +431,7 @@ mod tests {
     #[test]
     fn text_without_stop_prefixes_is_not_held() {
         let mut m = StopMatcher::new(&["STOP".to_string()]);
-        assert_eq!(
-            m.push("Ciao, come va?"),
-            ("Ciao, come va?".to_string(), false)
-        );
+        assert_eq!(m.push("Ciao, come va?"), ("Ciao, come va?".to_string(), false));
         assert_eq!(m.push("xS"), ("x".to_string(), false));
     }
 }

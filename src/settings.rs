@@ -36,10 +36,7 @@ impl Settings {
             _ => gen.temperature,
         };
         let sampling = SamplingParams {
-            temperature: args
-                .temperature
-                .or(gen_temperature)
-                .unwrap_or(DEFAULT_TEMPERATURE),
+            temperature: args.temperature.or(gen_temperature).unwrap_or(DEFAULT_TEMPERATURE),
             top_k: args.top_k.or(gen.top_k).unwrap_or(DEFAULT_TOP_K),
             top_p: args.top_p.or(gen.top_p).unwrap_or(DEFAULT_TOP_P),
             min_p: args.min_p.or(gen.min_p).unwrap_or(DEFAULT_MIN_P),
@@ -53,10 +50,7 @@ impl Settings {
             seed: args.seed.unwrap_or_else(rand::random),
         };
         sampling.validate()?;
-        let max_tokens = args
-            .max_tokens
-            .or(gen.max_new_tokens)
-            .unwrap_or(DEFAULT_MAX_TOKENS);
+        let max_tokens = args.max_tokens.or(gen.max_new_tokens).unwrap_or(DEFAULT_MAX_TOKENS);
         if args.stop.iter().any(|s| s.is_empty()) {
             bail!("--stop needs a non-empty string");
         }
@@ -88,8 +82,7 @@ mod tests {
         assert_eq!(s.sampling.top_k, DEFAULT_TOP_K);
         assert_eq!(s.max_tokens, 99);
         assert_eq!(s.sampling.seed, 5);
-        let greedy: GenerationConfig =
-            serde_json::from_str(r#"{"do_sample":false,"temperature":0.9}"#).unwrap();
+        let greedy: GenerationConfig = serde_json::from_str(r#"{"do_sample":false,"temperature":0.9}"#).unwrap();
         assert_eq!(
             Settings::resolve(&SamplingArgs::default(), &greedy)
                 .unwrap()

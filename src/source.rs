@@ -15,10 +15,7 @@ pub enum ModelSource {
     /// A directory holding config.json, tokenizer.json and safetensors weights.
     Dir(PathBuf),
     /// A Hugging Face hub repository, `owner/name[@revision]`.
-    Hub {
-        repo: String,
-        revision: Option<String>,
-    },
+    Hub { repo: String, revision: Option<String> },
 }
 
 impl ModelSource {
@@ -31,7 +28,9 @@ impl ModelSource {
                 return Ok(Self::Dir(path.to_path_buf()));
             }
             if spec.ends_with(".gguf") {
-                bail!("{spec}: GGUF files are not supported yet; point --model at a directory with safetensors weights");
+                bail!(
+                    "{spec}: GGUF files are not supported yet; point --model at a directory with safetensors weights"
+                );
             }
             bail!("{spec} is a file, not a model directory (config.json, tokenizer.json, *.safetensors)");
         }
@@ -63,9 +62,7 @@ pub fn is_hub_id(s: &str) -> bool {
             && part.len() <= 96
             && !part.starts_with(['.', '-'])
             && !part.contains("..")
-            && part
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && part.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     };
     matches!(s.split_once('/'), Some((owner, name)) if ok(owner) && ok(name))
 }
@@ -111,11 +108,9 @@ impl ModelFiles {
 pub fn resolve(spec: &str, offline: bool) -> Result<ModelFiles> {
     match ModelSource::parse(spec)? {
         ModelSource::Dir(dir) => ModelFiles::from_dir(&dir),
-        ModelSource::Hub { repo, revision } => crate::hub::resolve(
-            &repo,
-            revision.as_deref(),
-            &crate::hub::HubConfig::from_env(offline),
-        ),
+        ModelSource::Hub { repo, revision } => {
+            crate::hub::resolve(&repo, revision.as_deref(), &crate::hub::HubConfig::from_env(offline))
+        }
     }
 }
 

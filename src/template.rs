@@ -62,23 +62,15 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(NAME, source.clone()).map_err(|e| {
-            anyhow!(
-                "the chat template from {origin} does not compile: {}",
-                one_line(&e)
-            )
-        })?;
-        Ok(Self {
-            env,
-            source,
-            origin,
-        })
+        env.add_template_owned(NAME, source.clone())
+            .map_err(|e| anyhow!("the chat template from {origin} does not compile: {}", one_line(&e)))?;
+        Ok(Self { env, source, origin })
     }
 
     /// Reads and compiles a template file (`--chat-template`, `chat_template.jinja`).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let source = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read chat template {}", path.display()))?;
+        let source =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read chat template {}", path.display()))?;
         Self::new(source, path.display().to_string())
     }
 
@@ -114,13 +106,8 @@ impl ChatTemplate {
             pad_token => opt(&tokens.pad_token),
             unk_token => opt(&tokens.unk_token),
         };
-        tmpl.render(ctx).map_err(|e| {
-            anyhow!(
-                "the chat template from {} failed: {}",
-                self.origin,
-                one_line(&e)
-            )
-        })
+        tmpl.render(ctx)
+            .map_err(|e| anyhow!("the chat template from {} failed: {}", self.origin, one_line(&e)))
     }
 }
 
@@ -232,9 +219,7 @@ fn tojson(value: Value, args: Rest<Value>, kwargs: Kwargs) -> Result<Value, Erro
     let indent = match indent {
         None => None,
         Some(v) if v.is_none() => None,
-        Some(v) if v.kind() == ValueKind::Number => {
-            Some(" ".repeat(i64::try_from(v)?.max(0) as usize))
-        }
+        Some(v) if v.kind() == ValueKind::Number => Some(" ".repeat(i64::try_from(v)?.max(0) as usize)),
         Some(v) => Some(v.as_str().unwrap_or_default().to_string()),
     };
     let separators: Option<Value> = kwargs.get("separators")?;
@@ -280,12 +265,7 @@ struct JsonStyle {
 
 fn write_json(v: &Value, style: &JsonStyle, level: usize, out: &mut String) -> Result<(), Error> {
     match v.kind() {
-        ValueKind::Undefined => {
-            return Err(Error::new(
-                ErrorKind::UndefinedError,
-                "tojson of an undefined value",
-            ))
-        }
+        ValueKind::Undefined => return Err(Error::new(ErrorKind::UndefinedError, "tojson of an undefined value")),
         ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
         ValueKind::Number => {
@@ -375,11 +355,7 @@ pub fn python_float(f: f64) -> String {
         return "NaN".into();
     }
     if f.is_infinite() {
-        return if f > 0.0 {
-            "Infinity".into()
-        } else {
-            "-Infinity".into()
-        };
+        return if f > 0.0 { "Infinity".into() } else { "-Infinity".into() };
     }
     if f == 0.0 {
         return if f.is_sign_negative() {
@@ -403,11 +379,7 @@ pub fn python_float(f: f64) -> String {
         } else if exp + 1 >= n {
             format!("{}{}.0", digits, "0".repeat((exp + 1 - n) as usize))
         } else {
-            format!(
-                "{}.{}",
-                &digits[..(exp + 1) as usize],
-                &digits[(exp + 1) as usize..]
-            )
+            format!("{}.{}", &digits[..(exp + 1) as usize], &digits[(exp + 1) as usize..])
         };
         format!("{sign}{body}")
     } else {
@@ -448,8 +420,7 @@ mod tests {
         let t = ChatTemplate::new("{{ x | tojson }}|{{ x | tojson(indent=2) }}", "test").unwrap();
         let env = &t.env;
         let x: serde_json::Value =
-            serde_json::from_str(r#"{"b": 1, "a": [1.5, true, null, "è<>&'\"\n"], "e": {}}"#)
-                .unwrap();
+            serde_json::from_str(r#"{"b": 1, "a": [1.5, true, null, "è<>&'\"\n"], "e": {}}"#).unwrap();
         let out = env
             .get_template(NAME)
             .unwrap()
@@ -476,20 +447,13 @@ mod tests {
 
     #[test]
     fn raise_exception_and_compile_errors_are_reported() {
-        let t =
-            ChatTemplate::new("{{ raise_exception('roles must alternate') }}", "t.jinja").unwrap();
+        let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}", "t.jinja").unwrap();
         let err = t
             .render::<Message>(&[], None, true, &TemplateTokens::default())
             .unwrap_err()
             .to_string();
-        assert!(
-            err.contains("roles must alternate") && err.contains("t.jinja"),
-            "{err}"
-        );
-        let err = ChatTemplate::new("{% for %}", "bad.jinja")
-            .err()
-            .unwrap()
-            .to_string();
+        assert!(err.contains("roles must alternate") && err.contains("t.jinja"), "{err}");
+        let err = ChatTemplate::new("{% for %}", "bad.jinja").err().unwrap().to_string();
         assert!(err.contains("bad.jinja"), "{err}");
     }
 }

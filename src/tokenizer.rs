@@ -56,9 +56,7 @@ struct RawTokenizerConfig {
 }
 
 /// Distinguishes a missing `bos_token` key (outer None) from an explicit null (Some(None)).
-fn some_token<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Option<Option<TokenSpec>>, D::Error> {
+fn some_token<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<TokenSpec>>, D::Error> {
     Option::<TokenSpec>::deserialize(d).map(Some)
 }
 
@@ -75,8 +73,7 @@ impl TokenizerConfig {
         if !path.exists() {
             return Ok(Self::default());
         }
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         Self::from_json(&text).with_context(|| format!("invalid {}", path.display()))
     }
 
@@ -113,27 +110,19 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// Loads `tokenizer.json`. The BOS token comes from tokenizer_config.json when it names one
     /// (or says null), else from config.json's `bos_token_id`.
-    pub fn from_file(
-        path: &Path,
-        tcfg: &TokenizerConfig,
-        config_bos_id: Option<u32>,
-    ) -> Result<Self> {
+    pub fn from_file(path: &Path, tcfg: &TokenizerConfig, config_bos_id: Option<u32>) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| anyhow!("{} is not a valid tokenizer.json: {e}", path.display()))?;
         Self::new(inner, tcfg, config_bos_id)
     }
 
-    pub fn new(
-        inner: tokenizers::Tokenizer,
-        tcfg: &TokenizerConfig,
-        config_bos_id: Option<u32>,
-    ) -> Result<Self> {
+    pub fn new(inner: tokenizers::Tokenizer, tcfg: &TokenizerConfig, config_bos_id: Option<u32>) -> Result<Self> {
         let bos = if tcfg.has_bos_key {
             match &tcfg.bos_token {
                 Some(text) => Some((
-                    inner.token_to_id(text).with_context(|| {
-                        format!("bos_token `{text}` is not in the tokenizer's vocabulary")
-                    })?,
+                    inner
+                        .token_to_id(text)
+                        .with_context(|| format!("bos_token `{text}` is not in the tokenizer's vocabulary"))?,
                     text.clone(),
                 )),
                 None => None,

@@ -37,10 +37,7 @@ fn greedy(max_tokens: usize) -> Settings {
 }
 
 fn ids_for(lm: &LoadedModel, messages: &[Message]) -> Vec<u32> {
-    let rendered = lm
-        .template
-        .render(messages, None, true, &lm.template_tokens)
-        .unwrap();
+    let rendered = lm.template.render(messages, None, true, &lm.template_tokens).unwrap();
     lm.tokenizer.encode_chat(&rendered, true).unwrap()
 }
 
@@ -108,10 +105,7 @@ fn chat_turns_reuse_the_cache_and_overflow_drops_the_oldest_exchange() {
     let mut chat = Chat::new(&lm, 64, None, greedy(4), true);
     let t1 = chat.send("Ciao!", &mut |_| Ok(())).unwrap();
     assert_eq!(t1.dropped, 0);
-    assert_eq!(
-        t1.completion.stats.prompt_processed,
-        t1.completion.stats.prompt_tokens
-    );
+    assert_eq!(t1.completion.stats.prompt_processed, t1.completion.stats.prompt_tokens);
     let t2 = chat.send("Come va?", &mut |_| Ok(())).unwrap();
     assert!(
         t2.completion.stats.prompt_processed < t2.completion.stats.prompt_tokens,
@@ -121,10 +115,7 @@ fn chat_turns_reuse_the_cache_and_overflow_drops_the_oldest_exchange() {
     let mut dropped = 0;
     for i in 0..10 {
         let t = chat
-            .send(
-                &format!("Messaggio numero {i}, abbastanza lungo."),
-                &mut |_| Ok(()),
-            )
+            .send(&format!("Messaggio numero {i}, abbastanza lungo."), &mut |_| Ok(()))
             .unwrap();
         if t.dropped > 0 {
             dropped = t.dropped;

@@ -47,16 +47,7 @@ fn run(args: &[&str], stdin: &[u8]) -> Out {
 }
 
 fn greedy_args<'a>(model: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut v = vec![
-        "-m",
-        model,
-        "--temperature",
-        "0",
-        "--repeat-penalty",
-        "1",
-        "-n",
-        "12",
-    ];
+    let mut v = vec!["-m", model, "--temperature", "0", "--repeat-penalty", "1", "-n", "12"];
     v.extend_from_slice(extra);
     v
 }
@@ -76,22 +67,13 @@ fn json(out: &Out) -> serde_json::Value {
 /// contains every `needle`, nothing on stdout, no panic.
 fn assert_clean_error(out: &Out, needles: &[&str]) {
     assert_ne!(out.code, 0, "expected failure, stdout: {}", out.stdout);
-    assert!(
-        out.stdout.is_empty(),
-        "stdout must stay empty on error: {}",
-        out.stdout
-    );
+    assert!(out.stdout.is_empty(), "stdout must stay empty on error: {}", out.stdout);
     assert!(
         !out.stderr.contains("panicked") && !out.stderr.contains("internal error"),
         "{}",
         out.stderr
     );
-    assert_eq!(
-        out.stderr.trim_end().lines().count(),
-        1,
-        "one line: {}",
-        out.stderr
-    );
+    assert_eq!(out.stderr.trim_end().lines().count(), 1, "one line: {}", out.stderr);
     assert!(out.stderr.starts_with("zagreus: error: "), "{}", out.stderr);
     for n in needles {
         assert!(out.stderr.contains(n), "stderr lacks {n:?}: {}", out.stderr);
@@ -129,11 +111,7 @@ fn one_shot_answer_is_transformers_greedy_and_only_the_answer_is_on_stdout() {
 
     let out = run(&greedy_args(&m, &["-s", SYSTEM, USER]), b"");
     assert_eq!(out.code, 0, "{}", out.stderr);
-    assert_eq!(
-        out.stdout,
-        format!("{text}\n"),
-        "stdout is the answer and a newline"
-    );
+    assert_eq!(out.stdout, format!("{text}\n"), "stdout is the answer and a newline");
     assert!(
         out.stderr.is_empty(),
         "nothing on stderr without --verbose: {}",
@@ -200,10 +178,7 @@ fn json_record_has_the_documented_fields() {
         assert!(top[0]["logprob"].as_f64() >= top[2]["logprob"].as_f64());
     }
     // Greedy picks the most likely token, which is then first among the alternatives.
-    let j = json(&run(
-        &greedy_args(&tied(), &["--json", "--logprobs", "2", "Ciao"]),
-        b"",
-    ));
+    let j = json(&run(&greedy_args(&tied(), &["--json", "--logprobs", "2", "Ciao"]), b""));
     for entry in j["logprobs"].as_array().unwrap() {
         assert_eq!(entry["top_logprobs"][0]["id"], entry["id"]);
     }
@@ -212,10 +187,7 @@ fn json_record_has_the_documented_fields() {
 #[test]
 fn stdin_comes_before_the_prompt_argument() {
     let out = run(
-        &greedy_args(
-            &tied(),
-            &["--verbose-prompt", "-n", "1", "Riassumi il testo."],
-        ),
+        &greedy_args(&tied(), &["--verbose-prompt", "-n", "1", "Riassumi il testo."]),
         "Un articolo è qui.\n".as_bytes(),
     );
     assert_eq!(out.code, 0, "{}", out.stderr);
@@ -226,23 +198,16 @@ fn stdin_comes_before_the_prompt_argument() {
         out.stderr
     );
     // stdin alone is the whole prompt
-    let out = run(
-        &greedy_args(&tied(), &["--verbose-prompt", "-n", "1"]),
-        b"Solo stdin",
-    );
+    let out = run(&greedy_args(&tied(), &["--verbose-prompt", "-n", "1"]), b"Solo stdin");
     assert!(
-        out.stderr
-            .contains("<|im_start|>user\nSolo stdin<|im_end|>"),
+        out.stderr.contains("<|im_start|>user\nSolo stdin<|im_end|>"),
         "{}",
         out.stderr
     );
     // The same request through the pipe or as an argument gives the same answer.
     let a = run(&greedy_args(&tied(), &["--json", "Ciao"]), b"");
     let b = run(&greedy_args(&tied(), &["--json"]), b"Ciao");
-    assert_eq!(
-        json(&a)["generated_token_ids"],
-        json(&b)["generated_token_ids"]
-    );
+    assert_eq!(json(&a)["generated_token_ids"], json(&b)["generated_token_ids"]);
 }
 
 #[test]
@@ -256,10 +221,7 @@ fn raw_mode_sends_the_prompt_as_is() {
     assert_eq!(ids(&j["prompt_token_ids"]), ids(&r["prompt_ids"]));
     assert_eq!(ids(&j["generated_token_ids"]), ids(&r["greedy_ids"]));
     let j = json(&run(
-        &greedy_args(
-            &m,
-            &["--raw", "--no-bos", "--json", "La capitale d'Italia è"],
-        ),
+        &greedy_args(&m, &["--raw", "--no-bos", "--json", "La capitale d'Italia è"]),
         b"",
     ));
     assert_eq!(ids(&j["prompt_token_ids"]), ids(&r["prompt_ids"])[1..]);
@@ -282,10 +244,7 @@ fn stop_strings_end_the_answer_and_are_not_printed() {
         .unwrap()]
         .iter()
         .collect();
-    let j = json(&run(
-        &greedy_args(&m, &["--json", "--stop", &stop, USER]),
-        b"",
-    ));
+    let j = json(&run(&greedy_args(&m, &["--json", "--stop", &stop, USER]), b""));
     assert_eq!(j["finish_reason"], "stop_string");
     assert_eq!(j["text"].as_str().unwrap(), prefix);
     let out = run(&greedy_args(&m, &["--stop", &stop, USER]), b"");
@@ -307,10 +266,7 @@ fn end_of_generation_tokens_stop_and_ignore_eos_continues() {
     )
     .unwrap();
     let ms = m.display().to_string();
-    let j = json(&run(
-        &greedy_args(&ms, &["--json", "-s", SYSTEM, USER]),
-        b"",
-    ));
+    let j = json(&run(&greedy_args(&ms, &["--json", "-s", SYSTEM, USER]), b""));
     assert_eq!(j["finish_reason"], "stop_token");
     assert_eq!(j["stop_token_id"], stop);
     assert_eq!(ids(&j["generated_token_ids"]), greedy[..4]);
@@ -358,10 +314,7 @@ fn the_same_seed_gives_the_same_answer() {
 
 #[test]
 fn verbose_reports_statistics_on_stderr_only() {
-    let out = run(
-        &greedy_args(&tied(), &["--verbose", "--seed", "3", "Ciao"]),
-        b"",
-    );
+    let out = run(&greedy_args(&tied(), &["--verbose", "--seed", "3", "Ciao"]), b"");
     assert_eq!(out.code, 0);
     for needle in [
         "loaded",
@@ -387,12 +340,7 @@ fn a_closed_stdout_ends_the_program_quietly() {
         .unwrap();
     drop(child.stdout.take()); // the reader goes away before the first byte
     let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
     let status = child.wait().unwrap();
     assert!(status.success(), "exit {status:?}, stderr {err}");
     assert!(err.is_empty(), "{err}");
@@ -545,10 +493,7 @@ fn prompts_longer_than_the_context_are_refused() {
     let long = "parola ".repeat(100);
     assert_clean_error(&run(&["-m", &tied(), &long], b""), &["context", "64"]);
     assert_clean_error(
-        &run(
-            &["-m", &tied(), "--ctx-size", "10", "Ciao, come stai oggi?"],
-            b"",
-        ),
+        &run(&["-m", &tied(), "--ctx-size", "10", "Ciao, come stai oggi?"], b""),
         &["--ctx-size"],
     );
     // A prompt that fits but leaves little room: the answer stops at the context and says so.
@@ -631,8 +576,7 @@ fn bench_reports_prompt_and_generation_speed() {
     );
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(
-        out.stdout
-            .contains("| smollm2-135m (random) | q8_0 | cpu |"),
+        out.stdout.contains("| smollm2-135m (random) | q8_0 | cpu |"),
         "{}",
         out.stdout
     );
@@ -641,14 +585,8 @@ fn bench_reports_prompt_and_generation_speed() {
         "{}",
         out.stdout
     );
-    assert_clean_error(
-        &run(&["bench", "--random", "gpt-5"], b""),
-        &["gpt-5", "zagreus-0.4b"],
-    );
-    assert_clean_error(
-        &run(&["bench", "-m", &tied(), "-r", "0"], b""),
-        &["--repetitions"],
-    );
+    assert_clean_error(&run(&["bench", "--random", "gpt-5"], b""), &["gpt-5", "zagreus-0.4b"]);
+    assert_clean_error(&run(&["bench", "-m", &tied(), "-r", "0"], b""), &["--repetitions"]);
 }
 
 #[test]
@@ -658,31 +596,13 @@ fn check_logits_compares_with_a_transformers_reference() {
     let r = reference.to_str().unwrap();
     let out = run(&["check-logits", "-m", &m, "--reference", r], b"");
     assert_eq!(out.code, 0, "{}", out.stderr);
-    assert!(
-        out.stdout.contains("greedy tokens 12/12 agree"),
-        "{}",
-        out.stdout
-    );
+    assert!(out.stdout.contains("greedy tokens 12/12 agree"), "{}", out.stdout);
     // Q8_0 weights are further from the f32 reference than 1e-3: the check fails, clearly.
-    let out = run(
-        &[
-            "check-logits",
-            "-m",
-            &m,
-            "--reference",
-            r,
-            "--quantize",
-            "q8_0",
-        ],
-        b"",
-    );
+    let out = run(&["check-logits", "-m", &m, "--reference", r, "--quantize", "q8_0"], b"");
     assert_ne!(out.code, 0);
     assert!(out.stderr.contains("more than 0.001"), "{}", out.stderr);
     assert_clean_error(
-        &run(
-            &["check-logits", "-m", &m, "--reference", "/no/such.json"],
-            b"",
-        ),
+        &run(&["check-logits", "-m", &m, "--reference", "/no/such.json"], b""),
         &["/no/such.json"],
     );
 }
@@ -694,18 +614,6 @@ fn a_cuda_build_without_a_usable_gpu_says_so_and_auto_uses_the_cpu() {
         &run(&["-m", &tied(), "--device", "cuda", "Ciao"], b""),
         &["--device cuda:0", "GPU"],
     );
-    let out = run(
-        &[
-            "-m",
-            &tied(),
-            "--device",
-            "auto",
-            "-n",
-            "2",
-            "--json",
-            "Ciao",
-        ],
-        b"",
-    );
+    let out = run(&["-m", &tied(), "--device", "auto", "-n", "2", "--json", "Ciao"], b"");
     assert_eq!(out.code, 0, "{}", out.stderr);
 }

@@ -66,8 +66,7 @@ fn answer_ids(out: &Out) -> Vec<u32> {
 }
 
 fn repo_dir(home: &Path, repo: &str) -> PathBuf {
-    home.join("hf/hub")
-        .join(format!("models--{}", repo.replace('/', "--")))
+    home.join("hf/hub").join(format!("models--{}", repo.replace('/', "--")))
 }
 
 fn assert_error(out: &Out, needles: &[&str]) {
@@ -100,21 +99,13 @@ fn first_run_downloads_and_later_runs_need_no_network() {
         .is_symlink());
     assert!(snap.join("config.json").is_file());
     // Absent optional files are remembered, as huggingface_hub does.
-    assert!(dir
-        .join(".no_exist")
-        .join(&sha)
-        .join("chat_template.jinja")
-        .exists());
+    assert!(dir.join(".no_exist").join(&sha).join("chat_template.jinja").exists());
 
     // Fully cached: a second run makes no request at all, even online.
     let before = hub.request_count();
     let second = zagreus(home.path(), &hub.url, &[], &greedy(REPO));
     assert_eq!(answer_ids(&second), reference_ids());
-    assert_eq!(
-        hub.request_count(),
-        before,
-        "a cached model must not touch the network"
-    );
+    assert_eq!(hub.request_count(), before, "a cached model must not touch the network");
     assert!(second.stderr.is_empty(), "{}", second.stderr);
     // And with the server gone.
     hub.stop();
@@ -136,16 +127,8 @@ fn first_run_downloads_and_later_runs_need_no_network() {
 #[test]
 fn offline_with_an_empty_cache_fails_at_once_and_says_how_to_fix_it() {
     let home = tempfile::tempdir().unwrap();
-    let hub = MockHub::start(
-        vec![MockRepo::from_dir(REPO, &model_dir("tied-bf16"))],
-        None,
-    );
-    let out = zagreus(
-        home.path(),
-        &hub.url,
-        &[("HF_HUB_OFFLINE", "1")],
-        &greedy(REPO),
-    );
+    let hub = MockHub::start(vec![MockRepo::from_dir(REPO, &model_dir("tied-bf16"))], None);
+    let out = zagreus(home.path(), &hub.url, &[("HF_HUB_OFFLINE", "1")], &greedy(REPO));
     assert_error(&out, &["offline", "not in the cache", "zagreus pull"]);
     let out = zagreus(
         home.path(),
@@ -154,11 +137,7 @@ fn offline_with_an_empty_cache_fails_at_once_and_says_how_to_fix_it() {
         &[&["--offline"][..], &greedy(REPO)].concat(),
     );
     assert_error(&out, &["offline"]);
-    assert_eq!(
-        hub.request_count(),
-        0,
-        "offline must never touch the network"
-    );
+    assert_eq!(hub.request_count(), 0, "offline must never touch the network");
 }
 
 #[test]
@@ -168,21 +147,14 @@ fn unknown_repos_and_missing_weights_are_clear_errors() {
     no_weights.files.remove("model.safetensors");
     let mut gguf_only = no_weights.clone();
     gguf_only.id = "test-org/gguf-only".into();
-    gguf_only
-        .files
-        .insert("model-Q8_0.gguf".into(), b"GGUF".to_vec());
+    gguf_only.files.insert("model-Q8_0.gguf".into(), b"GGUF".to_vec());
     let hub = MockHub::start(vec![no_weights, gguf_only], None);
     assert_error(
         &zagreus(home.path(), &hub.url, &[], &greedy("test-org/missing")),
         &["test-org/missing", "404"],
     );
     assert_error(
-        &zagreus(
-            home.path(),
-            &hub.url,
-            &[],
-            &greedy("test-org/no-weights@nope"),
-        ),
+        &zagreus(home.path(), &hub.url, &[], &greedy("test-org/no-weights@nope")),
         &["404"],
     );
     assert_error(
@@ -235,12 +207,7 @@ fn gated_repos_need_a_token() {
     std::fs::create_dir_all(home2.path().join("hf")).unwrap();
     std::fs::write(home2.path().join("hf/token"), "hf_secret\n").unwrap();
     assert_eq!(
-        answer_ids(&zagreus(
-            home2.path(),
-            &hub.url,
-            &[],
-            &greedy("test-org/gated")
-        )),
+        answer_ids(&zagreus(home2.path(), &hub.url, &[], &greedy("test-org/gated"))),
         reference_ids()
     );
 }
@@ -267,12 +234,7 @@ fn a_cut_download_leaves_nothing_loadable_and_the_next_run_completes_it() {
     );
     // Offline, the partial model is refused rather than loaded.
     assert_error(
-        &zagreus(
-            home.path(),
-            &hub.url,
-            &[("HF_HUB_OFFLINE", "1")],
-            &greedy(REPO),
-        ),
+        &zagreus(home.path(), &hub.url, &[("HF_HUB_OFFLINE", "1")], &greedy(REPO)),
         &["partly cached", "model.safetensors"],
     );
     // The next run resumes and completes the download.
@@ -288,15 +250,11 @@ fn a_cut_download_leaves_nothing_loadable_and_the_next_run_completes_it() {
 fn sharded_checkpoints_download_every_shard() {
     let home = tempfile::tempdir().unwrap();
     let hub = MockHub::start(
-        vec![MockRepo::from_dir(
-            "test-org/sharded",
-            &model_dir("untied-f32-sharded"),
-        )],
+        vec![MockRepo::from_dir("test-org/sharded", &model_dir("untied-f32-sharded"))],
         None,
     );
     let out = zagreus(home.path(), &hub.url, &[], &greedy("test-org/sharded"));
-    let want =
-        ids(&read_json(&model_dir("untied-f32-sharded").join("reference.json"))["greedy_ids"]);
+    let want = ids(&read_json(&model_dir("untied-f32-sharded").join("reference.json"))["greedy_ids"]);
     assert_eq!(answer_ids(&out), want);
 }
 
@@ -312,11 +270,7 @@ fn pull_downloads_without_running_and_list_shows_the_cache() {
     let pulled = zagreus(home.path(), &hub.url, &[], &["pull", REPO]);
     assert_eq!(pulled.code, 0, "{}", pulled.stderr);
     let path = PathBuf::from(pulled.stdout.trim());
-    assert!(
-        path.ends_with(format!("snapshots/{sha}")),
-        "{}",
-        pulled.stdout
-    );
+    assert!(path.ends_with(format!("snapshots/{sha}")), "{}", pulled.stdout);
     assert!(path.join("model.safetensors").is_file());
     let listed = zagreus(home.path(), &hub.url, &[], &["list"]);
     assert_eq!(listed.code, 0);
@@ -330,8 +284,7 @@ fn pull_downloads_without_running_and_list_shows_the_cache() {
         "{line}"
     );
     let json: serde_json::Value =
-        serde_json::from_str(&zagreus(home.path(), &hub.url, &[], &["list", "--json"]).stdout)
-            .unwrap();
+        serde_json::from_str(&zagreus(home.path(), &hub.url, &[], &["list", "--json"]).stdout).unwrap();
     assert_eq!(json[0]["model"], REPO);
     assert_eq!(json[0]["complete"], true);
     assert!(json[0]["size_bytes"].as_u64().unwrap() > 300_000);
@@ -352,15 +305,11 @@ fn a_cache_written_by_huggingface_hub_is_used_as_is() {
     std::fs::create_dir_all(dir.join("refs")).unwrap();
     let snap = dir.join("snapshots").join(sha);
     std::fs::create_dir_all(&snap).unwrap();
-    for (i, e) in std::fs::read_dir(model_dir("tied-bf16"))
-        .unwrap()
-        .enumerate()
-    {
+    for (i, e) in std::fs::read_dir(model_dir("tied-bf16")).unwrap().enumerate() {
         let e = e.unwrap();
         let blob = format!("blob{i:02}");
         std::fs::copy(e.path(), dir.join("blobs").join(&blob)).unwrap();
-        std::os::unix::fs::symlink(format!("../../blobs/{blob}"), snap.join(e.file_name()))
-            .unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/{blob}"), snap.join(e.file_name())).unwrap();
     }
     std::fs::write(dir.join("refs/main"), sha).unwrap();
     // No endpoint at all: the default model comes from the cache.

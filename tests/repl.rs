@@ -107,15 +107,8 @@ fn a_conversation_with_slash_commands() {
     let stats = String::from_utf8_lossy(stats.before()).to_string();
     assert!(stats.contains("context"), "{stats}");
     let conv = saved(&mut s, home.path());
-    assert_eq!(
-        conv.as_array().unwrap().len(),
-        2,
-        "regen replaces the answer"
-    );
-    assert_eq!(
-        conv[1]["content"], first_answer,
-        "greedy: the same answer again"
-    );
+    assert_eq!(conv.as_array().unwrap().len(), 2, "regen replaces the answer");
+    assert_eq!(conv[1]["content"], first_answer, "greedy: the same answer again");
 
     s.send_line("/system Sei un pirata.").unwrap();
     s.expect("system prompt set").unwrap();
@@ -164,8 +157,7 @@ fn a_conversation_with_slash_commands() {
     prompt(&mut s);
     assert_eq!(
         saved(&mut s, home.path()),
-        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&keep).unwrap())
-            .unwrap()
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&keep).unwrap()).unwrap()
     );
 
     s.send_line("/regn").unwrap();
@@ -191,10 +183,7 @@ fn ctrl_c_stops_a_long_answer_and_keeps_the_session() {
     let cfg = std::fs::read_to_string(m.join("config.json")).unwrap();
     std::fs::write(
         m.join("config.json"),
-        cfg.replace(
-            "\"max_position_embeddings\": 64",
-            "\"max_position_embeddings\": 200000",
-        ),
+        cfg.replace("\"max_position_embeddings\": 64", "\"max_position_embeddings\": 200000"),
     )
     .unwrap();
     let ms = m.display().to_string();
@@ -215,10 +204,7 @@ fn ctrl_c_stops_a_long_answer_and_keeps_the_session() {
     );
     let conv = saved(&mut s, home.path());
     assert_eq!(conv[1]["role"], "assistant");
-    assert_eq!(
-        conv[1]["interrupted"], true,
-        "the partial answer stays, marked"
-    );
+    assert_eq!(conv[1]["interrupted"], true, "the partial answer stays, marked");
     assert!(!conv[1]["content"].as_str().unwrap().is_empty());
     s.send_line("/bye").unwrap();
     s.expect(expectrl::Eof).unwrap();
@@ -313,11 +299,7 @@ fn chat_with_piped_stdin_answers_once_and_never_waits_at_a_prompt() {
             c.wait_with_output()
         })
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!stdout.contains(">>>"), "{stdout}");
     assert!(!stdout.is_empty());

@@ -60,7 +60,6 @@ fn family_templates_render_exactly_as_transformers() {
 
 #[test]
 fn builtin_chatml_is_the_recorded_one() {
-    let recorded =
-        std::fs::read_to_string(fixtures().join("templates/chatml-builtin.jinja")).unwrap();
+    let recorded = std::fs::read_to_string(fixtures().join("templates/chatml-builtin.jinja")).unwrap();
     assert_eq!(recorded.trim_end(), CHATML);
 }

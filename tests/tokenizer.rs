@@ -26,10 +26,7 @@ fn stream_all(t: &Tokenizer, ids: &[u32]) -> Vec<String> {
 #[test]
 fn fixture_tokenizer_matches_transformers_cases() {
     let cases = read_json(&fixtures().join("tokenizer_cases.json"));
-    let t = tokenizer(
-        &model_dir("tied-bf16").join("tokenizer.json"),
-        "<|begin_of_text|>",
-    );
+    let t = tokenizer(&model_dir("tied-bf16").join("tokenizer.json"), "<|begin_of_text|>");
     for case in cases["cases"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
         let plain = ids(&case["ids_no_special"]);
@@ -47,11 +44,7 @@ fn fixture_tokenizer_matches_transformers_cases() {
             "{text:?}"
         );
         // Streaming gives the same text as decoding all at once.
-        assert_eq!(
-            stream_all(&t, &plain).concat(),
-            t.decode(&plain).unwrap(),
-            "{text:?}"
-        );
+        assert_eq!(stream_all(&t, &plain).concat(), t.decode(&plain).unwrap(), "{text:?}");
     }
 }
 
@@ -60,18 +53,14 @@ fn llama_text() -> Tokenizer {
 }
 
 fn open_zagreus() -> Tokenizer {
-    tokenizer(
-        &asset("open-zagreus-tokenizer/tokenizer.json"),
-        "<|begin_of_text|>",
-    )
+    tokenizer(&asset("open-zagreus-tokenizer/tokenizer.json"), "<|begin_of_text|>")
 }
 
 #[test]
 fn real_llama32_tokenizer_gives_the_reference_ids() {
     let t = llama_text();
     assert_eq!(
-        t.encode_raw("Ciao! Come posso imparare l'italiano?", true)
-            .unwrap(),
+        t.encode_raw("Ciao! Come posso imparare l'italiano?", true).unwrap(),
         [128000, 34, 23332, 0, 15936, 1153, 708, 737, 1768, 548, 326, 6, 2223, 13389, 30]
     );
     assert_eq!(t.bos(), Some((128000, "<|begin_of_text|>")));
@@ -84,11 +73,7 @@ fn chat_prompts_get_exactly_one_bos() {
     assert_eq!(t.vocab_size(), 128258);
     let rendered = "<|im_start|>user\nCiao<|im_end|>\n<|im_start|>assistant\n";
     let ids = t.encode_chat(rendered, true).unwrap();
-    assert_eq!(
-        ids[..2],
-        [128000, 128257],
-        "BOS, then <|im_start|> as one token"
-    );
+    assert_eq!(ids[..2], [128000, 128257], "BOS, then <|im_start|> as one token");
     assert_eq!(ids.iter().filter(|&&i| i == 128000).count(), 1);
     assert!(ids.contains(&128256));
     // A template that already starts with BOS (Llama-3 style) does not get a second one.
@@ -103,13 +88,8 @@ fn chat_prompts_get_exactly_one_bos() {
 #[test]
 fn a_model_whose_bos_starts_the_template_gets_none_added() {
     // SmolLM2's BOS is <|im_start|>: a ChatML prompt already begins with it.
-    let t = tokenizer(
-        &asset("open-zagreus-tokenizer/tokenizer.json"),
-        "<|im_start|>",
-    );
-    let ids = t
-        .encode_chat("<|im_start|>user\nCiao<|im_end|>\n", true)
-        .unwrap();
+    let t = tokenizer(&asset("open-zagreus-tokenizer/tokenizer.json"), "<|im_start|>");
+    let ids = t.encode_chat("<|im_start|>user\nCiao<|im_end|>\n", true).unwrap();
     assert_eq!(ids[0], 128257);
     assert_eq!(ids.iter().filter(|&&i| i == 128257).count(), 1);
 }
@@ -153,9 +133,7 @@ fn streaming_is_utf8_safe_and_does_not_hold_back_punctuation() {
 #[test]
 fn special_tokens_are_never_printed() {
     let t = open_zagreus();
-    let ids = t
-        .encode_chat("<|im_start|>assistant\nSì<|im_end|>", false)
-        .unwrap();
+    let ids = t.encode_chat("<|im_start|>assistant\nSì<|im_end|>", false).unwrap();
     assert_eq!(stream_all(&t, &ids).concat(), "assistant\nSì");
     assert_eq!(t.token_text(128256), "<|im_end|>");
 }

@@ -112,9 +112,7 @@ fn rope_scaling_from(value: &serde_json::Value) -> Result<RopeScaling> {
     };
     match kind {
         "default" => Ok(RopeScaling::Default),
-        "linear" => Ok(RopeScaling::Linear {
-            factor: num("factor")?,
-        }),
+        "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
         "llama3" => Ok(RopeScaling::Llama3 {
             factor: num("factor")?,
             low_freq_factor: num("low_freq_factor")?,
@@ -130,8 +128,7 @@ fn rope_scaling_from(value: &serde_json::Value) -> Result<RopeScaling> {
 impl LlamaConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         Self::from_json(&text).with_context(|| format!("invalid {}", path.display()))
     }
 
@@ -144,7 +141,9 @@ impl LlamaConfig {
                 .is_some_and(|a| a.iter().any(|a| a == "LlamaForCausalLM"));
         if !is_llama {
             let what = raw.model_type.as_deref().unwrap_or("(none)");
-            bail!("model_type `{what}` is not supported: zagreus runs Llama-architecture models (model_type \"llama\")");
+            bail!(
+                "model_type `{what}` is not supported: zagreus runs Llama-architecture models (model_type \"llama\")"
+            );
         }
         let hidden_size = required(raw.hidden_size, "hidden_size")?;
         let num_attention_heads = required(raw.num_attention_heads, "num_attention_heads")?;
@@ -176,11 +175,7 @@ impl LlamaConfig {
             }
             _ => (
                 raw.rope_theta.unwrap_or(10000.0),
-                rope_scaling_from(
-                    raw.rope_scaling
-                        .as_ref()
-                        .unwrap_or(&serde_json::Value::Null),
-                )?,
+                rope_scaling_from(raw.rope_scaling.as_ref().unwrap_or(&serde_json::Value::Null))?,
             ),
         };
         if rope_theta <= 0.0 || !rope_theta.is_finite() {
@@ -238,8 +233,7 @@ impl GenerationConfig {
         if !path.exists() {
             return Ok(Self::default());
         }
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("invalid {}", path.display()))
     }
 }
@@ -295,10 +289,8 @@ mod tests {
     fn rejects_other_architectures_and_bad_shapes() {
         let err = LlamaConfig::from_json(&V4.replace(r#""llama""#, r#""gpt2""#)).unwrap_err();
         assert!(err.to_string().contains("gpt2"), "{err}");
-        let err = LlamaConfig::from_json(
-            &V4.replace(r#""num_key_value_heads":5"#, r#""num_key_value_heads":4"#),
-        )
-        .unwrap_err();
+        let err = LlamaConfig::from_json(&V4.replace(r#""num_key_value_heads":5"#, r#""num_key_value_heads":4"#))
+            .unwrap_err();
         assert!(err.to_string().contains("num_key_value_heads"), "{err}");
         let err = LlamaConfig::from_json(&V4.replace(
             r#""rope_scaling":null"#,

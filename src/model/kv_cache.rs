@@ -22,14 +22,7 @@ pub struct KvCache {
 const MIN_CAPACITY: usize = 256;
 
 impl KvCache {
-    pub fn new(
-        layers: usize,
-        kv_heads: usize,
-        head_dim: usize,
-        max_len: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Self {
+    pub fn new(layers: usize, kv_heads: usize, head_dim: usize, max_len: usize, dtype: DType, device: &Device) -> Self {
         Self {
             k: Vec::new(),
             v: Vec::new(),
@@ -76,10 +69,7 @@ impl KvCache {
         if needed <= self.capacity {
             return Ok(());
         }
-        let capacity = needed
-            .max(self.capacity * 2)
-            .max(MIN_CAPACITY)
-            .min(self.max_len);
+        let capacity = needed.max(self.capacity * 2).max(MIN_CAPACITY).min(self.max_len);
         let shape = (1, self.kv_heads, capacity, self.head_dim);
         for cache in [&mut self.k, &mut self.v] {
             let mut grown = Vec::with_capacity(self.layers);
@@ -107,10 +97,7 @@ impl KvCache {
         }
         self.k[layer].slice_set(&k.contiguous()?, 2, self.len)?;
         self.v[layer].slice_set(&v.contiguous()?, 2, self.len)?;
-        Ok((
-            self.k[layer].narrow(2, 0, end)?,
-            self.v[layer].narrow(2, 0, end)?,
-        ))
+        Ok((self.k[layer].narrow(2, 0, end)?, self.v[layer].narrow(2, 0, end)?))
     }
 
     pub fn advance(&mut self, t: usize) {

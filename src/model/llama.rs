@@ -102,11 +102,7 @@ impl Llama {
     /// Builds the network from checkpoint tensors, converting weights to `dtype` on `device`.
     pub fn load(cfg: &LlamaConfig, w: &Weights, dtype: DType, device: &Device) -> Result<Self> {
         let h = cfg.hidden_size;
-        let (hd, nh, nkv) = (
-            cfg.head_dim,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-        );
+        let (hd, nh, nkv) = (cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads);
         let act = activation_dtype(dtype, device);
         let embed_name = "model.embed_tokens.weight";
         let vocab_size = match w.shape(embed_name) {
@@ -141,20 +137,11 @@ impl Llama {
                 gate_up: load_linear_fused(
                     w,
                     &[mlp("gate_proj"), mlp("up_proj")],
-                    &[
-                        vec![cfg.intermediate_size, h],
-                        vec![cfg.intermediate_size, h],
-                    ],
+                    &[vec![cfg.intermediate_size, h], vec![cfg.intermediate_size, h]],
                     dtype,
                     device,
                 )?,
-                down: load_linear_fused(
-                    w,
-                    &[mlp("down_proj")],
-                    &[vec![h, cfg.intermediate_size]],
-                    dtype,
-                    device,
-                )?,
+                down: load_linear_fused(w, &[mlp("down_proj")], &[vec![h, cfg.intermediate_size]], dtype, device)?,
             });
         }
         let norm = norm_w("model.norm.weight")?;
@@ -163,10 +150,7 @@ impl Llama {
         let lm_head = if tied {
             Linear::new(embed.clone(), None)
         } else {
-            Linear::new(
-                w.load("lm_head.weight", &[vocab_size, h], dtype, device)?,
-                None,
-            )
+            Linear::new(w.load("lm_head.weight", &[vocab_size, h], dtype, device)?, None)
         };
         let rope = Rope::new(cfg, cfg.max_position_embeddings, act, device)?;
         Ok(Self {
@@ -196,13 +180,7 @@ impl Llama {
         );
         let act = activation_dtype(dtype, device);
         let mat = |rows: usize, cols: usize| -> Result<Linear> {
-            let w = Tensor::randn(
-                0f32,
-                (1.0 / cols as f64).sqrt() as f32,
-                (rows, cols),
-                device,
-            )?
-            .to_dtype(dtype)?;
+            let w = Tensor::randn(0f32, (1.0 / cols as f64).sqrt() as f32, (rows, cols), device)?.to_dtype(dtype)?;
             Ok(Linear::new(w, None))
         };
         let ones = || -> Result<Tensor> { Ok(Tensor::ones(h, act, device)?) };
@@ -217,13 +195,8 @@ impl Llama {
                 down: mat(h, inter)?,
             });
         }
-        let embed = Tensor::randn(
-            0f32,
-            (4.0 / h as f64).sqrt() as f32,
-            (cfg.vocab_size, h),
-            device,
-        )?
-        .to_dtype(dtype)?;
+        let embed =
+            Tensor::randn(0f32, (4.0 / h as f64).sqrt() as f32, (cfg.vocab_size, h), device)?.to_dtype(dtype)?;
         Ok(Self {
             cfg: cfg.clone(),
             lm_head: Linear::new(embed.clone(), None),
@@ -386,10 +359,7 @@ impl Llama {
         let y = probs.matmul(&v_all)?; // (kv_heads, rep * t, hd)
         debug_assert_eq!(y.dims(), &[nkv, rep * t, hd]);
         let _ = len;
-        let y = y
-            .reshape((1, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((1, t, nh * hd))?;
+        let y = y.reshape((1, nh, t, hd))?.transpose(1, 2)?.reshape((1, t, nh * hd))?;
         b.o.forward(&y)
     }
 

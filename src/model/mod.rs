@@ -116,13 +116,7 @@ impl Model {
 
     /// Runs `tokens` after those in `cache` and puts the logits (`rows x vocab`, one row per
     /// position asked for) into `out`.
-    pub fn forward(
-        &self,
-        tokens: &[u32],
-        cache: &mut Cache,
-        which: LogitsFor,
-        out: &mut Vec<f32>,
-    ) -> Result<()> {
+    pub fn forward(&self, tokens: &[u32], cache: &mut Cache, which: LogitsFor, out: &mut Vec<f32>) -> Result<()> {
         match (self, cache) {
             (Model::Cpu(m), Cache::Cpu(c)) => {
                 let logits = m.forward(tokens, c, which)?;
@@ -130,10 +124,7 @@ impl Model {
                 out.extend_from_slice(logits);
             }
             (Model::Candle(m), Cache::Candle(c)) => {
-                *out = m
-                    .forward(tokens, c, which)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?;
+                *out = m.forward(tokens, c, which)?.flatten_all()?.to_vec1::<f32>()?;
             }
             _ => anyhow::bail!("internal error: a cache of the other engine"),
         }

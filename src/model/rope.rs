@@ -22,11 +22,7 @@ pub fn inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
             high_freq_factor,
             original_max_position_embeddings,
         } => {
-            let (factor, low, high) = (
-                factor as f32,
-                low_freq_factor as f32,
-                high_freq_factor as f32,
-            );
+            let (factor, low, high) = (factor as f32, low_freq_factor as f32, high_freq_factor as f32);
             let old = original_max_position_embeddings as f32;
             let low_wavelen = old / low;
             let high_wavelen = old / high;

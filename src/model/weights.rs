@@ -28,8 +28,7 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// The shard files an index names, each checked to exist.
 pub fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index)
-        .with_context(|| format!("cannot read {}", index.display()))?;
+    let text = std::fs::read_to_string(index).with_context(|| format!("cannot read {}", index.display()))?;
     let json: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("invalid {}", index.display()))?;
     let map = json
@@ -45,10 +44,7 @@ pub fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
         .into_iter()
         .map(|name| {
             if name.contains('/') || name.contains('\\') || name.starts_with('.') {
-                bail!(
-                    "{}: shard name `{name}` is not a plain file name",
-                    index.display()
-                );
+                bail!("{}: shard name `{name}` is not a plain file name", index.display());
             }
             let path = dir.join(name);
             if !path.is_file() {
@@ -113,8 +109,7 @@ impl Weights {
         let mut maps = Vec::with_capacity(files.len());
         let mut tensors = HashMap::new();
         for (i, f) in files.iter().enumerate() {
-            let file =
-                std::fs::File::open(f).with_context(|| format!("cannot open {}", f.display()))?;
+            let file = std::fs::File::open(f).with_context(|| format!("cannot open {}", f.display()))?;
             let len = file
                 .metadata()
                 .with_context(|| format!("cannot read {}", f.display()))?
@@ -124,11 +119,9 @@ impl Weights {
             }
             // SAFETY: mapped read-only; as with any mmap, a file truncated by another process
             // while we run could fault. Model files are not modified in place in practice.
-            let map = unsafe { memmap2::Mmap::map(&file) }
-                .with_context(|| format!("cannot map {}", f.display()))?;
-            let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| {
-                anyhow::anyhow!("{} is not a valid safetensors file: {e}", f.display())
-            })?;
+            let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", f.display()))?;
+            let st = safetensors::SafeTensors::deserialize(&map)
+                .map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file: {e}", f.display()))?;
             let base = map.as_ptr() as usize;
             for (name, view) in st.tensors() {
                 let dtype = match view.dtype() {
@@ -164,11 +157,7 @@ impl Weights {
                 many[0].parent().unwrap_or(Path::new(".")).display()
             ),
         };
-        Ok(Self {
-            maps,
-            tensors,
-            origin,
-        })
+        Ok(Self { maps, tensors, origin })
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -245,34 +234,17 @@ impl Weights {
             // SAFETY: DONTNEED on a read-only file mapping only drops our view of the pages; the
             // data is re-read from the file if touched again, and nothing borrows it now.
             let _ = unsafe {
-                self.maps[t.file].unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    start,
-                    end - start,
-                )
+                self.maps[t.file].unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
             };
         }
     }
 
     /// Loads tensor `name` as a candle tensor, checks its shape, and converts it to `dtype` on
     /// `device`.
-    pub fn load(
-        &self,
-        name: &str,
-        shape: &[usize],
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Tensor> {
+    pub fn load(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         let t = self.entry(name, shape)?;
-        let tensor =
-            Tensor::from_raw_buffer(self.bytes(t), t.dtype.to_candle(), shape, &Device::Cpu)
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "{}: cannot read tensor `{name}`: {}",
-                        self.origin,
-                        strip_candle(e)
-                    )
-                })?;
+        let tensor = Tensor::from_raw_buffer(self.bytes(t), t.dtype.to_candle(), shape, &Device::Cpu)
+            .map_err(|e| anyhow::anyhow!("{}: cannot read tensor `{name}`: {}", self.origin, strip_candle(e)))?;
         let tensor = if tensor.dtype() == dtype {
             tensor
         } else {

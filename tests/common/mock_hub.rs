@@ -33,10 +33,7 @@ impl MockRepo {
                 std::fs::read(e.path()).unwrap(),
             );
         }
-        let sha = format!(
-            "{:040x}",
-            fnv(id.as_bytes()) as u128 * 0x1000_0000_0000_0001
-        );
+        let sha = format!("{:040x}", fnv(id.as_bytes()) as u128 * 0x1000_0000_0000_0001);
         Self {
             id: id.to_string(),
             sha: sha[..40].to_string(),
@@ -127,12 +124,7 @@ impl Drop for MockHub {
     }
 }
 
-fn respond(
-    conn: &mut TcpStream,
-    code: u16,
-    headers: &[(String, String)],
-    body: &[u8],
-) -> std::io::Result<()> {
+fn respond(conn: &mut TcpStream, code: u16, headers: &[(String, String)], body: &[u8]) -> std::io::Result<()> {
     let reason = match code {
         200 => "OK",
         206 => "Partial Content",
@@ -169,14 +161,8 @@ fn handle(mut conn: TcpStream, state: &State) -> std::io::Result<()> {
         }
     }
     state.requests.lock().unwrap().push(path.clone());
-    let not_found = |conn: &mut TcpStream, code: &str| {
-        respond(
-            conn,
-            404,
-            &[("X-Error-Code".into(), code.into())],
-            b"not found",
-        )
-    };
+    let not_found =
+        |conn: &mut TcpStream, code: &str| respond(conn, 404, &[("X-Error-Code".into(), code.into())], b"not found");
     let (repo, rest) = if let Some(p) = path.strip_prefix("/api/models/") {
         (
             p.splitn(3, '/').take(2).collect::<Vec<_>>().join("/"),
@@ -195,9 +181,7 @@ fn handle(mut conn: TcpStream, state: &State) -> std::io::Result<()> {
     if let Some(tok) = &r.token {
         match headers.get("authorization") {
             None => return respond(&mut conn, 401, &[], b"unauthorized"),
-            Some(v) if *v != format!("Bearer {tok}") => {
-                return respond(&mut conn, 403, &[], b"forbidden")
-            }
+            Some(v) if *v != format!("Bearer {tok}") => return respond(&mut conn, 403, &[], b"forbidden"),
             _ => {}
         }
     }
@@ -206,13 +190,8 @@ fn handle(mut conn: TcpStream, state: &State) -> std::io::Result<()> {
         if rev != "main" && rev != r.sha {
             return not_found(&mut conn, "RevisionNotFound");
         }
-        let siblings: Vec<_> = r
-            .files
-            .keys()
-            .map(|f| serde_json::json!({ "rfilename": f }))
-            .collect();
-        let body =
-            serde_json::json!({ "id": r.id, "sha": r.sha, "siblings": siblings }).to_string();
+        let siblings: Vec<_> = r.files.keys().map(|f| serde_json::json!({ "rfilename": f })).collect();
+        let body = serde_json::json!({ "id": r.id, "sha": r.sha, "siblings": siblings }).to_string();
         return respond(
             &mut conn,
             200,

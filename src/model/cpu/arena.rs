@@ -142,10 +142,7 @@ impl Arena {
         let offset = self.used.div_ceil(ALIGN.max(std::mem::align_of::<T>())) * ALIGN;
         let end = offset + len * std::mem::size_of::<T>();
         if end > self.capacity {
-            bail!(
-                "internal error: weight arena overflow ({end} > {})",
-                self.capacity
-            );
+            bail!("internal error: weight arena overflow ({end} > {})", self.capacity);
         }
         self.used = end;
         Ok(Region {
@@ -166,11 +163,7 @@ impl Arena {
     }
 
     /// Two regions at once (regions from `alloc` never overlap).
-    pub fn get_pair_mut<A: Pod, B: Pod>(
-        &mut self,
-        a: Region<A>,
-        b: Region<B>,
-    ) -> (&mut [A], &mut [B]) {
+    pub fn get_pair_mut<A: Pod, B: Pod>(&mut self, a: Region<A>, b: Region<B>) -> (&mut [A], &mut [B]) {
         assert!(
             a.offset + a.len * std::mem::size_of::<A>() <= b.offset
                 || b.offset + b.len * std::mem::size_of::<B>() <= a.offset

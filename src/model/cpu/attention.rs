@@ -139,21 +139,8 @@ pub fn attention(
                     }
                     continue;
                 }
-                let qrow = &q[i * q_stride + u.g * rep * head_dim
-                    ..i * q_stride + (u.g + 1) * rep * head_dim];
-                attend(
-                    isa,
-                    kv,
-                    u.g,
-                    qrow,
-                    scale,
-                    rep,
-                    head_dim,
-                    u.k0,
-                    limit,
-                    &mut scores,
-                    res,
-                );
+                let qrow = &q[i * q_stride + u.g * rep * head_dim..i * q_stride + (u.g + 1) * rep * head_dim];
+                attend(isa, kv, u.g, qrow, scale, rep, head_dim, u.k0, limit, &mut scores, res);
             }
         });
     });
@@ -383,13 +370,11 @@ mod x86 {
     /// `ops::exp_approx` (relative error below 2e-7).
     #[inline(always)]
     unsafe fn exp16(x: __m512) -> __m512 {
-        let x = _mm512_min_ps(
-            _mm512_max_ps(x, _mm512_set1_ps(-87.0)),
-            _mm512_set1_ps(88.0),
-        );
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
-        );
+        let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0)), _mm512_set1_ps(88.0));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+            x,
+            _mm512_set1_ps(std::f32::consts::LOG2_E),
+        ));
         let r = _mm512_fnmadd_ps(
             n,
             _mm512_set1_ps(1.428_606_8e-6),
@@ -407,13 +392,7 @@ mod x86 {
     /// # Safety
     /// AVX-512F; `scores` covers `rep * n`, `res` `rep * (head_dim + 2)`.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn softmax_rows(
-        scores: &mut [f32],
-        rep: usize,
-        n: usize,
-        head_dim: usize,
-        res: &mut [f32],
-    ) {
+    pub unsafe fn softmax_rows(scores: &mut [f32], rep: usize, n: usize, head_dim: usize, res: &mut [f32]) {
         for r in 0..rep {
             let s = scores.as_mut_ptr().add(r * n);
             let mut mv = _mm512_set1_ps(f32::NEG_INFINITY);
@@ -441,14 +420,7 @@ mod x86 {
     /// # Safety
     /// AVX-512F; `v` covers rows `k0..k0 + n` of 64, `scores` `rep * n`, `res` `rep * 66`.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn values_hd64(
-        v: &[f32],
-        scores: &[f32],
-        rep: usize,
-        k0: usize,
-        n: usize,
-        res: &mut [f32],
-    ) {
+    pub unsafe fn values_hd64(v: &[f32], scores: &[f32], rep: usize, k0: usize, n: usize, res: &mut [f32]) {
         match rep {
             1 => values_r::<1>(v, scores, k0, n, res),
             2 => values_r::<2>(v, scores, k0, n, res),
@@ -458,13 +430,7 @@ mod x86 {
     }
 
     #[inline(always)]
-    unsafe fn values_r<const R: usize>(
-        v: &[f32],
-        scores: &[f32],
-        k0: usize,
-        n: usize,
-        res: &mut [f32],
-    ) {
+    unsafe fn values_r<const R: usize>(v: &[f32], scores: &[f32], k0: usize, n: usize, res: &mut [f32]) {
         const HD: usize = 64;
         let (vp, sp) = (v.as_ptr(), scores.as_ptr());
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
@@ -538,10 +504,8 @@ mod tests {
                 let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
                 let z: f64 = e.iter().sum();
                 for d in 0..hd {
-                    out[i * heads * hd + h * hd + d] = ((0..len)
-                        .map(|j| e[j] * v[(j * kvh + g) * hd + d] as f64)
-                        .sum::<f64>()
-                        / z) as f32;
+                    out[i * heads * hd + h * hd + d] =
+                        ((0..len).map(|j| e[j] * v[(j * kvh + g) * hd + d] as f64).sum::<f64>() / z) as f32;
                 }
             }
         }
@@ -581,11 +545,7 @@ mod tests {
                 let mut out = vec![0f32; t * heads * hd];
                 attention(
                     isa,
-                    &LayerKv {
-                        kt: &kt,
-                        v: &vv,
-                        cap,
-                    },
+                    &LayerKv { kt: &kt, v: &vv, cap },
                     &q,
                     heads * hd,
                     t,

@@ -103,9 +103,7 @@ fn fill(arena: &mut Arena, m: &QMatrix, w: &Weights, srcs: &[&TensorEntry]) {
     let same_type = srcs.iter().all(|t| {
         matches!(
             (m.format(), t.dtype),
-            (Format::Bf16, StoredDtype::Bf16)
-                | (Format::F16, StoredDtype::F16)
-                | (Format::F32, StoredDtype::F32)
+            (Format::Bf16, StoredDtype::Bf16) | (Format::F16, StoredDtype::F16) | (Format::F32, StoredDtype::F32)
         )
     });
     let writer = arena.writer();
@@ -165,12 +163,7 @@ fn fill_panels<'a>(
 
 impl CpuLlama {
     /// Builds the engine from checkpoint tensors, converting weights to `format`.
-    pub fn load(
-        cfg: &LlamaConfig,
-        w: &Weights,
-        format: Format,
-        placement: Placement,
-    ) -> Result<Self> {
+    pub fn load(cfg: &LlamaConfig, w: &Weights, format: Format, placement: Placement) -> Result<Self> {
         let h = cfg.hidden_size;
         let embed_name = "model.embed_tokens.weight";
         let vocab = match w.shape(embed_name) {
@@ -257,12 +250,7 @@ impl CpuLlama {
 
     /// A model of this shape with random weights (deterministic in `seed`), for benchmarks that
     /// need no download. Scales follow fan-in so activations stay in a realistic range.
-    pub fn random(
-        cfg: &LlamaConfig,
-        format: Format,
-        placement: Placement,
-        seed: u64,
-    ) -> Result<Self> {
+    pub fn random(cfg: &LlamaConfig, format: Format, placement: Placement, seed: u64) -> Result<Self> {
         let h = cfg.hidden_size;
         let plan = plan(cfg);
         let mut size = format.arena_bytes(cfg.vocab_size, h);
@@ -274,12 +262,7 @@ impl CpuLlama {
         for (i, (_, parts, cols)) in plan.iter().enumerate() {
             let rows: usize = parts.iter().map(|p| p.1).sum();
             let m = QMatrix::alloc(&mut arena, format, rows, *cols)?;
-            fill_random(
-                &mut arena,
-                &m,
-                seed.wrapping_add(i as u64),
-                (1.0 / *cols as f32).sqrt(),
-            );
+            fill_random(&mut arena, &m, seed.wrapping_add(i as u64), (1.0 / *cols as f32).sqrt());
             mats.push(m);
         }
         let embed = QMatrix::alloc(&mut arena, format, cfg.vocab_size, h)?;
@@ -361,12 +344,7 @@ impl CpuLlama {
 
     /// Runs `tokens` after those in `cache`; returns logits `(rows, vocab)` flattened, one row per
     /// position asked for, borrowed from the cache's scratch space.
-    pub fn forward<'c>(
-        &self,
-        tokens: &[u32],
-        cache: &'c mut CpuCache,
-        which: LogitsFor,
-    ) -> Result<&'c [f32]> {
+    pub fn forward<'c>(&self, tokens: &[u32], cache: &'c mut CpuCache, which: LogitsFor) -> Result<&'c [f32]> {
         let isa = Isa::get();
         let t = tokens.len();
         if t == 0 {
@@ -396,11 +374,7 @@ impl CpuLlama {
         let qkv_dim = (nh + 2 * nkv) * hd;
         let eps = cfg.rms_norm_eps as f32;
         let CpuCache {
-            kt,
-            v,
-            cap,
-            scratch: s,
-            ..
+            kt, v, cap, scratch: s, ..
         } = cache;
         let cap = *cap;
         s.size(t, h, qkv_dim, nh * hd, inter, hd / 2);
@@ -419,26 +393,11 @@ impl CpuLlama {
             }
         }
         for (l, layer) in self.layers.iter().enumerate() {
-            rms_norm(
-                isa,
-                &s.x[..t * h],
-                &layer.attn_norm,
-                eps,
-                &mut s.xn[..t * h],
-            );
-            matmul(
-                &self.arena,
-                &layer.qkv,
-                &s.xn[..t * h],
-                t,
-                &mut s.qkv[..t * qkv_dim],
-            );
+            rms_norm(isa, &s.x[..t * h], &layer.attn_norm, eps, &mut s.xn[..t * h]);
+            matmul(&self.arena, &layer.qkv, &s.xn[..t * h], t, &mut s.qkv[..t * qkv_dim]);
             for i in 0..t {
                 let row = &mut s.qkv[i * qkv_dim..(i + 1) * qkv_dim];
-                let (cos, sin) = (
-                    &s.cos[i * half..(i + 1) * half],
-                    &s.sin[i * half..(i + 1) * half],
-                );
+                let (cos, sin) = (&s.cos[i * half..(i + 1) * half], &s.sin[i * half..(i + 1) * half]);
                 rope_heads(&mut row[..(nh + nkv) * hd], nh + nkv, hd, cos, sin);
                 // Store this position's keys (transposed) and values.
                 let p = pos + i;
@@ -469,13 +428,7 @@ impl CpuLlama {
                 &mut s.att[..t * nh * hd],
                 &mut s.attn,
             );
-            matmul(
-                &self.arena,
-                &layer.o,
-                &s.att[..t * nh * hd],
-                t,
-                &mut s.proj[..t * h],
-            );
+            matmul(&self.arena, &layer.o, &s.att[..t * nh * hd], t, &mut s.proj[..t * h]);
             add_in_place(isa, &mut s.x[..t * h], &s.proj[..t * h]);
             rms_norm(isa, &s.x[..t * h], &layer.mlp_norm, eps, &mut s.xn[..t * h]);
             matmul(
@@ -486,13 +439,7 @@ impl CpuLlama {
                 &mut s.gu[..t * 2 * inter],
             );
             silu_mul(isa, &s.gu[..t * 2 * inter], inter, &mut s.act[..t * inter]);
-            matmul(
-                &self.arena,
-                &layer.down,
-                &s.act[..t * inter],
-                t,
-                &mut s.proj[..t * h],
-            );
+            matmul(&self.arena, &layer.down, &s.act[..t * inter], t, &mut s.proj[..t * h]);
             add_in_place(isa, &mut s.x[..t * h], &s.proj[..t * h]);
         }
         cache.len += t;
@@ -509,13 +456,7 @@ impl CpuLlama {
             &mut s.xn[..rows * h],
         );
         s.logits.resize(rows * vocab, 0.0);
-        matmul(
-            &self.arena,
-            &self.lm_head,
-            &s.xn[..rows * h],
-            rows,
-            &mut s.logits,
-        );
+        matmul(&self.arena, &self.lm_head, &s.xn[..rows * h], rows, &mut s.logits);
         Ok(&cache.scratch.logits)
     }
 }
@@ -633,8 +574,7 @@ impl CpuCache {
         for v in &mut self.v {
             let mut fresh = vec![0f32; g * cap * hd];
             for gi in 0..g {
-                fresh[gi * cap * hd..(gi * cap + len) * hd]
-                    .copy_from_slice(&v[gi * old * hd..(gi * old + len) * hd]);
+                fresh[gi * cap * hd..(gi * cap + len) * hd].copy_from_slice(&v[gi * old * hd..(gi * old + len) * hd]);
             }
             *v = fresh;
         }

@@ -94,16 +94,7 @@ pub fn gemm_panels<'a>(
 /// `x` points at `rows` rows of `k` floats, `b` at `k * 32` floats, `out` at `rows` rows of
 /// stride `ldo` with `cols` writable floats each.
 #[allow(clippy::too_many_arguments)]
-unsafe fn micro(
-    isa: Isa,
-    rows: usize,
-    x: *const f32,
-    k: usize,
-    b: *const f32,
-    out: *mut f32,
-    ldo: usize,
-    cols: usize,
-) {
+unsafe fn micro(isa: Isa, rows: usize, x: *const f32, k: usize, b: *const f32, out: *mut f32, ldo: usize, cols: usize) {
     macro_rules! by_rows {
         ($f:ident, $($r:literal)*) => {
             match rows {
@@ -121,15 +112,7 @@ unsafe fn micro(
     }
 }
 
-unsafe fn micro_portable(
-    rows: usize,
-    x: *const f32,
-    k: usize,
-    b: *const f32,
-    out: *mut f32,
-    ldo: usize,
-    cols: usize,
-) {
+unsafe fn micro_portable(rows: usize, x: *const f32, k: usize, b: *const f32, out: *mut f32, ldo: usize, cols: usize) {
     let mut acc = [[0f32; PANEL]; 4];
     for t in 0..k {
         let bt = std::slice::from_raw_parts(b.add(t * PANEL), PANEL);
@@ -147,14 +130,7 @@ unsafe fn micro_portable(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn micro_avx512<const R: usize>(
-    x: *const f32,
-    k: usize,
-    b: *const f32,
-    out: *mut f32,
-    ldo: usize,
-    cols: usize,
-) {
+unsafe fn micro_avx512<const R: usize>(x: *const f32, k: usize, b: *const f32, out: *mut f32, ldo: usize, cols: usize) {
     use std::arch::x86_64::*;
     let mut c0 = [_mm512_setzero_ps(); R];
     let mut c1 = [_mm512_setzero_ps(); R];
@@ -187,14 +163,7 @@ unsafe fn micro_avx512<const R: usize>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn micro_avx2<const R: usize>(
-    x: *const f32,
-    k: usize,
-    b: *const f32,
-    out: *mut f32,
-    ldo: usize,
-    cols: usize,
-) {
+unsafe fn micro_avx2<const R: usize>(x: *const f32, k: usize, b: *const f32, out: *mut f32, ldo: usize, cols: usize) {
     use std::arch::x86_64::*;
     let mut c = [[_mm256_setzero_ps(); 4]; R];
     for t in 0..k {

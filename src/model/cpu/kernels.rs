@@ -108,19 +108,41 @@ pub enum Panel<'a> {
     F32(&'a [f32]),
     Bf16(&'a [bf16]),
     F16(&'a [f16]),
-    Q8_0 { q: &'a [i8], d: &'a [f32] },
+    Q8_0 {
+        q: &'a [i8],
+        d: &'a [f32],
+    },
+    /// 4-bit: per step 16 bytes, byte j holding column 2j (low nibble) and 2j + 1 (high
+    /// nibble); per block of 32 steps, 32 scales `d` and 32 offsets `m` (value = q · d + m), each
+    /// stored even columns first, then odd columns. Q4_0 is the case m = -8 d.
+    Q4 {
+        q: &'a [u8],
+        d: &'a [half::f16],
+        m: &'a [half::f16],
+    },
+}
+
+/// Index of column `c`'s scale within a Q4 block's 32 (even columns first, then odd).
+#[inline]
+pub fn q4_scale_index(c: usize) -> usize {
+    if c % 2 == 0 {
+        c / 2
+    } else {
+        16 + c / 2
+    }
 }
 
 /// `out[r][c] = Σ_t x[r][t] · P[t][c]` for `rows ≤ 3` activation rows of length `k`.
-pub fn panel_gemv(
-    isa: Isa,
-    p: Panel,
-    x: &[f32],
-    rows: usize,
-    k: usize,
-    out: &mut [[f32; PANEL]; 3],
-) {
+pub fn panel_gemv(isa: Isa, p: Panel, x: &[f32], rows: usize, k: usize, out: &mut [[f32; PANEL]; 3]) {
     debug_assert!((1..=3).contains(&rows));
+    if let Panel::Q4 { .. } = p {
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512 {
+            // SAFETY: as below.
+            return unsafe { x86::q4_gemv_avx512(p, x, rows, k, out) };
+        }
+        return panel_gemv_portable(p, x, rows, k, out);
+    }
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa` levels are only produced for CPUs that report the features; slice
@@ -136,6 +158,10 @@ pub fn panel_gemv(
 pub fn widen_panel(isa: Isa, p: Panel, k: usize, dst: &mut [f32]) {
     match (isa, p) {
         (_, Panel::F32(w)) => dst.copy_from_slice(&w[..k * PANEL]),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see `panel_gemv`.
+        (Isa::Avx512, Panel::Q4 { .. }) => unsafe { x86::q4_widen_avx512(p, k, dst) },
+        (_, Panel::Q4 { .. }) => widen_portable(p, k, dst),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: see `panel_gemv`.
         (Isa::Avx512, _) => unsafe { x86::widen_avx512(p, k, dst) },
@@ -159,6 +185,12 @@ pub fn panel_value(p: Panel, t: usize, c: usize) -> f32 {
         Panel::Bf16(w) => bf16_to_f32(w[i]),
         Panel::F16(w) => w[i].to_f32(),
         Panel::Q8_0 { q, d } => q[i] as f32 * d[(t / QBLOCK) * PANEL + c],
+        Panel::Q4 { q, d, m } => {
+            let byte = q[t * (PANEL / 2) + c / 2];
+            let nib = if c % 2 == 0 { byte & 0xF } else { byte >> 4 };
+            let s = (t / QBLOCK) * PANEL + q4_scale_index(c);
+            nib as f32 * d[s].to_f32() + m[s].to_f32()
+        }
     }
 }
 
@@ -181,6 +213,7 @@ fn panel_gemv_portable(p: Panel, x: &[f32], rows: usize, k: usize, out: &mut [[f
             // Q8_0 scales are applied per block below.
             *wc = match p {
                 Panel::Q8_0 { q, .. } => q[t * PANEL + c] as f32,
+                // Q4 values carry their scale and offset already.
                 _ => panel_value(p, t, c),
             };
         }
@@ -250,6 +283,7 @@ mod x86 {
                     _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(b.add(1)))),
                 )
             }
+            Panel::Q4 { .. } => unreachable!("Q4 panels have their own kernels"),
         }
     }
 
@@ -261,17 +295,12 @@ mod x86 {
             Panel::Bf16(w) => w.as_ptr().add(i) as *const u8,
             Panel::F16(w) => w.as_ptr().add(i) as *const u8,
             Panel::Q8_0 { q, .. } => q.as_ptr().add(i) as *const u8,
+            Panel::Q4 { q, .. } => q.as_ptr().add(i / 2),
         }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    pub unsafe fn panel_gemv_avx512(
-        p: Panel,
-        x: &[f32],
-        rows: usize,
-        k: usize,
-        out: &mut [[f32; PANEL]; 3],
-    ) {
+    pub unsafe fn panel_gemv_avx512(p: Panel, x: &[f32], rows: usize, k: usize, out: &mut [[f32; PANEL]; 3]) {
         if let Panel::Bf16(w) = p {
             return match rows {
                 1 => gemv_bf16_512::<1>(w, x, k, out),
@@ -354,12 +383,7 @@ mod x86 {
     /// (mask the high halves) as f32 with two cheap integer ops and no shuffles; the columns are
     /// put back in order once at the end.
     #[inline(always)]
-    unsafe fn gemv_bf16_512<const R: usize>(
-        w: &[half::bf16],
-        x: &[f32],
-        k: usize,
-        out: &mut [[f32; PANEL]; 3],
-    ) {
+    unsafe fn gemv_bf16_512<const R: usize>(w: &[half::bf16], x: &[f32], k: usize, out: &mut [[f32; PANEL]; 3]) {
         let hi = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
         let wp = w.as_ptr();
         let mut a = [[_mm512_setzero_ps(); 2]; R];
@@ -402,16 +426,12 @@ mod x86 {
         }
         // Even lanes hold columns 0, 2, .., 30 and odd lanes 1, 3, .., 31: interleave back.
         let lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-        let hi_idx =
-            _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        let hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
         for r in 0..R {
             let e = _mm512_add_ps(a[r][0], b[r][0]);
             let o = _mm512_add_ps(a[r][1], b[r][1]);
             _mm512_storeu_ps(out[r].as_mut_ptr(), _mm512_permutex2var_ps(e, lo_idx, o));
-            _mm512_storeu_ps(
-                out[r].as_mut_ptr().add(16),
-                _mm512_permutex2var_ps(e, hi_idx, o),
-            );
+            _mm512_storeu_ps(out[r].as_mut_ptr().add(16), _mm512_permutex2var_ps(e, hi_idx, o));
         }
     }
 
@@ -430,6 +450,100 @@ mod x86 {
         }
     }
 
+    /// Q4 panel: per step, 16 bytes widen to 16 lanes whose low nibbles are the even columns and
+    /// high nibbles the odd ones. Per block of 32 steps the integer sums are scaled by `d` and the
+    /// block's activation sum is added times `m`; columns are interleaved back at the end.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    pub unsafe fn q4_gemv_avx512(p: Panel, x: &[f32], rows: usize, k: usize, out: &mut [[f32; PANEL]; 3]) {
+        match rows {
+            1 => q4_gemv::<1>(p, x, k, out),
+            2 => q4_gemv::<2>(p, x, k, out),
+            _ => q4_gemv::<3>(p, x, k, out),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn q4_gemv<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f32; PANEL]; 3]) {
+        let Panel::Q4 { q, d, m } = p else { return };
+        let (qp, dp, mp) = (q.as_ptr(), d.as_ptr() as *const __m256i, m.as_ptr() as *const __m256i);
+        let low = _mm512_set1_epi32(0xF);
+        let mut tot = [[_mm512_setzero_ps(); 2]; R];
+        let mut t0 = 0;
+        while t0 < k {
+            let t1 = (t0 + QBLOCK).min(k);
+            let mut acc = [[_mm512_setzero_ps(); 2]; R];
+            let mut xsum = [_mm512_setzero_ps(); R];
+            for t in t0..t1 {
+                if t % 4 == 0 {
+                    prefetch(qp.add(t * 16));
+                }
+                let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(qp.add(t * 16) as *const __m128i));
+                let e = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));
+                let o = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+                for r in 0..R {
+                    let xv = _mm512_set1_ps(*x.get_unchecked(r * k + t));
+                    acc[r][0] = _mm512_fmadd_ps(xv, e, acc[r][0]);
+                    acc[r][1] = _mm512_fmadd_ps(xv, o, acc[r][1]);
+                    xsum[r] = _mm512_add_ps(xsum[r], xv);
+                }
+            }
+            let b = (t0 / QBLOCK) * 2;
+            let (de, dodd) = (
+                _mm512_cvtph_ps(_mm256_loadu_si256(dp.add(b))),
+                _mm512_cvtph_ps(_mm256_loadu_si256(dp.add(b + 1))),
+            );
+            let (me, modd) = (
+                _mm512_cvtph_ps(_mm256_loadu_si256(mp.add(b))),
+                _mm512_cvtph_ps(_mm256_loadu_si256(mp.add(b + 1))),
+            );
+            for r in 0..R {
+                tot[r][0] = _mm512_fmadd_ps(acc[r][0], de, _mm512_fmadd_ps(xsum[r], me, tot[r][0]));
+                tot[r][1] = _mm512_fmadd_ps(acc[r][1], dodd, _mm512_fmadd_ps(xsum[r], modd, tot[r][1]));
+            }
+            t0 = t1;
+        }
+        let lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        for r in 0..R {
+            _mm512_storeu_ps(
+                out[r].as_mut_ptr(),
+                _mm512_permutex2var_ps(tot[r][0], lo_idx, tot[r][1]),
+            );
+            _mm512_storeu_ps(
+                out[r].as_mut_ptr().add(16),
+                _mm512_permutex2var_ps(tot[r][0], hi_idx, tot[r][1]),
+            );
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    pub unsafe fn q4_widen_avx512(p: Panel, k: usize, dst: &mut [f32]) {
+        let Panel::Q4 { q, d, m } = p else { return };
+        let (qp, dp, mp) = (q.as_ptr(), d.as_ptr() as *const __m256i, m.as_ptr() as *const __m256i);
+        let low = _mm512_set1_epi32(0xF);
+        let o = dst.as_mut_ptr();
+        for t in 0..k {
+            let b = (t / QBLOCK) * 2;
+            let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(qp.add(t * 16) as *const __m128i));
+            let e = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));
+            let od = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+            let ve = _mm512_fmadd_ps(
+                e,
+                _mm512_cvtph_ps(_mm256_loadu_si256(dp.add(b))),
+                _mm512_cvtph_ps(_mm256_loadu_si256(mp.add(b))),
+            );
+            let vo = _mm512_fmadd_ps(
+                od,
+                _mm512_cvtph_ps(_mm256_loadu_si256(dp.add(b + 1))),
+                _mm512_cvtph_ps(_mm256_loadu_si256(mp.add(b + 1))),
+            );
+            let lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+            let hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+            _mm512_storeu_ps(o.add(t * PANEL), _mm512_permutex2var_ps(ve, lo_idx, vo));
+            _mm512_storeu_ps(o.add(t * PANEL + 16), _mm512_permutex2var_ps(ve, hi_idx, vo));
+        }
+    }
+
     /// Four vectors (8 columns each) of step t as f32; Q8_0 without its scale.
     #[inline(always)]
     unsafe fn load256(p: Panel, t: usize) -> [__m256; 4] {
@@ -440,25 +554,20 @@ mod x86 {
                 let v = _mm_loadu_si128(w.as_ptr().add(i + 8 * j) as *const __m128i);
                 _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16))
             }),
-            Panel::F16(w) => std::array::from_fn(|j| {
-                _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(i + 8 * j) as *const __m128i))
-            }),
+            Panel::F16(w) => {
+                std::array::from_fn(|j| _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(i + 8 * j) as *const __m128i)))
+            }
             Panel::Q8_0 { q, .. } => std::array::from_fn(|j| {
                 _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
-                    q.as_ptr().add(i + 8 * j) as *const __m128i,
+                    q.as_ptr().add(i + 8 * j) as *const __m128i
                 )))
             }),
+            Panel::Q4 { .. } => unreachable!("Q4 panels have their own kernels"),
         }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn panel_gemv_avx2(
-        p: Panel,
-        x: &[f32],
-        rows: usize,
-        k: usize,
-        out: &mut [[f32; PANEL]; 3],
-    ) {
+    pub unsafe fn panel_gemv_avx2(p: Panel, x: &[f32], rows: usize, k: usize, out: &mut [[f32; PANEL]; 3]) {
         // One activation row at a time: 4 accumulators + 4 weight vectors fit the 16 registers.
         for r in 0..rows {
             let mut tot = [_mm256_setzero_ps(); 4];
@@ -507,10 +616,7 @@ mod x86 {
             let w = load256(p, t);
             for (j, mut v) in w.into_iter().enumerate() {
                 if let Panel::Q8_0 { d, .. } = p {
-                    v = _mm256_mul_ps(
-                        v,
-                        _mm256_loadu_ps(d.as_ptr().add((t / QBLOCK) * PANEL + 8 * j)),
-                    );
+                    v = _mm256_mul_ps(v, _mm256_loadu_ps(d.as_ptr().add((t / QBLOCK) * PANEL + 8 * j)));
                 }
                 _mm256_storeu_ps(o.add(t * PANEL + 8 * j), v);
             }
@@ -544,7 +650,15 @@ mod tests {
             let d: Vec<f32> = (0..k.div_ceil(QBLOCK) * PANEL)
                 .map(|i| 0.01 + (i % 7) as f32 * 0.001)
                 .collect();
+            let q4: Vec<u8> = (0..k * PANEL / 2).map(|i| ((i * 37 + 11) % 256) as u8).collect();
+            let d4: Vec<half::f16> = (0..k.div_ceil(QBLOCK) * PANEL)
+                .map(|i| half::f16::from_f32(0.02 + (i % 5) as f32 * 0.003))
+                .collect();
+            let m4: Vec<half::f16> = (0..k.div_ceil(QBLOCK) * PANEL)
+                .map(|i| half::f16::from_f32(-0.1 + (i % 3) as f32 * 0.05))
+                .collect();
             let panels = [
+                Panel::Q4 { q: &q4, d: &d4, m: &m4 },
                 Panel::F32(&wf),
                 Panel::Bf16(&bf),
                 Panel::F16(&hf),
@@ -560,16 +674,10 @@ mod tests {
                         widen_panel(isa, p, k, &mut wide);
                         for c in 0..PANEL {
                             for t in 0..k {
-                                assert_eq!(
-                                    wide[t * PANEL + c],
-                                    panel_value(p, t, c),
-                                    "{isa:?} widen"
-                                );
+                                assert_eq!(wide[t * PANEL + c], panel_value(p, t, c), "{isa:?} widen");
                             }
                             for r in 0..rows {
-                                let want: f64 = (0..k)
-                                    .map(|t| x[r * k + t] as f64 * panel_value(p, t, c) as f64)
-                                    .sum();
+                                let want: f64 = (0..k).map(|t| x[r * k + t] as f64 * panel_value(p, t, c) as f64).sum();
                                 let got = out[r][c] as f64;
                                 assert!(
                                     (got - want).abs() < 1e-4 * (k as f64).sqrt(),

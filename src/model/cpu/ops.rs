@@ -17,10 +17,7 @@ pub fn exp_approx(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0;
     let n = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
@@ -130,9 +127,7 @@ mod tests {
 
     #[test]
     fn norm_and_gating_match_reference_on_every_isa() {
-        let x: Vec<f32> = (0..2 * 37)
-            .map(|i| ((i * 7919) % 113) as f32 / 50.0 - 1.0)
-            .collect();
+        let x: Vec<f32> = (0..2 * 37).map(|i| ((i * 7919) % 113) as f32 / 50.0 - 1.0).collect();
         let w: Vec<f32> = (0..37).map(|i| 0.5 + i as f32 / 37.0).collect();
         for isa in Isa::supported() {
             let mut out = vec![0f32; 74];

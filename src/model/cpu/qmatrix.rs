@@ -15,8 +15,8 @@ use rayon::prelude::*;
 
 use super::arena::{Arena, ArenaWriter, Region};
 use super::gemm::{gemm_panels, Out};
-use super::kernels::{panel_gemv, panel_value, Isa, Panel, PANEL, QBLOCK};
-use super::quant::quantize_row_q8_0;
+use super::kernels::{panel_gemv, panel_value, q4_scale_index, Isa, Panel, PANEL, QBLOCK};
+use super::quant::{quantize_row_q4, quantize_row_q8_0};
 
 /// Storage format of a weight matrix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +25,10 @@ pub enum Format {
     Bf16,
     F16,
     Q8_0,
+    /// 4-bit blocks of 32 with a scale (llama.cpp's Q4_0: values (q - 8) · d).
+    Q4_0,
+    /// 4-bit blocks of 32 with a scale and an offset (llama.cpp's Q4_1: q · d + m).
+    Q4_1,
 }
 
 impl Format {
@@ -34,6 +38,8 @@ impl Format {
             Format::Bf16 => "bf16",
             Format::F16 => "f16",
             Format::Q8_0 => "q8_0",
+            Format::Q4_0 => "q4_0",
+            Format::Q4_1 => "q4_1",
         }
     }
 
@@ -44,6 +50,7 @@ impl Format {
             Format::F32 => rows * cols * 4,
             Format::Bf16 | Format::F16 => rows * cols * 2,
             Format::Q8_0 => rows * cols + rows * cols.div_ceil(QBLOCK) * 4,
+            Format::Q4_0 | Format::Q4_1 => rows * cols / 2 + rows * cols.div_ceil(QBLOCK) * 4,
         }
     }
 
@@ -54,8 +61,11 @@ impl Format {
             Format::F32 => Arena::size_of::<f32>(n),
             Format::Bf16 | Format::F16 => Arena::size_of::<u16>(n),
             Format::Q8_0 => {
-                Arena::size_of::<i8>(n)
-                    + Arena::size_of::<f32>(rows.div_ceil(PANEL) * PANEL * cols.div_ceil(QBLOCK))
+                Arena::size_of::<i8>(n) + Arena::size_of::<f32>(rows.div_ceil(PANEL) * PANEL * cols.div_ceil(QBLOCK))
+            }
+            Format::Q4_0 | Format::Q4_1 => {
+                let scales = rows.div_ceil(PANEL) * PANEL * cols.div_ceil(QBLOCK);
+                Arena::size_of::<u8>(n / 2) + 2 * Arena::size_of::<f16>(scales)
             }
         }
     }
@@ -66,7 +76,17 @@ pub enum MatData {
     F32(Region<f32>),
     Bf16(Region<bf16>),
     F16(Region<f16>),
-    Q8_0 { q: Region<i8>, d: Region<f32> },
+    Q8_0 {
+        q: Region<i8>,
+        d: Region<f32>,
+    },
+    /// Nibbles, scales and offsets (see `kernels::Panel::Q4`); `q4_0` tells the two flavours apart.
+    Q4 {
+        q: Region<u8>,
+        d: Region<f16>,
+        m: Region<f16>,
+        q4_0: bool,
+    },
 }
 
 /// A `rows x cols` weight matrix (output features x input features) in panels of 32 rows.
@@ -79,12 +99,7 @@ pub struct QMatrix {
 
 impl QMatrix {
     /// Reserves a zeroed matrix in `arena`.
-    pub fn alloc(
-        arena: &mut Arena,
-        format: Format,
-        rows: usize,
-        cols: usize,
-    ) -> anyhow::Result<Self> {
+    pub fn alloc(arena: &mut Arena, format: Format, rows: usize, cols: usize) -> anyhow::Result<Self> {
         let n = rows.div_ceil(PANEL) * PANEL * cols;
         let data = match format {
             Format::F32 => MatData::F32(arena.alloc(n)?),
@@ -94,6 +109,15 @@ impl QMatrix {
                 q: arena.alloc(n)?,
                 d: arena.alloc(rows.div_ceil(PANEL) * PANEL * cols.div_ceil(QBLOCK))?,
             },
+            Format::Q4_0 | Format::Q4_1 => {
+                let scales = rows.div_ceil(PANEL) * PANEL * cols.div_ceil(QBLOCK);
+                MatData::Q4 {
+                    q: arena.alloc(n / 2)?,
+                    d: arena.alloc(scales)?,
+                    m: arena.alloc(scales)?,
+                    q4_0: format == Format::Q4_0,
+                }
+            }
         };
         Ok(Self { rows, cols, data })
     }
@@ -104,6 +128,8 @@ impl QMatrix {
             MatData::Bf16(_) => Format::Bf16,
             MatData::F16(_) => Format::F16,
             MatData::Q8_0 { .. } => Format::Q8_0,
+            MatData::Q4 { q4_0: true, .. } => Format::Q4_0,
+            MatData::Q4 { .. } => Format::Q4_1,
         }
     }
 
@@ -131,6 +157,11 @@ impl QMatrix {
                     d: &arena.get(d)[b * dl..(b + 1) * dl],
                 }
             }
+            MatData::Q4 { q, d, m, .. } => Panel::Q4 {
+                q: &arena.get(q)[b * len / 2..(b + 1) * len / 2],
+                d: &arena.get(d)[b * dl..(b + 1) * dl],
+                m: &arena.get(m)[b * dl..(b + 1) * dl],
+            },
         }
     }
 
@@ -152,9 +183,7 @@ impl QMatrix {
         let live = PANEL.min(self.rows - b * PANEL);
         match self.data {
             MatData::F32(r) => transpose_into(w.range_mut(r, lo, hi), rows, k, live, |v| v),
-            MatData::Bf16(r) => {
-                transpose_into(w.range_mut(r, lo, hi), rows, k, live, bf16::from_f32)
-            }
+            MatData::Bf16(r) => transpose_into(w.range_mut(r, lo, hi), rows, k, live, bf16::from_f32),
             MatData::F16(r) => transpose_into(w.range_mut(r, lo, hi), rows, k, live, f16::from_f32),
             MatData::Q8_0 { q, d } => {
                 let nb = k.div_ceil(QBLOCK);
@@ -171,6 +200,56 @@ impl QMatrix {
                         ds[tb * PANEL + c] = *dv;
                     }
                 }
+            }
+            MatData::Q4 { q, d, m, q4_0 } => {
+                let nb = k.div_ceil(QBLOCK);
+                let mut nib = vec![0u8; k];
+                let mut drow = vec![(0f32, 0f32); nb];
+                let columns: Vec<Q4Column> = (0..live)
+                    .map(|c| {
+                        quantize_row_q4(&rows[c * k..(c + 1) * k], q4_0, &mut nib, &mut drow);
+                        Q4Column {
+                            nibbles: nib.clone(),
+                            scales: drow
+                                .iter()
+                                .map(|(dv, mv)| (f16::from_f32(*dv), f16::from_f32(*mv)))
+                                .collect(),
+                        }
+                    })
+                    .collect();
+                self.write_q4_columns(w, b, q, d, m, &columns);
+            }
+        }
+    }
+
+    /// Writes Q4 columns (one per live row of panel `b`) into the panel layout.
+    ///
+    /// # Safety
+    /// As `write_panel`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn write_q4_columns(
+        &self,
+        w: ArenaWriter,
+        b: usize,
+        q: Region<u8>,
+        d: Region<f16>,
+        m: Region<f16>,
+        columns: &[Q4Column],
+    ) {
+        let k = self.cols;
+        let nb = k.div_ceil(QBLOCK);
+        let qs = w.range_mut(q, b * k * PANEL / 2, (b + 1) * k * PANEL / 2);
+        let ds = w.range_mut(d, b * nb * PANEL, (b + 1) * nb * PANEL);
+        let ms = w.range_mut(m, b * nb * PANEL, (b + 1) * nb * PANEL);
+        for (c, col) in columns.iter().enumerate() {
+            let shift = if c % 2 == 0 { 0 } else { 4 };
+            for t in 0..k {
+                let byte = &mut qs[t * (PANEL / 2) + c / 2];
+                *byte = (*byte & !(0xF << shift)) | ((col.nibbles[t] & 0xF) << shift);
+            }
+            for (tb, (dv, mv)) in col.scales.iter().enumerate() {
+                ds[tb * PANEL + q4_scale_index(c)] = *dv;
+                ms[tb * PANEL + q4_scale_index(c)] = *mv;
             }
         }
     }
@@ -192,7 +271,7 @@ impl QMatrix {
                 f16::from_bits(u16::from_le_bytes(v))
             }),
             MatData::F32(r) => transpose_bytes(w.range_mut(r, lo, hi), rows, k, f32::from_le_bytes),
-            MatData::Q8_0 { .. } => return false,
+            MatData::Q8_0 { .. } | MatData::Q4 { .. } => return false,
         }
         true
     }
@@ -206,14 +285,14 @@ impl QMatrix {
     }
 }
 
+/// One row of a matrix in Q4 form: a nibble per weight and (scale, offset) per block of 32.
+pub struct Q4Column {
+    pub nibbles: Vec<u8>,
+    pub scales: Vec<(f16, f16)>,
+}
+
 /// `dst[t * 32 + c] = conv(src[c * k + t])` for the first `live` columns.
-fn transpose_into<T: Copy>(
-    dst: &mut [T],
-    src: &[f32],
-    k: usize,
-    live: usize,
-    conv: impl Fn(f32) -> T,
-) {
+fn transpose_into<T: Copy>(dst: &mut [T], src: &[f32], k: usize, live: usize, conv: impl Fn(f32) -> T) {
     const TB: usize = 32;
     for t0 in (0..k).step_by(TB) {
         for c in 0..live {
@@ -226,12 +305,7 @@ fn transpose_into<T: Copy>(
 
 /// `dst[t * 32 + c] = conv(rows[c][t])` for stored elements of `S` bytes.
 /// Blocked by 32 input steps so that the rows read and the panel lines written stay in L1.
-fn transpose_bytes<T: Copy, const S: usize>(
-    dst: &mut [T],
-    rows: &[&[u8]],
-    k: usize,
-    conv: impl Fn([u8; S]) -> T,
-) {
+fn transpose_bytes<T: Copy, const S: usize>(dst: &mut [T], rows: &[&[u8]], k: usize, conv: impl Fn([u8; S]) -> T) {
     const TB: usize = 32;
     for t0 in (0..k).step_by(TB) {
         let t1 = (t0 + TB).min(k);
@@ -278,9 +352,7 @@ pub fn matmul_with(isa: Isa, arena: &Arena, w: &QMatrix, x: &[f32], m: usize, ou
             let live = PANEL.min(n - j0);
             for (i, row) in acc.iter().enumerate().take(m) {
                 // SAFETY: columns of this panel belong to this task alone.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(row.as_ptr(), out_ptr.at(i * n + j0), live)
-                };
+                unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out_ptr.at(i * n + j0), live) };
             }
         }
     });
@@ -331,7 +403,14 @@ mod tests {
         ] {
             let wf = rand_vec(n * k, 1);
             let x = rand_vec(m * k, 2);
-            for format in [Format::F32, Format::Bf16, Format::F16, Format::Q8_0] {
+            for format in [
+                Format::F32,
+                Format::Bf16,
+                Format::F16,
+                Format::Q8_0,
+                Format::Q4_0,
+                Format::Q4_1,
+            ] {
                 let (arena, w) = build(format, &wf, n, k);
                 // The reference uses the stored (rounded) weights.
                 let mut deq = vec![0f32; n * k];
@@ -343,11 +422,9 @@ mod tests {
                             Format::F16 => 1e-3,
                             Format::Bf16 => 1e-2,
                             Format::Q8_0 => 1e-2,
+                            Format::Q4_0 | Format::Q4_1 => 0.15,
                         };
-                        assert!(
-                            (deq[r * k + t] - wf[r * k + t]).abs() <= tol,
-                            "{format:?} stored value"
-                        );
+                        assert!((deq[r * k + t] - wf[r * k + t]).abs() <= tol, "{format:?} stored value");
                     }
                 }
                 for isa in Isa::supported() {
@@ -355,9 +432,7 @@ mod tests {
                     matmul_with(isa, &arena, &w, &x, m, &mut out);
                     for i in 0..m {
                         for j in 0..n {
-                            let want: f64 = (0..k)
-                                .map(|t| x[i * k + t] as f64 * deq[j * k + t] as f64)
-                                .sum();
+                            let want: f64 = (0..k).map(|t| x[i * k + t] as f64 * deq[j * k + t] as f64).sum();
                             let got = out[i * n + j] as f64;
                             assert!(
                                 (got - want).abs() <= 1e-4 * (k as f64).sqrt(),

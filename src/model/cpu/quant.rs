@@ -23,6 +23,33 @@ pub fn quantize_row_q8_0(src: &[f32], q: &mut [i8], d: &mut [f32]) {
     }
 }
 
+/// Quantizes one row to 4 bits per weight: `nib` gets one value 0..=15 per weight and
+/// `dm` a (scale, offset) per block, so that weight = nib · scale + offset. `q4_0` follows
+/// llama.cpp's Q4_0 (a signed scale from the largest magnitude, offset -8 · scale); otherwise Q4_1
+/// (the block's range split in 15 steps from its minimum).
+pub fn quantize_row_q4(src: &[f32], q4_0: bool, nib: &mut [u8], dm: &mut [(f32, f32)]) {
+    for (b, chunk) in src.chunks(BLOCK).enumerate() {
+        let (d, m) = if q4_0 {
+            let max = chunk.iter().fold(0f32, |a, v| if v.abs() > a.abs() { *v } else { a });
+            let d = half::f16::from_f32(max / -8.0).to_f32();
+            (d, -8.0 * d)
+        } else {
+            let (lo, hi) = chunk
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), v| (l.min(*v), h.max(*v)));
+            (
+                half::f16::from_f32((hi - lo) / 15.0).to_f32(),
+                half::f16::from_f32(lo).to_f32(),
+            )
+        };
+        let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+        dm[b] = (d, m);
+        for (i, v) in chunk.iter().enumerate() {
+            nib[b * BLOCK + i] = ((v - m) * inv).round().clamp(0.0, 15.0) as u8;
+        }
+    }
+}
+
 /// `dst[i] = q[i] · d[i / 32]`.
 pub fn dequantize_row_q8_0(q: &[i8], d: &[f32], dst: &mut [f32]) {
     for (i, (o, v)) in dst.iter_mut().zip(q).enumerate() {
@@ -55,10 +82,7 @@ mod tests {
         let mut back = vec![0f32; 100];
         dequantize_row_q8_0(&q, &d, &mut back);
         for (i, (a, b)) in v.iter().zip(&back).enumerate() {
-            assert!(
-                (a - b).abs() <= d[i / BLOCK] * 0.5 + 1e-6,
-                "{i}: {a} vs {b}"
-            );
+            assert!((a - b).abs() <= d[i / BLOCK] * 0.5 + 1e-6, "{i}: {a} vs {b}");
         }
         // An all-zero block has scale 0 and stays 0.
         let mut q = vec![1i8; 32];
