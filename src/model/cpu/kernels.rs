@@ -125,7 +125,7 @@ pub enum Panel<'a> {
 /// Index of column `c`'s scale within a Q4 block's 32 (even columns first, then odd).
 #[inline]
 pub fn q4_scale_index(c: usize) -> usize {
-    if c % 2 == 0 {
+    if c.is_multiple_of(2) {
         c / 2
     } else {
         16 + c / 2
@@ -187,7 +187,7 @@ pub fn panel_value(p: Panel, t: usize, c: usize) -> f32 {
         Panel::Q8_0 { q, d } => q[i] as f32 * d[(t / QBLOCK) * PANEL + c],
         Panel::Q4 { q, d, m } => {
             let byte = q[t * (PANEL / 2) + c / 2];
-            let nib = if c % 2 == 0 { byte & 0xF } else { byte >> 4 };
+            let nib = if c.is_multiple_of(2) { byte & 0xF } else { byte >> 4 };
             let s = (t / QBLOCK) * PANEL + q4_scale_index(c);
             nib as f32 * d[s].to_f32() + m[s].to_f32()
         }
