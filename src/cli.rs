@@ -229,7 +229,8 @@ pub struct RunArgs {
 /// Which model, where it runs, and how its prompt is built.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Model directory (config.json, tokenizer.json, *.safetensors) or hub id
+    /// Model directory (config.json, tokenizer.json, *.safetensors), GGUF file, or hub id
+    /// (owner/name[@revision], or owner/name:QUANT for a GGUF file in the repo)
     #[arg(short, long, value_name = "MODEL", env = "ZAGREUS_MODEL", default_value = DEFAULT_MODEL, help_heading = "Model")]
     pub model: String,
 
@@ -256,6 +257,10 @@ pub struct ModelArgs {
     /// Use this Jinja chat template instead of the model's
     #[arg(long, value_name = "FILE", help_heading = "Model")]
     pub chat_template: Option<PathBuf>,
+
+    /// Use this tokenizer.json instead of the model's (or the GGUF's own)
+    #[arg(long, value_name = "FILE", help_heading = "Model")]
+    pub tokenizer: Option<PathBuf>,
 
     /// Do not put the BOS token in front of the prompt
     #[arg(long, help_heading = "Model")]

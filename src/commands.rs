@@ -12,11 +12,26 @@ use crate::source::ModelSource;
 /// `zagreus pull MODEL`: download into the cache; print the local directory on stdout.
 pub fn pull(args: &PullArgs) -> Result<()> {
     let (repo, revision) = match ModelSource::parse(&args.model)? {
-        ModelSource::Hub { repo, revision } => (repo, revision),
-        ModelSource::Dir(d) => bail!(
-            "{} is a local directory; `pull` takes a hub id (owner/name[@revision])",
-            d.display()
-        ),
+        ModelSource::Hub {
+            repo,
+            revision,
+            gguf: Some(tag),
+        } => {
+            let path = hub::resolve_gguf(&repo, revision.as_deref(), &tag, &HubConfig::from_env(false))?;
+            writeln!(std::io::stdout(), "{}", path.display())?;
+            return Ok(());
+        }
+        ModelSource::Hub {
+            repo,
+            revision,
+            gguf: None,
+        } => (repo, revision),
+        ModelSource::Dir(d) | ModelSource::Gguf(d) => {
+            bail!(
+                "{} is a local path; `pull` takes a hub id (owner/name[@revision][:QUANT])",
+                d.display()
+            )
+        }
     };
     let cfg = HubConfig::from_env(false);
     if cfg.offline {

@@ -51,10 +51,20 @@ fn open_cuda(ordinal: usize) -> Result<Device> {
     let opened = std::panic::catch_unwind(|| Device::new_cuda(ordinal));
     match opened {
         Ok(Ok(d)) => Ok(d),
-        Ok(Err(e)) => bail!(
-            "--device cuda:{ordinal}: cannot open the GPU: {}",
-            crate::model::weights::strip_candle(e)
-        ),
+        Ok(Err(e)) => {
+            let msg = crate::model::weights::strip_candle(e);
+            // cudarc reports driver errors as `DriverError(CUDA_ERROR_..., "...")`: keep the code.
+            let code = msg
+                .split(|c: char| !(c.is_ascii_uppercase() || c == '_'))
+                .find(|w| w.starts_with("CUDA_ERROR_"));
+            match code {
+                Some("CUDA_ERROR_STUB_LIBRARY") => bail!(
+                    "--device cuda:{ordinal}: no NVIDIA driver here (only the CUDA stub library): no GPU can be used"
+                ),
+                Some(code) => bail!("--device cuda:{ordinal}: cannot open the GPU: the driver says {code}"),
+                None => bail!("--device cuda:{ordinal}: cannot open the GPU: {msg}"),
+            }
+        }
         Err(_) => {
             bail!("--device cuda:{ordinal}: cannot open the GPU: the NVIDIA driver (libcuda) is missing or unusable")
         }

@@ -258,6 +258,93 @@ fn download(repo: &str, rev: &str, label: &str, cfg: &HubConfig) -> Result<Model
     snapshot_files(cfg, repo, &commit, label)
 }
 
+/// Resolves a GGUF file of a hub repo by its quantization tag (`owner/name:Q8_0`), from the cache
+/// when it is there, else downloading just that file.
+pub fn resolve_gguf(repo: &str, revision: Option<&str>, tag: &str, cfg: &HubConfig) -> Result<PathBuf> {
+    let rev = revision.unwrap_or("main");
+    let label = format!("{repo}{}:{tag}", revision.map(|r| format!("@{r}")).unwrap_or_default());
+    if let Some(commit) = cached_commit(cfg, repo, rev) {
+        let snap = repo_dir(cfg, repo).join("snapshots").join(&commit);
+        let names: Vec<String> = std::fs::read_dir(&snap)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .collect();
+        if let Some(name) = pick_gguf(&names, tag) {
+            return Ok(snap.join(name));
+        }
+    }
+    if cfg.offline {
+        bail!(
+            "offline: {label} is not in the cache ({}); download it first with `zagreus pull {label}` while online",
+            cfg.cache_dir.display()
+        );
+    }
+    let api = ApiBuilder::from_cache(Cache::new(cfg.cache_dir.clone()))
+        .with_endpoint(cfg.endpoint.clone())
+        .with_token(cfg.token.clone())
+        .with_progress(false)
+        .with_user_agent("zagreus", env!("CARGO_PKG_VERSION"))
+        .build()
+        .map_err(|e| explain(e, cfg, &label, None))?;
+    let api_repo = api.repo(Repo::with_revision(repo.to_string(), RepoType::Model, rev.to_string()));
+    let info = api_repo.info().map_err(|e| explain(e, cfg, &label, None))?;
+    let names: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
+    let Some(name) = pick_gguf(&names, tag) else {
+        let ggufs: Vec<&str> = names
+            .iter()
+            .filter(|n| n.ends_with(".gguf"))
+            .map(|n| n.as_str())
+            .collect();
+        if ggufs.is_empty() {
+            bail!("{label}: the repo has no GGUF files");
+        }
+        bail!(
+            "{label}: no GGUF file matches `{tag}`; the repo has {}",
+            ggufs.join(", ")
+        );
+    };
+    if name.contains("-of-") {
+        bail!("{label}: {name} is one part of a split GGUF, which zagreus does not load");
+    }
+    eprintln!(
+        "zagreus: downloading {name} from {repo} into {}",
+        cfg.cache_dir.display()
+    );
+    let path = api_repo
+        .download_with_progress(&name, DownloadProgress::new(std::io::stderr().is_terminal()))
+        .map_err(|e| explain(e, cfg, &label, Some(&name)))?;
+    if !is_commit(rev) {
+        let ref_path = repo_dir(cfg, repo).join("refs").join(rev);
+        if let Some(parent) = ref_path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot write to the cache {}", cfg.cache_dir.display()))?;
+        }
+        std::fs::write(&ref_path, &info.sha).with_context(|| format!("cannot write {}", ref_path.display()))?;
+    }
+    Ok(path)
+}
+
+/// The GGUF file whose name carries quantization `tag` (case-insensitive), preferring the
+/// shortest name where several match.
+fn pick_gguf(names: &[String], tag: &str) -> Option<String> {
+    let tag = tag.to_ascii_lowercase();
+    names
+        .iter()
+        .filter(|n| n.ends_with(".gguf") && !n.contains('/'))
+        .filter(|n| {
+            let lower = n.to_ascii_lowercase();
+            let stem = &lower[..lower.len() - 5];
+            stem.split(['-', '.', '_'])
+                .collect::<Vec<_>>()
+                .windows(tag.split('_').count())
+                .any(|w| w.join("_") == tag)
+        })
+        .min_by_key(|n| n.len())
+        .cloned()
+}
+
 /// One clear sentence for each way a download fails.
 fn explain(e: ApiError, cfg: &HubConfig, label: &str, file: Option<&str>) -> anyhow::Error {
     let what = match file {

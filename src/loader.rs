@@ -9,9 +9,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 
 use crate::model::cpu::arena::Placement;
+use crate::model::gguf::GgufLlama;
 use crate::model::weights::Weights;
 use crate::model::{CpuLlama, Format, GenerationConfig, Llama, LlamaConfig, Model};
-use crate::source::ModelFiles;
+use crate::source::{ModelFiles, Resolved};
 use crate::template::{ChatTemplate, TemplateTokens};
 use crate::tokenizer::{Tokenizer, TokenizerConfig};
 
@@ -44,6 +45,8 @@ pub struct LoadOptions<'a> {
     pub quantize: Option<Format>,
     /// `--chat-template FILE`.
     pub chat_template: Option<&'a Path>,
+    /// `--tokenizer FILE`: a tokenizer.json to use instead of the model's.
+    pub tokenizer: Option<&'a Path>,
     pub engine: Engine,
 }
 
@@ -77,17 +80,19 @@ pub fn default_dtype(stored: Option<DType>, device: &Device) -> DType {
 pub fn load_for(args: &crate::cli::ModelArgs) -> Result<(LoadedModel, usize)> {
     let threads = crate::device::set_threads(args.threads)?;
     let device = args.device.open()?;
-    let files = crate::source::resolve(&args.model, args.offline).context("--model")?;
-    let loaded = load(
-        &files,
-        &LoadOptions {
-            device,
-            dtype: args.dtype.to_dtype(),
-            quantize: args.quantize.map(|q| q.format()),
-            chat_template: args.chat_template.as_deref(),
-            engine: Engine::Auto,
-        },
-    )?;
+    let resolved = crate::source::resolve(&args.model, args.offline).context("--model")?;
+    let opts = LoadOptions {
+        device,
+        dtype: args.dtype.to_dtype(),
+        quantize: args.quantize.map(|q| q.format()),
+        chat_template: args.chat_template.as_deref(),
+        tokenizer: args.tokenizer.as_deref(),
+        engine: Engine::Auto,
+    };
+    let loaded = match resolved {
+        Resolved::Files(files) => load(&files, &opts)?,
+        Resolved::Gguf { path, name } => load_gguf(&path, &name, &opts)?,
+    };
     Ok((loaded, threads))
 }
 
@@ -108,6 +113,7 @@ impl LoadOptions<'_> {
             dtype: None,
             quantize: None,
             chat_template: None,
+            tokenizer: None,
             engine: Engine::Auto,
         }
     }
@@ -144,7 +150,7 @@ fn load_network(config: &LlamaConfig, files: &ModelFiles, opts: &LoadOptions) ->
                 (None, DType::F16) => Format::F16,
                 (None, _) => Format::F32,
             };
-            Model::Cpu(CpuLlama::load(config, &weights, format, Placement::from_env())?)
+            Model::Cpu(CpuLlama::load(config, &weights, Some(format), Placement::from_env())?)
         }
         _ => {
             if opts.quantize.is_some() {
@@ -166,11 +172,12 @@ pub fn load(files: &ModelFiles, opts: &LoadOptions) -> Result<LoadedModel> {
         Some(p) => TokenizerConfig::from_file(p)?,
         None => TokenizerConfig::default(),
     };
+    let tokenizer_path = opts.tokenizer.unwrap_or(&files.tokenizer);
     // Parsing a large tokenizer.json takes a few hundred milliseconds: overlap it with the weights.
     let (tokenizer, model) = std::thread::scope(|scope| -> Result<(Tokenizer, Model)> {
         let tok = scope.spawn(|| {
-            Tokenizer::from_file(&files.tokenizer, &tcfg, config.bos_token_id)
-                .with_context(|| format!("loading {}", files.tokenizer.display()))
+            Tokenizer::from_file(tokenizer_path, &tcfg, config.bos_token_id)
+                .with_context(|| format!("loading {}", tokenizer_path.display()))
         });
         let model = load_network(&config, files, opts);
         let tokenizer = tok
@@ -178,30 +185,119 @@ pub fn load(files: &ModelFiles, opts: &LoadOptions) -> Result<LoadedModel> {
             .map_err(|_| anyhow::anyhow!("internal error: the tokenizer loader panicked"))??;
         Ok((tokenizer, model?))
     })?;
+    let origin = files
+        .tokenizer_config
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let template = choose_template(
+        opts,
+        files.chat_template.as_deref(),
+        tcfg.chat_template.as_deref(),
+        &origin,
+    )?;
+    assemble(Parts {
+        name: files.name.clone(),
+        config,
+        generation,
+        tcfg,
+        tokenizer,
+        tokenizer_origin: tokenizer_path.display().to_string(),
+        template,
+        model,
+        start,
+    })
+}
 
-    let (template, has_template) = match (opts.chat_template, &files.chat_template, &tcfg.chat_template) {
+/// Loads a Llama GGUF file: weights kept in their quantization where the engine has kernels for
+/// it (Q8_0, Q4_0, Q4_1, F32, F16, BF16; others become Q8_0), the tokenizer and chat template
+/// from its metadata (or `--tokenizer` / `--chat-template`).
+pub fn load_gguf(path: &Path, name: &str, opts: &LoadOptions) -> Result<LoadedModel> {
+    let start = Instant::now();
+    if !opts.device.is_cpu() || opts.engine != Engine::Auto {
+        bail!("GGUF models run on the CPU engine; use --device cpu");
+    }
+    let gguf = GgufLlama::open(path)?;
+    let (mut tokenizer_raw, tcfg) = crate::tokenizer::from_gguf(&gguf.file)?;
+    let mut tokenizer_origin = path.display().to_string();
+    if let Some(p) = opts.tokenizer {
+        tokenizer_raw = tokenizers::Tokenizer::from_file(p)
+            .map_err(|e| anyhow::anyhow!("{} is not a valid tokenizer.json: {e}", p.display()))?;
+        tokenizer_origin = p.display().to_string();
+    }
+    let tokenizer = Tokenizer::new(tokenizer_raw, &tcfg, gguf.config.bos_token_id)
+        .with_context(|| format!("the tokenizer of {tokenizer_origin}"))?;
+    let format = match (opts.quantize, opts.dtype) {
+        (Some(q), _) => Some(q),
+        (None, Some(DType::BF16)) => Some(Format::Bf16),
+        (None, Some(DType::F16)) => Some(Format::F16),
+        (None, Some(_)) => Some(Format::F32),
+        (None, None) => None,
+    };
+    let model = Model::Cpu(CpuLlama::load(&gguf.config, &gguf, format, Placement::from_env())?);
+    let template = choose_template(opts, None, tcfg.chat_template.as_deref(), &path.display().to_string())?;
+    assemble(Parts {
+        name: name.to_string(),
+        config: gguf.config.clone(),
+        generation: GenerationConfig::default(),
+        tcfg,
+        tokenizer,
+        tokenizer_origin,
+        template,
+        model,
+        start,
+    })
+}
+
+/// `--chat-template`, else the model's own (a file, or the template text and where it came
+/// from), else the built-in ChatML. Returns the template and whether it is not the fallback.
+fn choose_template(
+    opts: &LoadOptions,
+    file: Option<&Path>,
+    text: Option<&str>,
+    origin: &str,
+) -> Result<(ChatTemplate, bool)> {
+    Ok(match (opts.chat_template, file, text) {
         (Some(path), _, _) => (ChatTemplate::from_file(path)?, true),
         (None, Some(path), _) => (ChatTemplate::from_file(path)?, true),
-        (None, None, Some(src)) => {
-            let origin = files
-                .tokenizer_config
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default();
-            (ChatTemplate::new(src.clone(), origin)?, true)
-        }
+        (None, None, Some(src)) => (ChatTemplate::new(src, origin)?, true),
         (None, None, None) => (ChatTemplate::chatml(), false),
-    };
+    })
+}
 
+/// Everything a loaded model is made of, before the stop set and template tokens are derived.
+struct Parts {
+    name: String,
+    config: LlamaConfig,
+    generation: GenerationConfig,
+    tcfg: TokenizerConfig,
+    tokenizer: Tokenizer,
+    tokenizer_origin: String,
+    template: (ChatTemplate, bool),
+    model: Model,
+    start: Instant,
+}
+
+fn assemble(p: Parts) -> Result<LoadedModel> {
+    let Parts {
+        name,
+        config,
+        generation,
+        tcfg,
+        tokenizer,
+        tokenizer_origin,
+        template,
+        model,
+        start,
+    } = p;
+    let (template, has_template) = template;
     if tokenizer.vocab_size() > model.vocab_size() {
         bail!(
-            "{} has {} tokens but the model's embedding has only {} rows",
-            files.tokenizer.display(),
+            "{tokenizer_origin} has {} tokens but the model's embedding has only {} rows",
             tokenizer.vocab_size(),
             model.vocab_size()
         );
     }
-
     let mut stop_ids: BTreeSet<u32> = config.eos_token_ids.iter().copied().collect();
     if let Some(e) = &generation.eos_token_id {
         stop_ids.extend(e.to_vec());
@@ -217,7 +313,6 @@ pub fn load(files: &ModelFiles, opts: &LoadOptions) -> Result<LoadedModel> {
         }
     }
     stop_ids.retain(|id| (*id as usize) < model.vocab_size());
-
     let template_tokens = TemplateTokens {
         bos_token: tcfg
             .bos_token
@@ -228,7 +323,7 @@ pub fn load(files: &ModelFiles, opts: &LoadOptions) -> Result<LoadedModel> {
         unk_token: tcfg.unk_token.clone(),
     };
     Ok(LoadedModel {
-        name: files.name.clone(),
+        name,
         model,
         tokenizer,
         template,

@@ -1,5 +1,6 @@
-//! Where a model comes from (`--model`): a local directory now; the design leaves room for hub ids
-//! and GGUF files. Resolving a source yields the paths of the files a model needs.
+//! Where a model comes from (`--model`): a local directory, a GGUF file, or a hub id (a
+//! transformers repo, or a GGUF file in a repo with `:QUANT`). Resolving a source yields the paths
+//! of the files a model needs.
 
 use std::path::{Path, PathBuf};
 
@@ -14,8 +15,32 @@ pub const DEFAULT_MODEL: &str = "mii-llm/open-zagreus-0.4B";
 pub enum ModelSource {
     /// A directory holding config.json, tokenizer.json and safetensors weights.
     Dir(PathBuf),
-    /// A Hugging Face hub repository, `owner/name[@revision]`.
-    Hub { repo: String, revision: Option<String> },
+    /// A GGUF file.
+    Gguf(PathBuf),
+    /// A Hugging Face hub repository, `owner/name[@revision][:QUANT]`; with a quantization tag,
+    /// the repo's GGUF file of that quantization.
+    Hub {
+        repo: String,
+        revision: Option<String>,
+        gguf: Option<String>,
+    },
+}
+
+/// A resolved model: safetensors files, or one GGUF file.
+#[derive(Debug, Clone)]
+pub enum Resolved {
+    Files(ModelFiles),
+    Gguf { path: PathBuf, name: String },
+}
+
+/// Whether a file is a GGUF (by its magic bytes).
+pub fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"GGUF"
 }
 
 impl ModelSource {
@@ -27,16 +52,18 @@ impl ModelSource {
             if path.is_dir() {
                 return Ok(Self::Dir(path.to_path_buf()));
             }
-            if spec.ends_with(".gguf") {
-                bail!(
-                    "{spec}: GGUF files are not supported yet; point --model at a directory with safetensors weights"
-                );
+            if spec.ends_with(".gguf") || is_gguf(path) {
+                return Ok(Self::Gguf(path.to_path_buf()));
             }
-            bail!("{spec} is a file, not a model directory (config.json, tokenizer.json, *.safetensors)");
+            bail!("{spec} is a file, but neither a GGUF file nor a model directory (config.json, tokenizer.json, *.safetensors)");
         }
-        let (repo, revision) = match spec.split_once('@') {
+        let (rest, gguf) = match spec.rsplit_once(':') {
+            Some((r, tag)) if !tag.is_empty() && !tag.contains('/') => (r, Some(tag.to_string())),
+            _ => (spec, None),
+        };
+        let (repo, revision) = match rest.split_once('@') {
             Some((r, rev)) => (r, Some(rev.to_string())),
-            None => (spec, None),
+            None => (rest, None),
         };
         if !is_hub_id(repo) || revision.as_deref() == Some("") {
             let looks_like_path = spec.starts_with('.')
@@ -46,11 +73,12 @@ impl ModelSource {
             if looks_like_path {
                 bail!("{spec}: no such directory");
             }
-            bail!("{spec}: not a directory, and not a hub id of the form owner/name[@revision]");
+            bail!("{spec}: not a directory or file, and not a hub id of the form owner/name[@revision][:QUANT]");
         }
         Ok(Self::Hub {
             repo: repo.to_string(),
             revision,
+            gguf,
         })
     }
 }
@@ -103,15 +131,37 @@ impl ModelFiles {
     }
 }
 
-/// Resolves `--model` to files on disk: a directory as is, a hub id through the cache
-/// (downloading what is missing unless `offline`).
-pub fn resolve(spec: &str, offline: bool) -> Result<ModelFiles> {
-    match ModelSource::parse(spec)? {
-        ModelSource::Dir(dir) => ModelFiles::from_dir(&dir),
-        ModelSource::Hub { repo, revision } => {
-            crate::hub::resolve(&repo, revision.as_deref(), &crate::hub::HubConfig::from_env(offline))
+/// Resolves `--model` to files on disk: a directory or GGUF file as is, a hub id through the
+/// cache (downloading what is missing unless `offline`).
+pub fn resolve(spec: &str, offline: bool) -> Result<Resolved> {
+    Ok(match ModelSource::parse(spec)? {
+        ModelSource::Dir(dir) => Resolved::Files(ModelFiles::from_dir(&dir)?),
+        ModelSource::Gguf(path) => Resolved::Gguf {
+            name: path.display().to_string(),
+            path,
+        },
+        ModelSource::Hub {
+            repo,
+            revision,
+            gguf: None,
+        } => Resolved::Files(crate::hub::resolve(
+            &repo,
+            revision.as_deref(),
+            &crate::hub::HubConfig::from_env(offline),
+        )?),
+        ModelSource::Hub {
+            repo,
+            revision,
+            gguf: Some(tag),
+        } => {
+            let cfg = crate::hub::HubConfig::from_env(offline);
+            let path = crate::hub::resolve_gguf(&repo, revision.as_deref(), &tag, &cfg)?;
+            Resolved::Gguf {
+                path,
+                name: format!("{repo}:{tag}"),
+            }
         }
-    }
+    })
 }
 
 #[cfg(test)]
@@ -124,7 +174,16 @@ mod tests {
             ModelSource::parse("mii-llm/open-zagreus-0.4B@main").unwrap(),
             ModelSource::Hub {
                 repo: "mii-llm/open-zagreus-0.4B".into(),
-                revision: Some("main".into())
+                revision: Some("main".into()),
+                gguf: None
+            }
+        );
+        assert_eq!(
+            ModelSource::parse("some-org/some-repo:Q8_0").unwrap(),
+            ModelSource::Hub {
+                repo: "some-org/some-repo".into(),
+                revision: None,
+                gguf: Some("Q8_0".into())
             }
         );
         assert!(matches!(

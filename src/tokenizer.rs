@@ -261,6 +261,138 @@ impl TextStream<'_> {
     }
 }
 
+/// GPT-2's byte-to-character table for byte-level BPE vocabularies.
+fn byte_alphabet() -> Vec<char> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut table = vec!['\0'; 256];
+    for (b, c) in bs.iter().zip(cs) {
+        table[*b as usize] = char::from_u32(c).unwrap_or('\0');
+    }
+    table
+}
+
+/// The Llama-3 split pattern (llama.cpp's `llama-bpe` pre-tokenizer).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's split pattern.
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Builds a transformers `tokenizer.json` (and the tokenizer_config facts) from a GGUF's
+/// byte-level BPE vocabulary, the way transformers converts GGUF tokenizers: GPT-2's byte-level
+/// pre-tokenizer, or the split pattern the file's `tokenizer.ggml.pre` names; control tokens as
+/// special added tokens, user-defined ones as plain added tokens.
+pub fn from_gguf(f: &crate::model::gguf::GgufFile) -> Result<(tokenizers::Tokenizer, TokenizerConfig)> {
+    let model = f.str("tokenizer.ggml.model").unwrap_or("(none)");
+    if model != "gpt2" {
+        bail!("the GGUF tokenizer is `{model}`; zagreus builds byte-level BPE (`gpt2`) ones: pass --tokenizer tokenizer.json");
+    }
+    let tokens = f
+        .strings("tokenizer.ggml.tokens")
+        .context("no tokenizer.ggml.tokens in the GGUF metadata")?;
+    let merges = f.strings("tokenizer.ggml.merges").unwrap_or_default();
+    let types = f.ints("tokenizer.ggml.token_type").unwrap_or_default();
+    let alphabet = byte_alphabet();
+    let in_alphabet = |t: &str| t.chars().all(|c| alphabet.contains(&c));
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in tokens.iter().enumerate() {
+        let key = if in_alphabet(t) {
+            t.to_string()
+        } else {
+            t.bytes().map(|b| alphabet[b as usize]).collect()
+        };
+        vocab.insert(key, i.into());
+    }
+    let mut added = Vec::new();
+    for (i, (t, ty)) in tokens.iter().zip(types.iter()).enumerate() {
+        let special = match ty {
+            3 if in_alphabet(t) => true,
+            4 => false,
+            _ => continue,
+        };
+        added.push(serde_json::json!({
+            "id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+            "normalized": false, "special": special,
+        }));
+    }
+    let split = match f.str("tokenizer.ggml.pre") {
+        Some("llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "dbrx" | "smaug-bpe") => Some(LLAMA3_SPLIT),
+        Some("qwen2" | "deepseek-r1-qwen") => Some(QWEN2_SPLIT),
+        _ => None,
+    };
+    // Llama-3 vocabularies take a word that is a token whole, before any merge (their
+    // tokenizer.json says `ignore_merges`, and llama.cpp does the same for this pre-tokenizer).
+    let ignore_merges = split == Some(LLAMA3_SPLIT);
+    let pre = match split {
+        Some(pattern) => serde_json::json!({
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
+            ],
+        }),
+        None => {
+            serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
+        }
+    };
+    let token_at = |key: &str| f.u64(key).and_then(|id| tokens.get(id as usize)).map(|t| t.to_string());
+    let bos = token_at("tokenizer.ggml.bos_token_id");
+    let add_bos = f
+        .get("tokenizer.ggml.add_bos_token")
+        .map(|v| matches!(v, crate::model::gguf::Value::Bool(true)));
+    let post = match (&bos, add_bos) {
+        (Some(b), Some(true)) => serde_json::json!({
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {b.as_str(): {"id": b, "ids": [f.u64("tokenizer.ggml.bos_token_id")], "tokens": [b]}},
+        }),
+        _ => serde_json::Value::Null,
+    };
+    let json = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre,
+        "post_processor": post,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": ignore_merges,
+            "vocab": vocab, "merges": merges,
+        },
+    });
+    let tok = tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes()).map_err(|e| {
+        anyhow!(
+            "{}: cannot build the tokenizer from the GGUF metadata: {e}",
+            f.path.display()
+        )
+    })?;
+    let cfg = TokenizerConfig {
+        has_bos_key: true,
+        bos_token: bos,
+        eos_token: token_at("tokenizer.ggml.eos_token_id"),
+        pad_token: token_at("tokenizer.ggml.padding_token_id"),
+        unk_token: token_at("tokenizer.ggml.unknown_token_id"),
+        add_bos_token: add_bos,
+        chat_template: f.str("tokenizer.chat_template").map(String::from),
+    };
+    Ok((tok, cfg))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -327,3 +327,55 @@ fn a_cache_written_by_huggingface_hub_is_used_as_is() {
         reference_ids()
     );
 }
+
+#[test]
+fn a_gguf_file_in_a_hub_repo_by_its_quantization() {
+    let home = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    common::gguf_writer::write_fixture_gguf(
+        &model_dir("tied-bf16"),
+        &files.path().join("tiny-Q8_0.gguf"),
+        common::gguf_writer::Ty::Q8_0,
+    );
+    common::gguf_writer::write_fixture_gguf(
+        &model_dir("tied-bf16"),
+        &files.path().join("tiny-F32.gguf"),
+        common::gguf_writer::Ty::F32,
+    );
+    std::fs::write(files.path().join("README.md"), "GGUF builds of a tiny model").unwrap();
+    let repo = MockRepo::from_dir("test-org/tiny-gguf", files.path());
+    let mut hub = MockHub::start(vec![repo], None);
+    let out = zagreus(home.path(), &hub.url, &[], &greedy("test-org/tiny-gguf:F32"));
+    assert_eq!(
+        answer_ids(&out),
+        reference_ids(),
+        "the F32 GGUF computes transformers' greedy tokens"
+    );
+    let dir = repo_dir(home.path(), "test-org/tiny-gguf");
+    let downloaded: Vec<String> = std::fs::read_dir(dir.join("blobs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| !n.ends_with(".lock"))
+        .collect();
+    assert_eq!(
+        downloaded.len(),
+        1,
+        "only the requested file is fetched: {downloaded:?}"
+    );
+    assert_error(
+        &zagreus(home.path(), &hub.url, &[], &greedy("test-org/tiny-gguf:Q5_K_M")),
+        &["Q5_K_M", "tiny-Q8_0.gguf"],
+    );
+    let pulled = zagreus(home.path(), &hub.url, &[], &["pull", "test-org/tiny-gguf:q8_0"]);
+    assert_eq!(pulled.code, 0, "{}", pulled.stderr);
+    assert!(pulled.stdout.trim().ends_with("tiny-Q8_0.gguf"), "{}", pulled.stdout);
+    hub.stop();
+    // Cached: works offline.
+    let out = zagreus(
+        home.path(),
+        &hub.url,
+        &[("HF_HUB_OFFLINE", "1")],
+        &["-m", "test-org/tiny-gguf:Q8_0", "-n", "2", "--json", "Ciao"],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+}

@@ -56,7 +56,11 @@ fn diffs(name: &str, dtype: Option<DType>, quantize: Option<Format>, engine: Eng
         .unwrap();
     let want_rows = r["prompt_logits"].as_array().unwrap();
     assert_eq!(logits.len(), want_rows.len() * vocab);
-    let mut d = Diffs { prompt: 0.0, steps: 0.0, relative_rms: 0.0 };
+    let mut d = Diffs {
+        prompt: 0.0,
+        steps: 0.0,
+        relative_rms: 0.0,
+    };
     let (mut err2, mut ref2) = (0f64, 0f64);
     let mut acc = |got: &[f32], want: &[f32]| {
         for (a, b) in got.iter().zip(want) {

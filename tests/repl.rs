@@ -305,3 +305,21 @@ fn chat_with_piped_stdin_answers_once_and_never_waits_at_a_prompt() {
     assert!(!stdout.is_empty());
     assert!(!String::from_utf8_lossy(&out.stderr).contains("/help"));
 }
+
+#[test]
+fn a_real_gguf_model_chats_in_the_terminal() {
+    let home = tempfile::tempdir().unwrap();
+    let m = common::asset("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let mut s = spawn(
+        home.path(),
+        &["chat", "-m", m.to_str().unwrap(), "--temperature", "0"],
+        &[],
+    );
+    prompt(&mut s);
+    s.send_line("What is the capital of France? Answer in one sentence.")
+        .unwrap();
+    s.expect("The capital of France is Paris.").unwrap();
+    prompt(&mut s);
+    s.send_line("/bye").unwrap();
+    s.expect(expectrl::Eof).unwrap();
+}

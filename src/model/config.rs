@@ -40,6 +40,9 @@ pub enum RopeScaling {
     },
     /// Position interpolation: positions divided by `factor`.
     Linear { factor: f64 },
+    /// Per-dimension divisors of the frequencies (GGUF `rope_freqs.weight`, how llama.cpp stores
+    /// Llama 3.1+ scaling).
+    Factors(Vec<f32>),
 }
 
 /// The part of `config.json` the network needs, normalised across transformers versions.

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod cpu;
+pub mod gguf;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;

@@ -16,6 +16,11 @@ pub fn inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
     match cfg.rope_scaling {
         RopeScaling::Default => plain,
         RopeScaling::Linear { factor } => plain.iter().map(|f| f / factor as f32).collect(),
+        RopeScaling::Factors(ref divisors) => plain
+            .iter()
+            .zip(divisors.iter().chain(std::iter::repeat(&1.0)))
+            .map(|(f, d)| f / d)
+            .collect(),
         RopeScaling::Llama3 {
             factor,
             low_freq_factor,

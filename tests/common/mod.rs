@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod gguf_writer;
 pub mod mock_hub;
 
 use std::path::PathBuf;

@@ -11,10 +11,10 @@ use super::kernels::Isa;
 use super::kernels::PANEL;
 use super::ops::{add_in_place, rms_norm, rope_heads, silu_mul};
 use super::qmatrix::{matmul, Format, QMatrix};
+use super::source::{common_format, Rows, Tensors};
 use crate::model::config::LlamaConfig;
 use crate::model::llama::LogitsFor;
 use crate::model::rope::inv_freq;
-use crate::model::weights::{StoredDtype, TensorEntry, Weights};
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -85,40 +85,46 @@ fn plan(cfg: &LlamaConfig) -> Vec<Planned> {
     v
 }
 
-/// Fills matrix `m` from the row-major tensors `srcs` stacked on top of each other (q, k, v for a
-/// fused projection), one panel of 32 rows per task, then drops the source pages from memory.
-fn fill(arena: &mut Arena, m: &QMatrix, w: &Weights, srcs: &[&TensorEntry]) {
-    let k = m.cols;
-    // Global row -> (tensor, local row).
+/// The format holding most of the layers' weight bytes (what a mixed GGUF mostly is).
+fn dominant_format(layers: &[Layer]) -> Format {
+    let mut bytes: Vec<(Format, usize)> = Vec::new();
+    for m in layers.iter().flat_map(|l| [l.qkv, l.o, l.gate_up, l.down]) {
+        match bytes.iter_mut().find(|(f, _)| *f == m.format()) {
+            Some((_, b)) => *b += m.bytes(),
+            None => bytes.push((m.format(), m.bytes())),
+        }
+    }
+    bytes
+        .into_iter()
+        .max_by_key(|(_, b)| *b)
+        .map_or(Format::F32, |(f, _)| f)
+}
+
+/// Fills matrix `m` from row sources stacked on top of each other (q, k, v for a fused
+/// projection), one panel of 32 rows per task, dropping the source pages from memory batch by
+/// batch: loading never holds much of the file and the arena at the same time.
+fn fill(arena: &mut Arena, m: &QMatrix, srcs: &[Box<dyn Rows + '_>]) {
+    // Global row -> (source, local row).
     let mut starts = Vec::with_capacity(srcs.len());
     let mut acc = 0;
-    for t in srcs {
+    for s in srcs {
         starts.push(acc);
-        acc += t.shape[0];
+        acc += s.rows();
     }
     let locate = |row: usize| {
         let i = starts.partition_point(|s| *s <= row) - 1;
-        (srcs[i], row - starts[i])
+        (srcs[i].as_ref(), row - starts[i])
     };
-    let same_type = srcs.iter().all(|t| {
-        matches!(
-            (m.format(), t.dtype),
-            (Format::Bf16, StoredDtype::Bf16) | (Format::F16, StoredDtype::F16) | (Format::F32, StoredDtype::F32)
-        )
-    });
     let writer = arena.writer();
-    // In batches, releasing each batch's source pages right after: loading never holds much of
-    // the file and the arena at the same time (peak memory stays close to the weights' size).
     const BATCH: usize = 512;
     for first in (0..m.panels()).step_by(BATCH) {
         let last = (first + BATCH).min(m.panels());
-        fill_panels(m, w, &locate, same_type, writer, first..last);
+        fill_panels(m, &locate, writer, first..last);
         let (r0, r1) = (first * PANEL, (last * PANEL).min(m.rows));
-        for (t, s) in srcs.iter().zip(&starts) {
-            let size = t.dtype.size() * k;
-            let (a, b) = (r0.max(*s), r1.min(s + t.shape[0]));
+        for (src, s) in srcs.iter().zip(&starts) {
+            let (a, b) = (r0.max(*s), r1.min(s + src.rows()));
             if a < b {
-                w.release_range(t, (a - s) * size, (b - s) * size);
+                src.release(a - s, b - s);
             }
         }
     }
@@ -127,43 +133,41 @@ fn fill(arena: &mut Arena, m: &QMatrix, w: &Weights, srcs: &[&TensorEntry]) {
 /// Fills panels `range` of `m` in parallel.
 fn fill_panels<'a>(
     m: &QMatrix,
-    w: &Weights,
-    locate: &(dyn Fn(usize) -> (&'a TensorEntry, usize) + Sync),
-    same_type: bool,
+    locate: &(dyn Fn(usize) -> (&'a dyn Rows, usize) + Sync),
     writer: ArenaWriter,
     range: std::ops::Range<usize>,
 ) {
     let k = m.cols;
+    let format = m.format();
     range.into_par_iter().for_each_init(
         || vec![0f32; PANEL * k],
         |buf, b| {
             let live = PANEL.min(m.rows - b * PANEL);
-            if same_type {
-                let rows: Vec<&[u8]> = (0..live)
-                    .map(|c| {
-                        let (t, r) = locate(b * PANEL + c);
-                        let size = t.dtype.size();
-                        &w.bytes(t)[r * k * size..(r + 1) * k * size]
-                    })
-                    .collect();
-                // SAFETY: each task writes its own panel.
+            let raw: Option<Vec<&[u8]>> = (0..live)
+                .map(|c| {
+                    let (src, r) = locate(b * PANEL + c);
+                    src.raw(r, format)
+                })
+                .collect();
+            // SAFETY (both writes): each task writes its own panel.
+            if let Some(rows) = raw {
                 if unsafe { m.write_panel_raw(writer, b, &rows) } {
                     return;
                 }
             }
             for c in 0..live {
-                let (t, r) = locate(b * PANEL + c);
-                w.read_f32(t, r * k, &mut buf[c * k..(c + 1) * k]);
+                let (src, r) = locate(b * PANEL + c);
+                src.read(r, &mut buf[c * k..(c + 1) * k]);
             }
-            // SAFETY: each task writes its own panel.
             unsafe { m.write_panel(writer, b, buf) };
         },
     );
 }
 
 impl CpuLlama {
-    /// Builds the engine from checkpoint tensors, converting weights to `format`.
-    pub fn load(cfg: &LlamaConfig, w: &Weights, format: Format, placement: Placement) -> Result<Self> {
+    /// Builds the engine from a checkpoint's tensors, keeping every matrix in `format`, or, when
+    /// `format` is `None`, in the format that holds its stored values (a GGUF's quantization).
+    pub fn load(cfg: &LlamaConfig, w: &dyn Tensors, format: Option<Format>, placement: Placement) -> Result<Self> {
         let h = cfg.hidden_size;
         let embed_name = "model.embed_tokens.weight";
         let vocab = match w.shape(embed_name) {
@@ -173,78 +177,77 @@ impl CpuLlama {
         };
         if vocab != cfg.vocab_size {
             bail!(
-                "tensor `{embed_name}` has {vocab} rows, but config.json says vocab_size {}",
+                "tensor `{embed_name}` has {vocab} rows, but the configuration says vocab_size {}",
                 cfg.vocab_size
             );
         }
         let tied = !w.contains("lm_head.weight");
         // Check every tensor before allocating anything.
         let plan = plan(cfg);
-        let mut pieces: Vec<Vec<&TensorEntry>> = Vec::with_capacity(plan.len());
+        let mut pieces: Vec<Vec<Box<dyn Rows + '_>>> = Vec::with_capacity(plan.len());
         for (_, parts, cols) in &plan {
             let mut v = Vec::new();
             for (name, rows) in parts {
-                v.push(w.entry(name, &[*rows, *cols])?);
+                v.push(w.matrix(name, *rows, *cols)?);
             }
             pieces.push(v);
         }
-        let embed_entry = w.entry(embed_name, &[vocab, h])?;
-        let head_entry = if tied {
+        let embed_src = w.matrix(embed_name, vocab, h)?;
+        let head_src = if tied {
             None
         } else {
-            Some(w.entry("lm_head.weight", &[vocab, h])?)
+            Some(w.matrix("lm_head.weight", vocab, h)?)
         };
-        let mut size = format.arena_bytes(vocab, h) * if tied { 1 } else { 2 };
-        for (_, parts, cols) in &plan {
-            size += format.arena_bytes(parts.iter().map(|p| p.1).sum(), *cols);
+        let choose = |srcs: &[Box<dyn Rows + '_>]| -> Format {
+            format.unwrap_or_else(|| common_format(&srcs.iter().map(|s| s.natural()).collect::<Vec<_>>()))
+        };
+        let embed_format = format.unwrap_or_else(|| embed_src.natural());
+        let head_format = head_src.as_ref().map(|s| format.unwrap_or_else(|| s.natural()));
+        let mut size = embed_format.arena_bytes(vocab, h) + head_format.map_or(0, |f| f.arena_bytes(vocab, h));
+        for ((_, parts, cols), srcs) in plan.iter().zip(&pieces) {
+            size += choose(srcs).arena_bytes(parts.iter().map(|p| p.1).sum(), *cols);
         }
         let mut arena = Arena::new(size, placement)?;
-        let norm_of = |name: &str| -> Result<Vec<f32>> {
-            let t = w.entry(name, &[h])?;
-            let mut v = vec![0f32; h];
-            w.read_f32(t, 0, &mut v);
-            Ok(v)
-        };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         let mut mats = Vec::with_capacity(plan.len());
         // Weights are laid out in the order a forward pass reads them.
         for ((_, parts, cols), srcs) in plan.iter().zip(&pieces) {
             let rows: usize = parts.iter().map(|p| p.1).sum();
-            let m = QMatrix::alloc(&mut arena, format, rows, *cols)?;
-            fill(&mut arena, &m, w, srcs);
+            let m = QMatrix::alloc(&mut arena, choose(srcs), rows, *cols)?;
+            fill(&mut arena, &m, srcs);
             mats.push(m);
         }
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             layers.push(Layer {
-                attn_norm: norm_of(&format!("{p}.input_layernorm.weight"))?,
+                attn_norm: w.vector(&format!("{p}.input_layernorm.weight"), h)?,
                 qkv: mats[4 * i],
                 o: mats[4 * i + 1],
-                mlp_norm: norm_of(&format!("{p}.post_attention_layernorm.weight"))?,
+                mlp_norm: w.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 gate_up: mats[4 * i + 2],
                 down: mats[4 * i + 3],
             });
         }
-        let embed = QMatrix::alloc(&mut arena, format, vocab, h)?;
-        fill(&mut arena, &embed, w, &[embed_entry]);
-        let lm_head = match head_entry {
-            None => embed,
-            Some(t) => {
-                let m = QMatrix::alloc(&mut arena, format, vocab, h)?;
-                fill(&mut arena, &m, w, &[t]);
+        let embed = QMatrix::alloc(&mut arena, embed_format, vocab, h)?;
+        fill(&mut arena, &embed, std::slice::from_ref(&embed_src));
+        let lm_head = match (head_src, head_format) {
+            (Some(src), Some(f)) => {
+                let m = QMatrix::alloc(&mut arena, f, vocab, h)?;
+                fill(&mut arena, &m, std::slice::from_ref(&src));
                 m
             }
+            _ => embed,
         };
         Ok(Self {
             inv_freq: inv_freq(cfg),
-            norm: norm_of("model.norm.weight")?,
+            norm: w.vector("model.norm.weight", h)?,
             cfg: cfg.clone(),
             arena,
             embed,
             lm_head,
             tied,
+            format: format.unwrap_or_else(|| dominant_format(&layers)),
             layers,
-            format,
         })
     }
 

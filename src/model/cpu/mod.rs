@@ -10,3 +10,4 @@ pub mod kernels;
 pub mod ops;
 pub mod qmatrix;
 pub mod quant;
+pub mod source;
