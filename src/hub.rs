@@ -161,13 +161,7 @@ fn snapshot_files(cfg: &HubConfig, repo: &str, commit: &str, label: &str) -> Res
 }
 
 fn download(repo: &str, rev: &str, label: &str, cfg: &HubConfig) -> Result<ModelFiles> {
-    let api = ApiBuilder::from_cache(Cache::new(cfg.cache_dir.clone()))
-        .with_endpoint(cfg.endpoint.clone())
-        .with_token(cfg.token.clone())
-        .with_progress(false)
-        .with_user_agent("zagreus", env!("CARGO_PKG_VERSION"))
-        .build()
-        .map_err(|e| explain(e, cfg, label, None))?;
+    let api = client(cfg, label)?;
     let api_repo = api.repo(Repo::with_revision(repo.to_string(), RepoType::Model, rev.to_string()));
     let info = api_repo.info().map_err(|e| explain(e, cfg, label, None))?;
     let commit = info.sha.clone();
@@ -281,13 +275,7 @@ pub fn resolve_gguf(repo: &str, revision: Option<&str>, tag: &str, cfg: &HubConf
             cfg.cache_dir.display()
         );
     }
-    let api = ApiBuilder::from_cache(Cache::new(cfg.cache_dir.clone()))
-        .with_endpoint(cfg.endpoint.clone())
-        .with_token(cfg.token.clone())
-        .with_progress(false)
-        .with_user_agent("zagreus", env!("CARGO_PKG_VERSION"))
-        .build()
-        .map_err(|e| explain(e, cfg, &label, None))?;
+    let api = client(cfg, &label)?;
     let api_repo = api.repo(Repo::with_revision(repo.to_string(), RepoType::Model, rev.to_string()));
     let info = api_repo.info().map_err(|e| explain(e, cfg, &label, None))?;
     let names: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
@@ -346,6 +334,17 @@ fn pick_gguf(names: &[String], tag: &str) -> Option<String> {
 }
 
 /// One clear sentence for each way a download fails.
+/// A hub client on this configuration's cache, endpoint and token (progress is drawn by us).
+fn client(cfg: &HubConfig, label: &str) -> Result<hf_hub::api::sync::Api> {
+    ApiBuilder::from_cache(Cache::new(cfg.cache_dir.clone()))
+        .with_endpoint(cfg.endpoint.clone())
+        .with_token(cfg.token.clone())
+        .with_progress(false)
+        .with_user_agent("zagreus", env!("CARGO_PKG_VERSION"))
+        .build()
+        .map_err(|e| explain(e, cfg, label, None))
+}
+
 fn explain(e: ApiError, cfg: &HubConfig, label: &str, file: Option<&str>) -> anyhow::Error {
     let what = match file {
         Some(f) => format!("{label} ({f})"),

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use assert_cmd::cargo::cargo_bin;
-use common::{ids, model_dir, read_json};
+use common::{ids, model_dir, read_json, GREEDY};
 
 const SYSTEM: &str = "Sei un assistente utile.";
 const USER: &str = "Ciao! Come stai? 😀";
@@ -47,7 +47,9 @@ fn run(args: &[&str], stdin: &[u8]) -> Out {
 }
 
 fn greedy_args<'a>(model: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut v = vec!["-m", model, "--temperature", "0", "--repeat-penalty", "1", "-n", "12"];
+    let mut v = vec!["-m", model];
+    v.extend_from_slice(&GREEDY);
+    v.extend_from_slice(&["-n", "12"]);
     v.extend_from_slice(extra);
     v
 }

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 
 use assert_cmd::cargo::cargo_bin;
 use common::gguf_writer::{write_fixture_gguf, Ty};
-use common::{asset, fixtures, floats, ids, model_dir, read_json};
+use common::{asset, fixtures, floats, ids, model_dir, read_json, GREEDY};
 use zagreus::loader::{load_gguf, LoadOptions, LoadedModel};
 use zagreus::model::LogitsFor;
 
@@ -216,23 +216,10 @@ fn written_ggufs_match_the_transformers_references() {
 fn a_written_gguf_keeps_the_tokenizer_and_template() {
     let (_d, p) = written(Ty::F32, "tied-bf16");
     let r = read_json(&model_dir("tied-bf16").join("reference.json"));
-    let out = run(
-        &[
-            "-m",
-            p.to_str().unwrap(),
-            "--json",
-            "--temperature",
-            "0",
-            "--repeat-penalty",
-            "1",
-            "-n",
-            "12",
-            "-s",
-            "Sei un assistente utile.",
-            "Ciao! Come stai? 😀",
-        ],
-        b"",
-    );
+    let mut args = vec!["-m", p.to_str().unwrap(), "--json", "-n", "12"];
+    args.extend_from_slice(&GREEDY);
+    args.extend_from_slice(&["-s", "Sei un assistente utile.", "Ciao! Come stai? 😀"]);
+    let out = run(&args, b"");
     assert_eq!(out.code, 0, "{}", out.stderr);
     let j: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(

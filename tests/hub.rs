@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 
 use assert_cmd::cargo::cargo_bin;
 use common::mock_hub::{Cut, MockHub, MockRepo};
-use common::{ids, model_dir, read_json};
+use common::{ids, model_dir, read_json, GREEDY};
 
 const REPO: &str = "test-org/tiny-zagreus";
 
@@ -40,20 +40,17 @@ fn zagreus(home: &Path, endpoint: &str, envs: &[(&str, &str)], args: &[&str]) ->
 }
 
 fn greedy(model: &str) -> Vec<&str> {
-    vec![
-        "-m",
-        model,
-        "--temperature",
-        "0",
-        "--repeat-penalty",
-        "1",
+    let mut v = vec!["-m", model];
+    v.extend_from_slice(&GREEDY);
+    v.extend_from_slice(&[
         "-n",
         "12",
         "--json",
         "-s",
         "Sei un assistente utile.",
         "Ciao! Come stai? 😀",
-    ]
+    ]);
+    v
 }
 
 fn reference_ids() -> Vec<u32> {

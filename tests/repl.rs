@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use assert_cmd::cargo::cargo_bin;
-use common::model_dir;
+use common::{model_dir, GREEDY};
 use expectrl::{ControlCode, Expect, Session};
 
 type Pty = expectrl::session::OsSession;
@@ -35,22 +35,8 @@ fn tied() -> String {
 }
 
 fn chat_args(model: &str, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "chat",
-        "-m",
-        model,
-        "--temperature",
-        "0",
-        "--repeat-penalty",
-        "1",
-        "-n",
-        "5",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
+    let head = ["chat", "-m", model, "-n", "5"].into_iter().chain(GREEDY);
+    head.chain(extra.iter().copied()).map(str::to_string).collect()
 }
 
 fn prompt(s: &mut Pty) {

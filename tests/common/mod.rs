@@ -10,6 +10,9 @@ pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
+/// Sampling flags that make generation deterministic: greedy, no repetition penalty.
+pub const GREEDY: [&str; 4] = ["--temperature", "0", "--repeat-penalty", "1"];
+
 pub fn model_dir(name: &str) -> PathBuf {
     fixtures().join("models").join(name)
 }

@@ -11,3 +11,5 @@ pub mod ops;
 pub mod qmatrix;
 pub mod quant;
 pub mod source;
+#[cfg(test)]
+mod test_data;

@@ -362,18 +362,7 @@ pub fn matmul_with(isa: Isa, arena: &Arena, w: &QMatrix, x: &[f32], m: usize, ou
 mod tests {
     use super::*;
     use crate::model::cpu::arena::Placement;
-
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::model::cpu::test_data::rand_vec;
 
     /// A matrix filled from row-major f32 values.
     pub(crate) fn build(format: Format, wf: &[f32], n: usize, k: usize) -> (Arena, QMatrix) {
