@@ -5,18 +5,17 @@ use divan::counter::BytesCount;
 use divan::Bencher;
 use zagreus::model::cpu::arena::{Arena, Placement};
 use zagreus::model::cpu::attention::{attention, AttnScratch, LayerKv};
-use zagreus::model::cpu::kernels::Isa;
-use zagreus::model::cpu::kernels::PANEL;
-use zagreus::model::cpu::qmatrix::{matmul, Format, QMatrix};
+use zagreus::model::cpu::isa::Isa;
+use zagreus::model::cpu::qmatrix::{matmul, Format, QMatrix, Storage, Variant, PANEL};
 
 fn main() {
     divan::main();
 }
 
-/// A `rows x cols` matrix of the given format with pseudo-random weights.
-fn matrix(format: Format, rows: usize, cols: usize) -> (Arena, QMatrix) {
-    let mut arena = Arena::new(format.arena_bytes(rows, cols) + 4096, Placement::from_env()).unwrap();
-    let m = QMatrix::alloc(&mut arena, format, rows, cols).unwrap();
+/// A `rows x cols` matrix of the given storage with pseudo-random weights.
+fn matrix(storage: Storage, rows: usize, cols: usize) -> (Arena, QMatrix) {
+    let mut arena = Arena::new(storage.arena_bytes(rows, cols) + 4096, Placement::from_env()).unwrap();
+    let m = QMatrix::alloc(&mut arena, storage, rows, cols).unwrap();
     let mut panel = vec![0f32; PANEL * cols];
     for b in 0..m.panels() {
         for (i, v) in panel.iter_mut().enumerate() {
@@ -27,11 +26,37 @@ fn matrix(format: Format, rows: usize, cols: usize) -> (Arena, QMatrix) {
     (arena, m)
 }
 
-const FORMATS: &[Format] = &[Format::Bf16, Format::Q8_0, Format::F32];
+/// BF16, F32, and Q8_0 and Q4_0 with float and integer kernels.
+const FORMATS: &[Storage] = &[
+    Storage {
+        format: Format::Bf16,
+        variant: Variant::Float,
+    },
+    Storage {
+        format: Format::F32,
+        variant: Variant::Float,
+    },
+    Storage {
+        format: Format::Q8_0,
+        variant: Variant::Float,
+    },
+    Storage {
+        format: Format::Q8_0,
+        variant: Variant::Int,
+    },
+    Storage {
+        format: Format::Q4_0,
+        variant: Variant::Float,
+    },
+    Storage {
+        format: Format::Q4_0,
+        variant: Variant::Int,
+    },
+];
 
 /// One decode step's largest product: the tied LM head, 128256 x 960.
 #[divan::bench(args = FORMATS, sample_count = 20)]
-fn gemv_lm_head(bencher: Bencher, format: Format) {
+fn gemv_lm_head(bencher: Bencher, format: Storage) {
     let (arena, m) = matrix(format, 128_256, 960);
     let x: Vec<f32> = (0..960).map(|i| (i % 13) as f32 / 13.0).collect();
     let mut out = vec![0f32; 128_256];
@@ -42,7 +67,7 @@ fn gemv_lm_head(bencher: Bencher, format: Format) {
 
 /// Prefill of 128 tokens through the fused gate/up projection (5120 x 960).
 #[divan::bench(args = FORMATS, sample_count = 10)]
-fn gemm_pp128_gate_up(bencher: Bencher, format: Format) {
+fn gemm_pp128_gate_up(bencher: Bencher, format: Storage) {
     let (arena, m) = matrix(format, 5120, 960);
     let x: Vec<f32> = (0..128 * 960).map(|i| (i % 13) as f32 / 13.0).collect();
     let mut out = vec![0f32; 128 * 5120];
@@ -81,7 +106,7 @@ fn attention_decode_ctx2048(bencher: Bencher) {
 
 /// A product whose weights stay in L2 (768 x 960 bf16 = 1.4 MB): the kernels' compute rate.
 #[divan::bench(args = FORMATS, sample_count = 50)]
-fn gemv_in_cache(bencher: Bencher, format: Format) {
+fn gemv_in_cache(bencher: Bencher, format: Storage) {
     let (arena, m) = matrix(format, 768, 960);
     let x: Vec<f32> = (0..960).map(|i| (i % 13) as f32 / 13.0).collect();
     let mut out = vec![0f32; 768];

@@ -35,6 +35,8 @@ pub struct Measurement {
     pub model: String,
     pub format: String,
     pub device: String,
+    /// The instruction level and kernels that ran (`avx512-vnni, int8 (measured on this CPU)`).
+    pub kernels: String,
     pub threads: usize,
     /// `pp128`, `tg64`, `tg64@d2048`.
     pub test: String,
@@ -147,6 +149,10 @@ fn measure(args: &BenchArgs, model: Model, name: String, threads: usize) -> Resu
     };
     let format = model.precision().to_string();
     let device = crate::device::device_name(&model.device());
+    let kernels = match &model {
+        Model::Cpu(m) => m.kernels(),
+        Model::Candle(_) => "candle".to_string(),
+    };
     let mut results = Vec::new();
     type Test<'a> = (String, Box<dyn Fn() -> Result<f64> + 'a>);
     let mut tests: Vec<Test> = Vec::new();
@@ -167,8 +173,11 @@ fn measure(args: &BenchArgs, model: Model, name: String, threads: usize) -> Resu
     }
     let mut out = std::io::stdout().lock();
     if !args.json {
-        writeln!(out, "| model | format | device | threads | test | t/s | weights GB/s |")?;
-        writeln!(out, "| --- | --- | --- | ---: | ---: | ---: | ---: |")?;
+        writeln!(
+            out,
+            "| model | format | device | kernels | threads | test | t/s | weights GB/s |"
+        )?;
+        writeln!(out, "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |")?;
     }
     for (label, f) in &tests {
         f()?; // warm-up, as llama-bench does
@@ -183,6 +192,7 @@ fn measure(args: &BenchArgs, model: Model, name: String, threads: usize) -> Resu
             model: name.clone(),
             format: format.clone(),
             device: device.clone(),
+            kernels: kernels.clone(),
             threads,
             test: label.clone(),
             tokens_per_s: mean,
@@ -194,8 +204,8 @@ fn measure(args: &BenchArgs, model: Model, name: String, threads: usize) -> Resu
             let g = gbs.map(|g| format!("{g:.1}")).unwrap_or_default();
             writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {:.2} ± {:.2} | {g} |",
-                m.model, m.format, m.device, threads, m.test, mean, sd
+                "| {} | {} | {} | {} | {} | {} | {:.2} ± {:.2} | {g} |",
+                m.model, m.format, m.device, m.kernels, threads, m.test, mean, sd
             )?;
             out.flush()?;
         }

@@ -37,6 +37,8 @@ impl Placement {
 }
 
 /// A typed piece of an arena (an offset, so the arena can be shared read-only afterwards).
+/// Offsets are always 64-byte aligned and every access is bounds-checked against the arena it is
+/// used with, so a region given to the wrong arena reads wrong numbers, never out of bounds.
 #[derive(Debug)]
 pub struct Region<T> {
     offset: usize,
@@ -139,11 +141,19 @@ impl Arena {
 
     /// Reserves `len` zeroed elements.
     pub fn alloc<T: Pod>(&mut self, len: usize) -> Result<Region<T>> {
-        let offset = self.used.div_ceil(ALIGN.max(std::mem::align_of::<T>())) * ALIGN;
-        let end = offset + len * std::mem::size_of::<T>();
-        if end > self.capacity {
-            bail!("internal error: weight arena overflow ({end} > {})", self.capacity);
-        }
+        // Pod types are at most 4-byte aligned, so 64-byte offsets suit every one of them.
+        let offset = self.used.div_ceil(ALIGN) * ALIGN;
+        let end = len
+            .checked_mul(std::mem::size_of::<T>())
+            .and_then(|b| b.checked_add(offset))
+            .filter(|end| *end <= self.capacity);
+        let Some(end) = end else {
+            bail!(
+                "internal error: weight arena overflow ({len} more elements, {} of {} bytes used)",
+                self.used,
+                self.capacity
+            );
+        };
         self.used = end;
         Ok(Region {
             offset,
@@ -152,18 +162,31 @@ impl Arena {
         })
     }
 
+    /// Panics unless `r` lies within what this arena has handed out (its offset is aligned by
+    /// construction).
+    fn check<T>(&self, r: &Region<T>) {
+        assert!(
+            r.len * std::mem::size_of::<T>() <= self.used.saturating_sub(r.offset),
+            "arena: a region outside this arena"
+        );
+    }
+
     pub fn get<T: Pod>(&self, r: Region<T>) -> &[T] {
-        // SAFETY: regions come from `alloc` on this arena: in bounds and aligned for T.
+        self.check(&r);
+        // SAFETY: regions of this arena come from `alloc`: in bounds and aligned for T.
         unsafe { std::slice::from_raw_parts(self.start.add(r.offset) as *const T, r.len) }
     }
 
     pub fn get_mut<T: Pod>(&mut self, r: Region<T>) -> &mut [T] {
+        self.check(&r);
         // SAFETY: as in `get`, and `&mut self` makes the borrow exclusive.
         unsafe { std::slice::from_raw_parts_mut(self.start.add(r.offset) as *mut T, r.len) }
     }
 
     /// Two regions at once (regions from `alloc` never overlap).
     pub fn get_pair_mut<A: Pod, B: Pod>(&mut self, a: Region<A>, b: Region<B>) -> (&mut [A], &mut [B]) {
+        self.check(&a);
+        self.check(&b);
         assert!(
             a.offset + a.len * std::mem::size_of::<A>() <= b.offset
                 || b.offset + b.len * std::mem::size_of::<B>() <= a.offset
@@ -180,6 +203,7 @@ impl Arena {
     /// A shareable writer for filling disjoint parts of the arena from several threads.
     pub fn writer(&mut self) -> ArenaWriter<'_> {
         ArenaWriter {
+            used: self.used,
             start: self.start,
             _arena: PhantomData,
         }
@@ -195,6 +219,7 @@ impl Arena {
 /// readers away). Callers guarantee that concurrent writes go to disjoint ranges.
 #[derive(Clone, Copy)]
 pub struct ArenaWriter<'a> {
+    used: usize,
     start: *mut u8,
     _arena: PhantomData<&'a mut Arena>,
 }
@@ -210,7 +235,10 @@ impl ArenaWriter<'_> {
     /// No other live slice may overlap the same elements.
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn range_mut<T: Pod>(&self, r: Region<T>, from: usize, to: usize) -> &mut [T] {
-        assert!(from <= to && to <= r.len, "arena range out of bounds");
+        assert!(
+            from <= to && to <= r.len && r.len * std::mem::size_of::<T>() <= self.used.saturating_sub(r.offset),
+            "arena range out of bounds"
+        );
         std::slice::from_raw_parts_mut((self.start.add(r.offset) as *mut T).add(from), to - from)
     }
 }
@@ -242,5 +270,16 @@ mod tests {
         assert!(a.get(r2).iter().all(|v| *v == 7));
         assert_eq!(a.get(r2).as_ptr() as usize % 64, 0);
         assert!(a.alloc::<f32>(1 << 20).is_err());
+        assert!(a.alloc::<f32>(usize::MAX / 2).is_err());
+    }
+
+    #[test]
+    #[should_panic(expected = "outside this arena")]
+    fn a_region_beyond_another_arena_is_refused() {
+        let mut a = Arena::new(1 << 16, Placement::Normal).unwrap();
+        let mut b = Arena::new(1 << 16, Placement::Normal).unwrap();
+        let _ = b.alloc::<f32>(16).unwrap();
+        let r = a.alloc::<f32>(1000).unwrap();
+        let _ = b.get(r);
     }
 }

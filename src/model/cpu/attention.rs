@@ -84,6 +84,25 @@ pub fn attention(
     out: &mut [f32],
     sc: &mut AttnScratch,
 ) {
+    // Checked here once, so that the kernels below (some of them `unsafe`) only see
+    // consistent shapes.
+    assert!(
+        kv_heads > 0 && head_dim > 0 && heads.is_multiple_of(kv_heads),
+        "attention: {heads} heads do not divide into {kv_heads} KV groups"
+    );
+    assert!(
+        pos + t <= kv.cap && kv.kt.len() >= kv_heads * head_dim * kv.cap && kv.v.len() >= kv_heads * kv.cap * head_dim,
+        "attention: the KV cache does not hold positions up to {}",
+        pos + t
+    );
+    assert!(
+        t == 0 || (q_stride >= heads * head_dim && q.len() >= (t - 1) * q_stride + heads * head_dim),
+        "attention: the queries are shorter than {t} rows"
+    );
+    assert!(
+        out.len() >= t * heads * head_dim,
+        "attention: the output is shorter than {t} rows"
+    );
     let rep = heads / kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
     let row_out = heads * head_dim;

@@ -7,10 +7,11 @@ use rayon::prelude::*;
 
 use super::arena::{Arena, ArenaWriter, Placement};
 use super::attention::{attention, AttnScratch, LayerKv};
-use super::kernels::Isa;
+use super::calibrate;
+use super::isa::{Isa, Level};
 use super::kernels::PANEL;
 use super::ops::{add_in_place, rms_norm, rope_heads, silu_mul};
-use super::qmatrix::{matmul, Format, QMatrix};
+use super::qmatrix::{matmul, Format, QMatrix, Storage};
 use super::source::{common_format, Rows, Tensors};
 use crate::model::config::LlamaConfig;
 use crate::model::llama::LogitsFor;
@@ -37,6 +38,11 @@ pub struct CpuLlama {
     norm: Vec<f32>,
     inv_freq: Vec<f32>,
     format: Format,
+}
+
+/// How `format` is stored on this CPU (integer or float layout, as measured).
+fn storage(format: Format) -> Storage {
+    Storage::new(format, calibrate::choose(Level::get(), format).variant)
 }
 
 /// A matrix of the engine: its name, the (tensor, rows) it stacks, and its input size.
@@ -203,9 +209,10 @@ impl CpuLlama {
         };
         let embed_format = format.unwrap_or_else(|| embed_src.natural());
         let head_format = head_src.as_ref().map(|s| format.unwrap_or_else(|| s.natural()));
-        let mut size = embed_format.arena_bytes(vocab, h) + head_format.map_or(0, |f| f.arena_bytes(vocab, h));
+        let mut size =
+            storage(embed_format).arena_bytes(vocab, h) + head_format.map_or(0, |f| storage(f).arena_bytes(vocab, h));
         for ((_, parts, cols), srcs) in plan.iter().zip(&pieces) {
-            size += choose(srcs).arena_bytes(parts.iter().map(|p| p.1).sum(), *cols);
+            size += storage(choose(srcs)).arena_bytes(parts.iter().map(|p| p.1).sum(), *cols);
         }
         let mut arena = Arena::new(size, placement)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
@@ -213,7 +220,7 @@ impl CpuLlama {
         // Weights are laid out in the order a forward pass reads them.
         for ((_, parts, cols), srcs) in plan.iter().zip(&pieces) {
             let rows: usize = parts.iter().map(|p| p.1).sum();
-            let m = QMatrix::alloc(&mut arena, choose(srcs), rows, *cols)?;
+            let m = QMatrix::alloc(&mut arena, storage(choose(srcs)), rows, *cols)?;
             fill(&mut arena, &m, srcs);
             mats.push(m);
         }
@@ -228,16 +235,17 @@ impl CpuLlama {
                 down: mats[4 * i + 3],
             });
         }
-        let embed = QMatrix::alloc(&mut arena, embed_format, vocab, h)?;
+        let embed = QMatrix::alloc(&mut arena, storage(embed_format), vocab, h)?;
         fill(&mut arena, &embed, std::slice::from_ref(&embed_src));
         let lm_head = match (head_src, head_format) {
             (Some(src), Some(f)) => {
-                let m = QMatrix::alloc(&mut arena, f, vocab, h)?;
+                let m = QMatrix::alloc(&mut arena, storage(f), vocab, h)?;
                 fill(&mut arena, &m, std::slice::from_ref(&src));
                 m
             }
             _ => embed,
         };
+        let dominant = format.unwrap_or_else(|| dominant_format(&layers));
         Ok(Self {
             inv_freq: inv_freq(cfg),
             norm: w.vector("model.norm.weight", h)?,
@@ -246,7 +254,7 @@ impl CpuLlama {
             embed,
             lm_head,
             tied,
-            format: format.unwrap_or_else(|| dominant_format(&layers)),
+            format: dominant,
             layers,
         })
     }
@@ -256,19 +264,20 @@ impl CpuLlama {
     pub fn random(cfg: &LlamaConfig, format: Format, placement: Placement, seed: u64) -> Result<Self> {
         let h = cfg.hidden_size;
         let plan = plan(cfg);
-        let mut size = format.arena_bytes(cfg.vocab_size, h);
+        let st = storage(format);
+        let mut size = st.arena_bytes(cfg.vocab_size, h);
         for (_, parts, cols) in &plan {
-            size += format.arena_bytes(parts.iter().map(|p| p.1).sum(), *cols);
+            size += st.arena_bytes(parts.iter().map(|p| p.1).sum(), *cols);
         }
         let mut arena = Arena::new(size, placement)?;
         let mut mats = Vec::new();
         for (i, (_, parts, cols)) in plan.iter().enumerate() {
             let rows: usize = parts.iter().map(|p| p.1).sum();
-            let m = QMatrix::alloc(&mut arena, format, rows, *cols)?;
+            let m = QMatrix::alloc(&mut arena, st, rows, *cols)?;
             fill_random(&mut arena, &m, seed.wrapping_add(i as u64), (1.0 / *cols as f32).sqrt());
             mats.push(m);
         }
-        let embed = QMatrix::alloc(&mut arena, format, cfg.vocab_size, h)?;
+        let embed = QMatrix::alloc(&mut arena, st, cfg.vocab_size, h)?;
         fill_random(&mut arena, &embed, seed ^ 0xE5, (4.0 / h as f32).sqrt());
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Layer {
@@ -303,6 +312,13 @@ impl CpuLlama {
 
     pub fn format(&self) -> Format {
         self.format
+    }
+
+    /// The instruction level and the kernels the dominant format runs with, for reports:
+    /// `avx512-vnni, int8 (measured on this CPU)`.
+    pub fn kernels(&self) -> String {
+        let level = Level::get();
+        format!("{}, {}", level.name(), calibrate::choose(level, self.format).describe())
     }
 
     pub fn tied_embeddings(&self) -> bool {

@@ -11,7 +11,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::kernels::{widen_panel, Isa, Panel, PANEL};
+use super::kernels::{widen, Isa, Panel, PANEL};
 
 /// Output pointer shared by tasks that write disjoint columns.
 #[derive(Clone, Copy)]
@@ -34,14 +34,14 @@ thread_local! {
 fn rows_per_call(isa: Isa) -> usize {
     match isa {
         Isa::Avx512 => 12,
-        Isa::Avx2 => 2,
+        Isa::Avx2 | Isa::Neon => 6,
         Isa::Portable => 4,
     }
 }
 
 /// `out[i * n + j] = Σ_t x[i * k + t] · W[j][t]` with `panel(b)` giving W's panels. Parallel over
 /// panels.
-pub fn gemm_panels<'a>(
+pub(crate) fn gemm_panels<'a>(
     isa: Isa,
     x: &[f32],
     m: usize,
@@ -50,6 +50,10 @@ pub fn gemm_panels<'a>(
     out: &mut [f32],
     panel: &(dyn Fn(usize) -> Panel<'a> + Sync),
 ) {
+    assert!(
+        x.len() >= m * k && out.len() >= m * n,
+        "gemm: slices shorter than the shapes"
+    );
     let mr = rows_per_call(isa);
     let out_ptr = Out(out.as_mut_ptr());
     (0..n.div_ceil(PANEL)).into_par_iter().for_each(|b| {
@@ -62,7 +66,7 @@ pub fn gemm_panels<'a>(
                 Panel::F32(v) => v,
                 _ => {
                     wide.resize(k * PANEL, 0.0);
-                    widen_panel(isa, p, k, &mut wide);
+                    widen(isa, p, k, &mut wide);
                     &wide
                 }
             };
@@ -107,7 +111,9 @@ unsafe fn micro(isa: Isa, rows: usize, x: *const f32, k: usize, b: *const f32, o
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => by_rows!(micro_avx512, 1 2 3 4 5 6 7 8 9 10 11 12),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => by_rows!(micro_avx2, 1 2),
+        Isa::Avx2 => by_rows!(micro_avx2, 1 2 3 4 5 6),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => by_rows!(micro_neon, 1 2 3 4 5 6),
         _ => micro_portable(rows, x, k, b, out, ldo, cols),
     }
 }
@@ -161,25 +167,70 @@ unsafe fn micro_avx512<const R: usize>(x: *const f32, k: usize, b: *const f32, o
     }
 }
 
+/// Six rows by 16 columns (12 accumulators, 2 weight vectors and a broadcast: 15 of the 16
+/// registers), once per half of the panel.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn micro_avx2<const R: usize>(x: *const f32, k: usize, b: *const f32, out: *mut f32, ldo: usize, cols: usize) {
     use std::arch::x86_64::*;
-    let mut c = [[_mm256_setzero_ps(); 4]; R];
-    for t in 0..k {
-        let bv: [__m256; 4] = std::array::from_fn(|j| _mm256_loadu_ps(b.add(t * PANEL + 8 * j)));
+    for h in 0..2 {
+        if cols <= 16 * h {
+            break;
+        }
+        let mut c = [[_mm256_setzero_ps(); 2]; R];
+        let bh = b.add(16 * h);
+        for t in 0..k {
+            let b0 = _mm256_loadu_ps(bh.add(t * PANEL));
+            let b1 = _mm256_loadu_ps(bh.add(t * PANEL + 8));
+            for i in 0..R {
+                let a = _mm256_broadcast_ss(&*x.add(i * k + t));
+                c[i][0] = _mm256_fmadd_ps(a, b0, c[i][0]);
+                c[i][1] = _mm256_fmadd_ps(a, b1, c[i][1]);
+            }
+        }
+        let live = (cols - 16 * h).min(16);
         for i in 0..R {
-            let a = _mm256_broadcast_ss(&*x.add(i * k + t));
-            for j in 0..4 {
-                c[i][j] = _mm256_fmadd_ps(a, bv[j], c[i][j]);
+            let o = out.add(i * ldo + 16 * h);
+            if live == 16 {
+                _mm256_storeu_ps(o, c[i][0]);
+                _mm256_storeu_ps(o.add(8), c[i][1]);
+            } else {
+                let mut tmp = [0f32; 16];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), c[i][0]);
+                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), c[i][1]);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), o, live);
             }
         }
     }
-    let mut tmp = [0f32; PANEL];
-    for i in 0..R {
-        for j in 0..4 {
-            _mm256_storeu_ps(tmp.as_mut_ptr().add(8 * j), c[i][j]);
+}
+
+/// Six rows by 16 columns (24 of the 32 registers accumulate), once per half of the panel.
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+unsafe fn micro_neon<const R: usize>(x: *const f32, k: usize, b: *const f32, out: *mut f32, ldo: usize, cols: usize) {
+    use std::arch::aarch64::*;
+    for h in 0..2 {
+        if cols <= 16 * h {
+            break;
         }
-        std::ptr::copy_nonoverlapping(tmp.as_ptr(), out.add(i * ldo), cols);
+        let mut c = [[vdupq_n_f32(0.0); 4]; R];
+        let bh = b.add(16 * h);
+        for t in 0..k {
+            let bv: [float32x4_t; 4] = std::array::from_fn(|j| vld1q_f32(bh.add(t * PANEL + 4 * j)));
+            for i in 0..R {
+                let a = *x.add(i * k + t);
+                for j in 0..4 {
+                    c[i][j] = vfmaq_n_f32(c[i][j], bv[j], a);
+                }
+            }
+        }
+        let live = (cols - 16 * h).min(16);
+        for i in 0..R {
+            let mut tmp = [0f32; 16];
+            for j in 0..4 {
+                vst1q_f32(tmp.as_mut_ptr().add(4 * j), c[i][j]);
+            }
+            std::ptr::copy_nonoverlapping(tmp.as_ptr(), out.add(i * ldo + 16 * h), live);
+        }
     }
 }

@@ -1,25 +1,35 @@
 //! A weight matrix in the CPU engine's arena, stored as panels of 32 output rows (see
-//! `kernels.rs`) in one of the formats the kernels compute with directly, and the threaded product
-//! `out = x · Wᵀ` for any number of activation rows.
+//! `kernels/mod.rs`) in one of the formats the kernels compute with directly, and the threaded
+//! product `out = x · Wᵀ` for any number of activation rows.
 //!
-//! Few rows (decoding) stream every panel once from its stored format. Many rows (prefill) widen
-//! a panel to f32 once and run the outer-product micro-kernel of `gemm.rs` over all rows.
-//! Activations are always f32, so every format computes with exactly its stored weights.
+//! Float variants: few rows (decoding) stream every panel once from its stored format; many rows
+//! (prefill) widen a panel to f32 once and run the outer-product micro-kernel of `gemm.rs` over
+//! all rows. Activations stay f32, so every format computes with exactly its stored weights.
+//! Integer variants (Q8_0 and Q4 only, in the quad layout): the activations are quantized to 8
+//! bits per block and integer dot products do the work; prefill either runs the same integer
+//! kernel over tiles of rows or widens the quads to f32 (whichever `calibrate.rs` measured
+//! faster on this CPU).
 
 // Register-blocked kernels index several arrays with the same counters; explicit loops read
 // closer to the math than iterator chains.
 #![allow(clippy::needless_range_loop)]
+
+use std::cell::RefCell;
 
 use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::arena::{Arena, ArenaWriter, Region};
 use super::gemm::{gemm_panels, Out};
-use super::kernels::{panel_gemv, panel_value, q4_scale_index, Isa, Panel, PANEL, QBLOCK};
-use super::quant::{quantize_row_q4, quantize_row_q8_0};
+pub use super::kernels::PANEL;
+use super::kernels::{
+    gemv, gemv_int, octet_index, padded, panel_value, q4_scale_index, quad_index, Level, Panel, GEMV_ROWS, INT_ROWS,
+    QBLOCK,
+};
+use super::quant::{quantize_row_q4, quantize_row_q8_0, QuantActs};
 
 /// Storage format of a weight matrix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Format {
     F32,
     Bf16,
@@ -43,6 +53,11 @@ impl Format {
         }
     }
 
+    /// Whether integer kernels exist for this format.
+    pub fn quantized(self) -> bool {
+        matches!(self, Format::Q8_0 | Format::Q4_0 | Format::Q4_1)
+    }
+
     /// Bytes a `rows x cols` matrix occupies (rows padded to whole panels).
     pub fn bytes(self, rows: usize, cols: usize) -> usize {
         let rows = rows.div_ceil(PANEL) * PANEL;
@@ -53,20 +68,76 @@ impl Format {
             Format::Q4_0 | Format::Q4_1 => rows * cols / 2 + rows * cols.div_ceil(QBLOCK) * 4,
         }
     }
+}
 
-    /// Arena bytes, alignment padding included.
-    pub fn arena_bytes(self, rows: usize, cols: usize) -> usize {
-        let n = rows.div_ceil(PANEL) * PANEL * cols;
+/// Which kernels a quantized matrix is laid out for (see the module notes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Variant {
+    /// Steps layout, f32 arithmetic on widened weights.
+    Float,
+    /// Quad layout, integer dot products for decoding and prefill.
+    Int,
+    /// Quad layout, integer dot products for decoding, widened weights for prefill.
+    IntFloat,
+}
+
+impl Variant {
+    pub fn name(self) -> &'static str {
         match self {
+            Variant::Float => "float",
+            Variant::Int => "int8",
+            Variant::IntFloat => "int8+float",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Variant> {
+        [Variant::Float, Variant::Int, Variant::IntFloat]
+            .into_iter()
+            .find(|v| v.name() == s.trim())
+    }
+
+    fn quads(self) -> bool {
+        self != Variant::Float
+    }
+}
+
+/// How a matrix is stored: its format and, for quantized formats, the kernels it is laid out for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Storage {
+    pub format: Format,
+    pub variant: Variant,
+}
+
+impl Storage {
+    /// `variant` applies to quantized formats; the others are always `Float`.
+    pub fn new(format: Format, variant: Variant) -> Self {
+        let variant = if format.quantized() { variant } else { Variant::Float };
+        Self { format, variant }
+    }
+
+    pub fn float(format: Format) -> Self {
+        Self::new(format, Variant::Float)
+    }
+
+    /// Steps per panel row as stored (quads pad to whole blocks).
+    fn steps(self, cols: usize) -> usize {
+        if self.variant.quads() {
+            padded(cols)
+        } else {
+            cols
+        }
+    }
+
+    /// Arena bytes of a `rows x cols` matrix, alignment padding included.
+    pub fn arena_bytes(self, rows: usize, cols: usize) -> usize {
+        let rows = rows.div_ceil(PANEL) * PANEL;
+        let n = rows * self.steps(cols);
+        let scales = rows * cols.div_ceil(QBLOCK);
+        match self.format {
             Format::F32 => Arena::size_of::<f32>(n),
             Format::Bf16 | Format::F16 => Arena::size_of::<u16>(n),
-            Format::Q8_0 => {
-                Arena::size_of::<i8>(n) + Arena::size_of::<f32>(rows.div_ceil(PANEL) * PANEL * cols.div_ceil(QBLOCK))
-            }
-            Format::Q4_0 | Format::Q4_1 => {
-                let scales = rows.div_ceil(PANEL) * PANEL * cols.div_ceil(QBLOCK);
-                Arena::size_of::<u8>(n / 2) + 2 * Arena::size_of::<f16>(scales)
-            }
+            Format::Q8_0 => Arena::size_of::<i8>(n) + Arena::size_of::<f32>(scales),
+            Format::Q4_0 | Format::Q4_1 => Arena::size_of::<u8>(n / 2) + 2 * Arena::size_of::<f16>(scales),
         }
     }
 }
@@ -76,16 +147,20 @@ pub enum MatData {
     F32(Region<f32>),
     Bf16(Region<bf16>),
     F16(Region<f16>),
+    /// Bytes and scales; `quads` for the integer kernels' layout.
     Q8_0 {
         q: Region<i8>,
         d: Region<f32>,
+        quads: bool,
     },
-    /// Nibbles, scales and offsets (see `kernels::Panel::Q4`); `q4_0` tells the two flavours apart.
+    /// Nibbles, scales and offsets (see `kernels::Panel::Q4` and `Q4x8`); `q4_0` tells the two
+    /// flavours apart.
     Q4 {
         q: Region<u8>,
         d: Region<f16>,
         m: Region<f16>,
         q4_0: bool,
+        quads: bool,
     },
 }
 
@@ -95,31 +170,39 @@ pub struct QMatrix {
     pub rows: usize,
     pub cols: usize,
     pub data: MatData,
+    variant: Variant,
 }
 
 impl QMatrix {
     /// Reserves a zeroed matrix in `arena`.
-    pub fn alloc(arena: &mut Arena, format: Format, rows: usize, cols: usize) -> anyhow::Result<Self> {
-        let n = rows.div_ceil(PANEL) * PANEL * cols;
-        let data = match format {
+    pub fn alloc(arena: &mut Arena, storage: Storage, rows: usize, cols: usize) -> anyhow::Result<Self> {
+        let prows = rows.div_ceil(PANEL) * PANEL;
+        let n = prows * storage.steps(cols);
+        let scales = prows * cols.div_ceil(QBLOCK);
+        let quads = storage.variant.quads();
+        let data = match storage.format {
             Format::F32 => MatData::F32(arena.alloc(n)?),
             Format::Bf16 => MatData::Bf16(arena.alloc(n)?),
             Format::F16 => MatData::F16(arena.alloc(n)?),
             Format::Q8_0 => MatData::Q8_0 {
                 q: arena.alloc(n)?,
-                d: arena.alloc(rows.div_ceil(PANEL) * PANEL * cols.div_ceil(QBLOCK))?,
+                d: arena.alloc(scales)?,
+                quads,
             },
-            Format::Q4_0 | Format::Q4_1 => {
-                let scales = rows.div_ceil(PANEL) * PANEL * cols.div_ceil(QBLOCK);
-                MatData::Q4 {
-                    q: arena.alloc(n / 2)?,
-                    d: arena.alloc(scales)?,
-                    m: arena.alloc(scales)?,
-                    q4_0: format == Format::Q4_0,
-                }
-            }
+            Format::Q4_0 | Format::Q4_1 => MatData::Q4 {
+                q: arena.alloc(n / 2)?,
+                d: arena.alloc(scales)?,
+                m: arena.alloc(scales)?,
+                q4_0: storage.format == Format::Q4_0,
+                quads,
+            },
         };
-        Ok(Self { rows, cols, data })
+        Ok(Self {
+            rows,
+            cols,
+            data,
+            variant: storage.variant,
+        })
     }
 
     pub fn format(&self) -> Format {
@@ -133,6 +216,10 @@ impl QMatrix {
         }
     }
 
+    pub fn storage(&self) -> Storage {
+        Storage::new(self.format(), self.variant)
+    }
+
     /// Bytes one product reads (the weight traffic of one decode step).
     pub fn bytes(&self) -> usize {
         self.format().bytes(self.rows, self.cols)
@@ -144,24 +231,32 @@ impl QMatrix {
 
     /// Panel `b` borrowed from the arena.
     pub fn panel<'a>(&self, arena: &'a Arena, b: usize) -> Panel<'a> {
-        let (k, len) = (self.cols, self.cols * PANEL);
+        let len = self.storage().steps(self.cols) * PANEL;
         let dl = self.cols.div_ceil(QBLOCK) * PANEL;
         match self.data {
             MatData::F32(r) => Panel::F32(&arena.get(r)[b * len..(b + 1) * len]),
             MatData::Bf16(r) => Panel::Bf16(&arena.get(r)[b * len..(b + 1) * len]),
             MatData::F16(r) => Panel::F16(&arena.get(r)[b * len..(b + 1) * len]),
-            MatData::Q8_0 { q, d } => {
-                let _ = k;
-                Panel::Q8_0 {
-                    q: &arena.get(q)[b * len..(b + 1) * len],
-                    d: &arena.get(d)[b * dl..(b + 1) * dl],
+            MatData::Q8_0 { q, d, quads } => {
+                let (q, d) = (
+                    &arena.get(q)[b * len..(b + 1) * len],
+                    &arena.get(d)[b * dl..(b + 1) * dl],
+                );
+                if quads {
+                    Panel::Q8x4 { q, d }
+                } else {
+                    Panel::Q8_0 { q, d }
                 }
             }
-            MatData::Q4 { q, d, m, .. } => Panel::Q4 {
-                q: &arena.get(q)[b * len / 2..(b + 1) * len / 2],
-                d: &arena.get(d)[b * dl..(b + 1) * dl],
-                m: &arena.get(m)[b * dl..(b + 1) * dl],
-            },
+            MatData::Q4 { q, d, m, quads, .. } => {
+                let q = &arena.get(q)[b * len / 2..(b + 1) * len / 2];
+                let (d, m) = (&arena.get(d)[b * dl..(b + 1) * dl], &arena.get(m)[b * dl..(b + 1) * dl]);
+                if quads {
+                    Panel::Q4x8 { q, d, m }
+                } else {
+                    Panel::Q4 { q, d, m }
+                }
+            }
         }
     }
 
@@ -179,89 +274,72 @@ impl QMatrix {
     /// No other thread may write panel `b` of this matrix at the same time.
     pub unsafe fn write_panel(&self, w: ArenaWriter, b: usize, rows: &[f32]) {
         let k = self.cols;
+        assert!(
+            b < self.panels() && rows.len() >= PANEL * k,
+            "write_panel: panel {b} out of range"
+        );
         let (lo, hi) = (b * k * PANEL, (b + 1) * k * PANEL);
         let live = PANEL.min(self.rows - b * PANEL);
+        let nb = k.div_ceil(QBLOCK);
         match self.data {
             MatData::F32(r) => transpose_into(w.range_mut(r, lo, hi), rows, k, live, |v| v),
             MatData::Bf16(r) => transpose_into(w.range_mut(r, lo, hi), rows, k, live, bf16::from_f32),
             MatData::F16(r) => transpose_into(w.range_mut(r, lo, hi), rows, k, live, f16::from_f32),
-            MatData::Q8_0 { q, d } => {
-                let nb = k.div_ceil(QBLOCK);
-                let qs = w.range_mut(q, lo, hi);
+            MatData::Q8_0 { q, d, quads } => {
+                let len = self.storage().steps(k) * PANEL;
+                let qs = w.range_mut(q, b * len, (b + 1) * len);
                 let ds = w.range_mut(d, b * nb * PANEL, (b + 1) * nb * PANEL);
                 let mut qrow = vec![0i8; k];
                 let mut drow = vec![0f32; nb];
                 for c in 0..live {
                     quantize_row_q8_0(&rows[c * k..(c + 1) * k], &mut qrow, &mut drow);
                     for t in 0..k {
-                        qs[t * PANEL + c] = qrow[t];
+                        qs[if quads { quad_index(t, c) } else { t * PANEL + c }] = qrow[t];
                     }
                     for (tb, dv) in drow.iter().enumerate() {
                         ds[tb * PANEL + c] = *dv;
                     }
                 }
             }
-            MatData::Q4 { q, d, m, q4_0 } => {
-                let nb = k.div_ceil(QBLOCK);
+            MatData::Q4 {
+                q, d, m, q4_0, quads, ..
+            } => {
+                let len = self.storage().steps(k) * PANEL / 2;
+                let qs = w.range_mut(q, b * len, (b + 1) * len);
+                let ds = w.range_mut(d, b * nb * PANEL, (b + 1) * nb * PANEL);
+                let ms = w.range_mut(m, b * nb * PANEL, (b + 1) * nb * PANEL);
                 let mut nib = vec![0u8; k];
                 let mut drow = vec![(0f32, 0f32); nb];
-                let columns: Vec<Q4Column> = (0..live)
-                    .map(|c| {
-                        quantize_row_q4(&rows[c * k..(c + 1) * k], q4_0, &mut nib, &mut drow);
-                        Q4Column {
-                            nibbles: nib.clone(),
-                            scales: drow
-                                .iter()
-                                .map(|(dv, mv)| (f16::from_f32(*dv), f16::from_f32(*mv)))
-                                .collect(),
-                        }
-                    })
-                    .collect();
-                self.write_q4_columns(w, b, q, d, m, &columns);
-            }
-        }
-    }
-
-    /// Writes Q4 columns (one per live row of panel `b`) into the panel layout.
-    ///
-    /// # Safety
-    /// As `write_panel`.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn write_q4_columns(
-        &self,
-        w: ArenaWriter,
-        b: usize,
-        q: Region<u8>,
-        d: Region<f16>,
-        m: Region<f16>,
-        columns: &[Q4Column],
-    ) {
-        let k = self.cols;
-        let nb = k.div_ceil(QBLOCK);
-        let qs = w.range_mut(q, b * k * PANEL / 2, (b + 1) * k * PANEL / 2);
-        let ds = w.range_mut(d, b * nb * PANEL, (b + 1) * nb * PANEL);
-        let ms = w.range_mut(m, b * nb * PANEL, (b + 1) * nb * PANEL);
-        for (c, col) in columns.iter().enumerate() {
-            let shift = if c % 2 == 0 { 0 } else { 4 };
-            for t in 0..k {
-                let byte = &mut qs[t * (PANEL / 2) + c / 2];
-                *byte = (*byte & !(0xF << shift)) | ((col.nibbles[t] & 0xF) << shift);
-            }
-            for (tb, (dv, mv)) in col.scales.iter().enumerate() {
-                ds[tb * PANEL + q4_scale_index(c)] = *dv;
-                ms[tb * PANEL + q4_scale_index(c)] = *mv;
+                for c in 0..live {
+                    quantize_row_q4(&rows[c * k..(c + 1) * k], q4_0, &mut nib, &mut drow);
+                    for t in 0..k {
+                        let (i, high) = if quads {
+                            octet_index(t, c)
+                        } else {
+                            (t * (PANEL / 2) + c / 2, c % 2 == 1)
+                        };
+                        let shift = if high { 4 } else { 0 };
+                        qs[i] = (qs[i] & !(0xF << shift)) | ((nib[t] & 0xF) << shift);
+                    }
+                    let at = if quads { c } else { q4_scale_index(c) };
+                    for (tb, (dv, mv)) in drow.iter().enumerate() {
+                        ds[tb * PANEL + at] = f16::from_f32(*dv);
+                        ms[tb * PANEL + at] = f16::from_f32(*mv);
+                    }
+                }
             }
         }
     }
 
     /// Writes panel `b` straight from stored little-endian rows of its own element type (no
     /// conversion, just the transpose): the fast path of loading a BF16 checkpoint as BF16.
-    /// Returns false when the format has no raw path (Q8_0).
+    /// Returns false when the format has no raw path (the quantized ones).
     ///
     /// # Safety
     /// As `write_panel`.
     pub unsafe fn write_panel_raw(&self, w: ArenaWriter, b: usize, rows: &[&[u8]]) -> bool {
         let k = self.cols;
+        assert!(b < self.panels(), "write_panel_raw: panel {b} out of range");
         let (lo, hi) = (b * k * PANEL, (b + 1) * k * PANEL);
         match self.data {
             MatData::Bf16(r) => transpose_bytes(w.range_mut(r, lo, hi), rows, k, |v: [u8; 2]| {
@@ -283,12 +361,6 @@ impl QMatrix {
             *v = panel_value(p, t, r % PANEL);
         }
     }
-}
-
-/// One row of a matrix in Q4 form: a nibble per weight and (scale, offset) per block of 32.
-pub struct Q4Column {
-    pub nibbles: Vec<u8>,
-    pub scales: Vec<(f16, f16)>,
 }
 
 /// `dst[t * 32 + c] = conv(src[c * k + t])` for the first `live` columns.
@@ -319,35 +391,78 @@ fn transpose_bytes<T: Copy, const S: usize>(dst: &mut [T], rows: &[&[u8]], k: us
     }
 }
 
-/// Rows of activations up to which the product streams weights panel by panel (decoding).
-const GEMV_MAX_ROWS: usize = 3;
+thread_local! {
+    /// The calling thread's quantized activations (reused: no allocation per product).
+    static ACTS: RefCell<QuantActs> = RefCell::new(QuantActs::default());
+}
 
 /// `out[i * rows + j] = Σ_t x[i * cols + t] · W[j][t]` for `m` activation rows.
 pub fn matmul(arena: &Arena, w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) {
-    matmul_with(Isa::get(), arena, w, x, m, out)
+    matmul_with(Level::get(), arena, w, x, m, out)
 }
 
-/// As `matmul`, with an explicit instruction set (tests of every path).
-pub fn matmul_with(isa: Isa, arena: &Arena, w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) {
+/// As `matmul`, with an explicit instruction level (tests of every path).
+pub fn matmul_with(level: Level, arena: &Arena, w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(x.len(), m * k, "activations have the wrong length");
     assert_eq!(out.len(), m * n, "output has the wrong length");
     if m == 0 || n == 0 {
         return;
     }
-    if m > GEMV_MAX_ROWS {
+    let isa = level.isa;
+    if !w.variant.quads() {
+        if m > GEMV_ROWS {
+            gemm_panels(isa, x, m, k, n, out, &|b| w.panel(arena, b));
+        } else {
+            stream_panels(w, out, m, |p, acc| gemv(isa, w.panel(arena, p), x, m, k, acc));
+        }
+        return;
+    }
+    if m > INT_ROWS && w.variant == Variant::IntFloat {
         gemm_panels(isa, x, m, k, n, out, &|b| w.panel(arena, b));
         return;
     }
+    ACTS.with(|acts| {
+        let mut acts = acts.borrow_mut();
+        acts.quantize(x, m, k);
+        let acts = &*acts;
+        if m <= INT_ROWS {
+            stream_panels(w, out, m, |p, acc| {
+                gemv_int(level, w.panel(arena, p), &acts.rows(0, m), acc)
+            });
+        } else {
+            // Prefill: each task takes a panel and runs every tile of rows over it (from cache).
+            let out_ptr = Out(out.as_mut_ptr());
+            (0..w.panels()).into_par_iter().for_each(|b| {
+                let p = w.panel(arena, b);
+                let mut acc = [[0f32; PANEL]; INT_ROWS];
+                let (j0, live) = (b * PANEL, PANEL.min(n - b * PANEL));
+                for i0 in (0..m).step_by(INT_ROWS) {
+                    let rows = INT_ROWS.min(m - i0);
+                    gemv_int(level, p, &acts.rows(i0, rows), &mut acc);
+                    for (i, row) in acc.iter().enumerate().take(rows) {
+                        // SAFETY: columns of this panel belong to this task alone.
+                        unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out_ptr.at((i0 + i) * n + j0), live) };
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Streams every panel once for `m` rows (decoding), in parallel chunks of panels; `kernel(b,
+/// acc)` fills `acc` with panel `b`'s outputs.
+fn stream_panels(w: &QMatrix, out: &mut [f32], m: usize, kernel: impl Fn(usize, &mut [[f32; PANEL]]) + Sync) {
+    let n = w.rows;
     let out_ptr = Out(out.as_mut_ptr());
     let panels = w.panels();
     let threads = rayon::current_num_threads().max(1);
     // A few chunks per thread balances uneven cores without tiny tasks.
     let chunk = panels.div_ceil(threads * 4).max(1);
     (0..panels.div_ceil(chunk)).into_par_iter().for_each(|c| {
-        let mut acc = [[0f32; PANEL]; 3];
+        let mut acc = [[0f32; PANEL]; INT_ROWS];
         for b in c * chunk..((c + 1) * chunk).min(panels) {
-            panel_gemv(isa, w.panel(arena, b), x, m, k, &mut acc);
+            kernel(b, &mut acc);
             let j0 = b * PANEL;
             let live = PANEL.min(n - j0);
             for (i, row) in acc.iter().enumerate().take(m) {
@@ -365,9 +480,9 @@ mod tests {
     use crate::model::cpu::test_data::rand_vec;
 
     /// A matrix filled from row-major f32 values.
-    pub(crate) fn build(format: Format, wf: &[f32], n: usize, k: usize) -> (Arena, QMatrix) {
-        let mut arena = Arena::new(format.arena_bytes(n, k) + 256, Placement::Normal).unwrap();
-        let w = QMatrix::alloc(&mut arena, format, n, k).unwrap();
+    pub(crate) fn build(storage: Storage, wf: &[f32], n: usize, k: usize) -> (Arena, QMatrix) {
+        let mut arena = Arena::new(storage.arena_bytes(n, k) + 256, Placement::Normal).unwrap();
+        let w = QMatrix::alloc(&mut arena, storage, n, k).unwrap();
         for b in 0..w.panels() {
             let mut rows = vec![0f32; PANEL * k];
             let live = PANEL.min(n - b * PANEL);
@@ -378,7 +493,7 @@ mod tests {
     }
 
     #[test]
-    fn every_format_and_path_matches_a_plain_reference() {
+    fn every_format_variant_and_path_matches_a_plain_reference() {
         for &(m, k, n) in &[
             (1, 1, 1),
             (1, 33, 17),
@@ -392,6 +507,9 @@ mod tests {
         ] {
             let wf = rand_vec(n * k, 1);
             let x = rand_vec(m * k, 2);
+            let mut acts = QuantActs::default();
+            acts.quantize(&x, m, k);
+            let xq = acts.dequantized(m, k);
             for format in [
                 Format::F32,
                 Format::Bf16,
@@ -400,37 +518,72 @@ mod tests {
                 Format::Q4_0,
                 Format::Q4_1,
             ] {
-                let (arena, w) = build(format, &wf, n, k);
-                // The reference uses the stored (rounded) weights.
-                let mut deq = vec![0f32; n * k];
-                for r in 0..n {
-                    w.row_f32(&arena, r, &mut deq[r * k..(r + 1) * k]);
-                    for t in 0..k {
-                        let tol = match format {
-                            Format::F32 => 0.0,
-                            Format::F16 => 1e-3,
-                            Format::Bf16 => 1e-2,
-                            Format::Q8_0 => 1e-2,
-                            Format::Q4_0 | Format::Q4_1 => 0.15,
-                        };
-                        assert!((deq[r * k + t] - wf[r * k + t]).abs() <= tol, "{format:?} stored value");
+                for variant in [Variant::Float, Variant::Int, Variant::IntFloat] {
+                    let storage = Storage::new(format, variant);
+                    if storage.variant != variant {
+                        continue;
                     }
-                }
-                for isa in Isa::supported() {
-                    let mut out = vec![f32::NAN; m * n];
-                    matmul_with(isa, &arena, &w, &x, m, &mut out);
-                    for i in 0..m {
-                        for j in 0..n {
-                            let want: f64 = (0..k).map(|t| x[i * k + t] as f64 * deq[j * k + t] as f64).sum();
-                            let got = out[i * n + j] as f64;
-                            assert!(
-                                (got - want).abs() <= 1e-4 * (k as f64).sqrt(),
-                                "{format:?} {isa:?} m={m} k={k} n={n} [{i},{j}]: {got} vs {want}"
-                            );
+                    let (arena, w) = build(storage, &wf, n, k);
+                    // The reference uses the stored (rounded) weights.
+                    let mut deq = vec![0f32; n * k];
+                    for r in 0..n {
+                        w.row_f32(&arena, r, &mut deq[r * k..(r + 1) * k]);
+                        for t in 0..k {
+                            let tol = match format {
+                                Format::F32 => 0.0,
+                                Format::F16 => 1e-3,
+                                Format::Bf16 => 1e-2,
+                                Format::Q8_0 => 1e-2,
+                                Format::Q4_0 | Format::Q4_1 => 0.15,
+                            };
+                            assert!((deq[r * k + t] - wf[r * k + t]).abs() <= tol, "{format:?} stored value");
+                        }
+                    }
+                    // Integer kernels multiply the quantized activations.
+                    let int = variant == Variant::Int || (variant == Variant::IntFloat && m <= INT_ROWS);
+                    let xr = if int { &xq } else { &x };
+                    for level in Level::supported() {
+                        let mut out = vec![f32::NAN; m * n];
+                        matmul_with(level, &arena, &w, &x, m, &mut out);
+                        for i in 0..m {
+                            for j in 0..n {
+                                let want: f64 = (0..k).map(|t| xr[i * k + t] as f64 * deq[j * k + t] as f64).sum();
+                                let got = out[i * n + j] as f64;
+                                assert!(
+                                    (got - want).abs() <= 1e-4 * (k as f64).sqrt(),
+                                    "{format:?} {variant:?} {} m={m} k={k} n={n} [{i},{j}]: {got} vs {want}",
+                                    level.name()
+                                );
+                            }
                         }
                     }
                 }
             }
         }
+    }
+
+    #[test]
+    fn integer_kernels_stay_close_to_the_exact_product() {
+        // What activation quantization costs: the int8 path against f32 activations.
+        let (m, k, n) = (3, 960, 64);
+        let wf = rand_vec(n * k, 4);
+        let x = rand_vec(m * k, 6);
+        let (arena, w) = build(Storage::new(Format::Q8_0, Variant::Int), &wf, n, k);
+        let mut deq = vec![0f32; n * k];
+        for r in 0..n {
+            w.row_f32(&arena, r, &mut deq[r * k..(r + 1) * k]);
+        }
+        let mut out = vec![0f32; m * n];
+        matmul_with(Level::get(), &arena, &w, &x, m, &mut out);
+        let (mut err, mut norm) = (0f64, 0f64);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k).map(|t| x[i * k + t] as f64 * deq[j * k + t] as f64).sum();
+                err += (out[i * n + j] as f64 - want).powi(2);
+                norm += want * want;
+            }
+        }
+        let rel = (err / norm).sqrt();
+        assert!(rel < 0.01, "relative RMS error {rel}");
     }
 }

@@ -1,6 +1,7 @@
-//! Q8_0 quantization: blocks of 32 weights along the input dimension as signed bytes with one
-//! scale each (llama.cpp's format; the kernels keep quants and scales in separate panel arrays).
-//! The products multiply f32 activations with the widened bytes: no activation quantization.
+//! Quantization: weights to Q8_0 (blocks of 32 along the input dimension as signed bytes with one
+//! scale each, llama.cpp's format) and Q4_0/Q4_1, and activations to 8 bits per block of 32 for
+//! the integer kernels (`QuantActs`). The float kernels multiply f32 activations with widened
+//! weights and need no activation quantization.
 
 // Register-blocked kernels index several arrays with the same counters; explicit loops read
 // closer to the math than iterator chains.
@@ -54,6 +55,84 @@ pub fn quantize_row_q4(src: &[f32], q4_0: bool, nib: &mut [u8], dm: &mut [(f32, 
 pub fn dequantize_row_q8_0(q: &[i8], d: &[f32], dst: &mut [f32]) {
     for (i, (o, v)) in dst.iter_mut().zip(q).enumerate() {
         *o = *v as f32 * d[i / BLOCK];
+    }
+}
+
+/// Activation rows quantized for the integer kernels: per row and block of 32, a scale
+/// `d = max|x| / 127`, value bytes `q = round(x / d)`, residual bytes
+/// `lo = round((x - d·q) · 256 / d)` (so x ≈ d/256 · (256·q + lo), within d/512), and the sum of
+/// those integers (the kernels' offset terms need it). Rows are zero-padded to whole blocks.
+/// Buffers are kept and reused from call to call.
+#[derive(Default)]
+pub struct QuantActs {
+    q: Vec<i8>,
+    lo: Vec<i8>,
+    d: Vec<f32>,
+    s: Vec<i32>,
+    kp: usize,
+}
+
+impl QuantActs {
+    /// Quantizes `rows` rows of `k` values (row stride `k`).
+    pub fn quantize(&mut self, x: &[f32], rows: usize, k: usize) {
+        let kp = super::kernels::padded(k);
+        let nb = kp / BLOCK;
+        self.kp = kp;
+        self.q.clear();
+        self.q.resize(rows * kp, 0);
+        self.lo.clear();
+        self.lo.resize(rows * kp, 0);
+        self.d.resize(rows * nb, 0.0);
+        self.s.resize(rows * nb, 0);
+        for r in 0..rows {
+            let xr = &x[r * k..(r + 1) * k];
+            for (b, chunk) in xr.chunks(BLOCK).enumerate() {
+                let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                let at = r * kp + b * BLOCK..r * kp + b * BLOCK + chunk.len();
+                let (q, lo) = (&mut self.q[at.clone()], &mut self.lo[at]);
+                let mut sum = 0i32;
+                for ((qv, lv), v) in q.iter_mut().zip(lo.iter_mut()).zip(chunk) {
+                    // NaN becomes 0 here; a NaN activation is already a broken model.
+                    let hi = (v * inv).round().clamp(-127.0, 127.0);
+                    let rest = ((v * inv - hi) * 256.0).round().clamp(-127.0, 127.0);
+                    *qv = hi as i8;
+                    *lv = rest as i8;
+                    sum += 256 * hi as i32 + rest as i32;
+                }
+                self.d[r * nb + b] = d / 256.0;
+                self.s[r * nb + b] = sum;
+            }
+        }
+    }
+
+    /// Rows `r0..r0 + n` as the kernels take them.
+    pub fn rows(&self, r0: usize, n: usize) -> super::kernels::QRows<'_> {
+        let nb = self.kp / BLOCK;
+        super::kernels::QRows {
+            q: &self.q[r0 * self.kp..(r0 + n) * self.kp],
+            lo: &self.lo[r0 * self.kp..(r0 + n) * self.kp],
+            d: &self.d[r0 * nb..(r0 + n) * nb],
+            s: &self.s[r0 * nb..(r0 + n) * nb],
+            rows: n,
+            kp: self.kp,
+        }
+    }
+
+    /// The values the kernels multiply with, as f32 (tests compare against them).
+    #[cfg(test)]
+    pub fn dequantized(&self, rows: usize, k: usize) -> Vec<f32> {
+        let nb = self.kp / BLOCK;
+        let mut v = vec![0f32; rows * k];
+        for r in 0..rows {
+            for t in 0..k {
+                let i = r * self.kp + t;
+                let units = 256 * self.q[i] as i32 + self.lo[i] as i32;
+                v[r * k + t] = units as f32 * self.d[r * nb + t / BLOCK];
+            }
+        }
+        v
     }
 }
 

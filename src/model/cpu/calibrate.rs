@@ -1,0 +1,263 @@
+//! Which kernels a quantized format runs with on this CPU, chosen by measurement.
+//!
+//! Q8_0 and Q4 matrices can be multiplied two ways: widening the weights to f32 (exact in the
+//! activations, and what wins where float throughput is high) or with integer dot products on
+//! 8-bit activations (four times the values per instruction, and what wins where the widening
+//! instructions are the bottleneck). Which is faster depends on the CPU in ways no fixed rule
+//! captures (port layout, VNNI throughput, memory bandwidth), so the first run on a CPU times
+//! both on a small matrix (a few tens of milliseconds) and keeps the answer in
+//! `$XDG_CACHE_HOME/zagreus/kernels.json` (default `~/.cache`), keyed by the CPU model, the
+//! instruction level and the zagreus version. `ZAGREUS_KERNEL=float|int8|int8+float` forces a
+//! choice (`int8+float`: integer decoding, float prefill).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
+
+use super::arena::{Arena, Placement};
+use super::isa::{cpu_model, warn, Isa, Level};
+use super::kernels::PANEL;
+use super::qmatrix::{matmul_with, Format, QMatrix, Storage, Variant};
+
+/// How a variant was chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The format has a single kernel family.
+    Only,
+    /// `ZAGREUS_KERNEL`.
+    Forced,
+    /// Timed in this process.
+    Measured,
+    /// Timed earlier on this CPU, read from the cache file.
+    Cached,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Choice {
+    pub variant: Variant,
+    pub reason: Reason,
+}
+
+impl Choice {
+    /// For messages: `int8 (measured on this CPU)`.
+    pub fn describe(&self) -> String {
+        let why = match self.reason {
+            Reason::Only => "the only kernels for this format",
+            Reason::Forced => "forced by ZAGREUS_KERNEL",
+            Reason::Measured => "measured on this CPU",
+            Reason::Cached => "measured earlier on this CPU",
+        };
+        format!("{} ({why})", self.variant.name())
+    }
+}
+
+/// The kernels `format` runs with at `level`.
+pub fn choose(level: Level, format: Format) -> Choice {
+    if !format.quantized() {
+        return Choice {
+            variant: Variant::Float,
+            reason: Reason::Only,
+        };
+    }
+    if let Ok(v) = std::env::var("ZAGREUS_KERNEL") {
+        match Variant::from_name(&v) {
+            Some(variant) => {
+                return Choice {
+                    variant,
+                    reason: Reason::Forced,
+                }
+            }
+            None => warn(&format!(
+                "ZAGREUS_KERNEL={v}: unknown (known: float, int8, int8+float); measuring instead"
+            )),
+        }
+    }
+    // Plain code has no integer advantage to find: keep the exact float kernels.
+    if level.isa == Isa::Portable {
+        return Choice {
+            variant: Variant::Float,
+            reason: Reason::Only,
+        };
+    }
+    static CHOICES: OnceLock<Mutex<HashMap<(Level, Family), Choice>>> = OnceLock::new();
+    let family = Family::of(format);
+    let mut known = CHOICES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    *known.entry((level, family)).or_insert_with(|| {
+        let key = format!(
+            "{} | {} | {} | zagreus {}",
+            cpu_model(),
+            level.name(),
+            family.name(),
+            env!("CARGO_PKG_VERSION")
+        );
+        if let Some(variant) = read_cache(&key) {
+            return Choice {
+                variant,
+                reason: Reason::Cached,
+            };
+        }
+        let (variant, timings) = measure(level, family.format());
+        write_cache(&key, variant, &timings);
+        Choice {
+            variant,
+            reason: Reason::Measured,
+        }
+    })
+}
+
+/// Formats that share kernels (Q4_0 and Q4_1 differ only in their offsets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Family {
+    Q8,
+    Q4,
+}
+
+impl Family {
+    fn of(f: Format) -> Family {
+        if f == Format::Q8_0 {
+            Family::Q8
+        } else {
+            Family::Q4
+        }
+    }
+
+    fn format(self) -> Format {
+        match self {
+            Family::Q8 => Format::Q8_0,
+            Family::Q4 => Format::Q4_1,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Family::Q8 => "q8_0",
+            Family::Q4 => "q4",
+        }
+    }
+}
+
+/// A `rows x cols` matrix of pseudo-random weights in `storage`, in its own arena.
+fn matrix(storage: Storage, rows: usize, cols: usize) -> Option<(Arena, QMatrix)> {
+    let mut arena = Arena::new(storage.arena_bytes(rows, cols) + 4096, Placement::Normal).ok()?;
+    let m = QMatrix::alloc(&mut arena, storage, rows, cols).ok()?;
+    let mut panel = vec![0f32; PANEL * cols];
+    for b in 0..m.panels() {
+        for (i, v) in panel.iter_mut().enumerate() {
+            *v = (((b * 7919 + i * 104_729) % 2003) as f32 - 1001.0) / 4000.0;
+        }
+        m.set_panel(&mut arena, b, &panel);
+    }
+    Some((arena, m))
+}
+
+/// Best of several timed runs of `m` rows through the matrix, in microseconds.
+fn time(level: Level, arena: &Arena, w: &QMatrix, m: usize) -> f64 {
+    let x: Vec<f32> = (0..m * w.cols).map(|i| ((i * 31) % 17) as f32 / 17.0 - 0.5).collect();
+    let mut out = vec![0f32; m * w.rows];
+    let mut best = f64::INFINITY;
+    for rep in 0..12 {
+        let t = Instant::now();
+        matmul_with(level, arena, w, &x, m, &mut out);
+        let us = t.elapsed().as_secs_f64() * 1e6;
+        if rep >= 2 {
+            best = best.min(us);
+        }
+    }
+    best
+}
+
+/// Times decoding (one row) float against integer; if integer wins, prefill (64 rows) integer
+/// against float-from-quads.
+fn measure(level: Level, format: Format) -> (Variant, Vec<(&'static str, f64)>) {
+    let run = |variant: Variant, rows: usize, cols: usize, m: usize| {
+        matrix(Storage::new(format, variant), rows, cols).map(|(a, w)| time(level, &a, &w, m))
+    };
+    let (Some(float), Some(int)) = (run(Variant::Float, 2048, 1024, 1), run(Variant::Int, 2048, 1024, 1)) else {
+        return (Variant::Float, Vec::new());
+    };
+    let mut timings = vec![("decode_float_us", float), ("decode_int8_us", int)];
+    if float <= int {
+        return (Variant::Float, timings);
+    }
+    let (Some(pi), Some(pf)) = (run(Variant::Int, 512, 1024, 64), run(Variant::IntFloat, 512, 1024, 64)) else {
+        return (Variant::Int, timings);
+    };
+    timings.extend([("prefill_int8_us", pi), ("prefill_float_us", pf)]);
+    (if pi <= pf { Variant::Int } else { Variant::IntFloat }, timings)
+}
+
+fn cache_file() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("zagreus").join("kernels.json"))
+}
+
+/// Where measurements are kept (for messages).
+pub fn cache_path() -> String {
+    cache_file().map_or_else(|| "(no cache directory)".into(), |p| p.display().to_string())
+}
+
+fn read_all() -> serde_json::Map<String, serde_json::Value> {
+    cache_file()
+        .and_then(|p| std::fs::read(p).ok())
+        .filter(|b| b.len() < 1 << 20)
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.as_object().cloned())
+        .unwrap_or_default()
+}
+
+fn read_cache(key: &str) -> Option<Variant> {
+    read_all()
+        .get(key)?
+        .get("variant")?
+        .as_str()
+        .and_then(Variant::from_name)
+}
+
+/// Best effort: a cache that cannot be written only means measuring again next time.
+fn write_cache(key: &str, variant: Variant, timings: &[(&str, f64)]) {
+    let Some(path) = cache_file() else { return };
+    let mut all = read_all();
+    let mut entry = serde_json::Map::new();
+    entry.insert("variant".into(), variant.name().into());
+    for (k, v) in timings {
+        entry.insert((*k).into(), ((v * 10.0).round() / 10.0).into());
+    }
+    all.insert(key.into(), entry.into());
+    let Some(dir) = path.parent() else { return };
+    if std::fs::create_dir_all(dir).is_err() {
+        return;
+    }
+    let tmp = dir.join(format!(".kernels.json.{}", std::process::id()));
+    let Ok(text) = serde_json::to_string_pretty(&serde_json::Value::Object(all)) else {
+        return;
+    };
+    if std::fs::write(&tmp, text).is_ok() && std::fs::rename(&tmp, &path).is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn measuring_picks_a_variant_with_timings_for_each_option() {
+        for level in Level::supported() {
+            if level.isa == Isa::Portable {
+                continue;
+            }
+            let (v, timings) = measure(level, Format::Q8_0);
+            assert!(timings.len() == 2 || timings.len() == 4, "{timings:?}");
+            assert!(timings.iter().all(|(_, us)| us.is_finite() && *us > 0.0));
+            let (float, int) = (timings[0].1, timings[1].1);
+            assert_eq!(v == Variant::Float, float <= int, "{} {timings:?}", level.name());
+        }
+    }
+}

@@ -1,0 +1,542 @@
+//! AVX2 kernels (with FMA and F16C; AVX-VNNI where the CPU has it), written for 16 YMM
+//! registers: the 32 columns of a panel are 4 vectors, so a kernel keeps at most 8 to 12
+//! accumulators, and the integer kernels work on half a panel (16 columns) at a time.
+//!
+//! Every function here is `unsafe`: callers (`kernels/mod.rs`) guarantee that the CPU reports the
+//! features named in its `target_feature` attribute and that the slices have been checked against
+//! the lengths the loops use.
+
+use std::arch::x86_64::*;
+
+use super::{Panel, QRows, PANEL, QBLOCK};
+
+/// See `avx512.rs`: software prefetch across 4 KiB pages.
+const PREFETCH_BYTES: usize = 8192;
+
+#[inline(always)]
+unsafe fn prefetch<T>(p: *const T) {
+    _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(PREFETCH_BYTES));
+}
+
+/// Columns back in order from even lanes (columns 0, 2, .., 14 of a half) and odd lanes.
+#[inline(always)]
+unsafe fn store_interleaved(e: __m256, o: __m256, out: *mut f32) {
+    let lo = _mm256_unpacklo_ps(e, o);
+    let hi = _mm256_unpackhi_ps(e, o);
+    _mm256_storeu_ps(out, _mm256_permute2f128_ps(lo, hi, 0x20));
+    _mm256_storeu_ps(out.add(8), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
+/// # Safety
+/// AVX2, FMA and F16C; `p` a steps-layout panel checked for input length `k`, `x` holds
+/// `rows * k` values, `1 <= rows <= GEMV_ROWS`, `out` has `rows` rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gemv(p: Panel, x: &[f32], rows: usize, k: usize, out: &mut [[f32; PANEL]]) {
+    // One row keeps two accumulator sets in flight (8 chains hide the FMA latency); two rows
+    // fill the registers with one set each; more rows go two at a time.
+    let mut r = 0;
+    while r < rows {
+        let n = if rows - r >= 2 { 2 } else { 1 };
+        let (xr, or) = (&x[r * k..], &mut out[r..]);
+        match (p, n) {
+            (Panel::Bf16(w), 1) => gemv_bf16::<1>(w, xr, k, or),
+            (Panel::Bf16(w), _) => gemv_bf16::<2>(w, xr, k, or),
+            (Panel::Q4 { .. }, 1) => gemv_q4::<1>(p, xr, k, or),
+            (Panel::Q4 { .. }, _) => gemv_q4::<2>(p, xr, k, or),
+            (_, 1) => gemv_wide::<1>(p, xr, k, or),
+            _ => gemv_wide::<2>(p, xr, k, or),
+        }
+        r += n;
+    }
+}
+
+/// Four vectors (8 columns each) of step t as f32; Q8_0 without its scale.
+#[inline(always)]
+unsafe fn load256(p: Panel, t: usize) -> [__m256; 4] {
+    let i = t * PANEL;
+    match p {
+        Panel::F32(w) => std::array::from_fn(|j| _mm256_loadu_ps(w.as_ptr().add(i + 8 * j))),
+        Panel::Bf16(w) => std::array::from_fn(|j| {
+            let v = _mm_loadu_si128(w.as_ptr().add(i + 8 * j) as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16))
+        }),
+        Panel::F16(w) => {
+            std::array::from_fn(|j| _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(i + 8 * j) as *const __m128i)))
+        }
+        Panel::Q8_0 { q, .. } => std::array::from_fn(|j| {
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                q.as_ptr().add(i + 8 * j) as *const __m128i
+            )))
+        }),
+        _ => unreachable!("Q4 and quad panels have their own kernels"),
+    }
+}
+
+#[inline(always)]
+unsafe fn stream_ptr(p: Panel, t: usize) -> *const u8 {
+    let i = t * PANEL;
+    match p {
+        Panel::F32(w) => w.as_ptr().add(i) as *const u8,
+        Panel::Bf16(w) => w.as_ptr().add(i) as *const u8,
+        Panel::F16(w) => w.as_ptr().add(i) as *const u8,
+        Panel::Q8_0 { q, .. } => q.as_ptr().add(i) as *const u8,
+        _ => unreachable!("Q4 and quad panels have their own kernels"),
+    }
+}
+
+#[inline(always)]
+unsafe fn prefetch_steps(p: Panel, t0: usize, t1: usize) {
+    let (s0, s1) = (stream_ptr(p, t0), stream_ptr(p, t1));
+    let mut line = s0;
+    while line < s1 {
+        prefetch(line);
+        line = line.add(64);
+    }
+}
+
+/// F32, F16, Q8_0: per step 4 vectors widened once, one FMA per vector and row. With one row,
+/// even and odd steps go to separate accumulators.
+#[inline(always)]
+unsafe fn gemv_wide<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f32; PANEL]]) {
+    let scaled = matches!(p, Panel::Q8_0 { .. });
+    let mut tot = [[_mm256_setzero_ps(); 4]; R];
+    let mut t0 = 0;
+    while t0 < k {
+        let t1 = if scaled { (t0 + QBLOCK).min(k) } else { k };
+        let mut a = [[_mm256_setzero_ps(); 4]; R];
+        let mut b = [[_mm256_setzero_ps(); 4]; R];
+        let mut t = t0;
+        if R == 1 {
+            while t + 2 <= t1 {
+                prefetch_steps(p, t, t + 2);
+                let xa = _mm256_set1_ps(*x.get_unchecked(t));
+                let w = load256(p, t);
+                for j in 0..4 {
+                    a[0][j] = _mm256_fmadd_ps(xa, w[j], a[0][j]);
+                }
+                let xb = _mm256_set1_ps(*x.get_unchecked(t + 1));
+                let w = load256(p, t + 1);
+                for j in 0..4 {
+                    b[0][j] = _mm256_fmadd_ps(xb, w[j], b[0][j]);
+                }
+                t += 2;
+            }
+        }
+        while t < t1 {
+            prefetch_steps(p, t, t + 1);
+            let w = load256(p, t);
+            for r in 0..R {
+                let xv = _mm256_set1_ps(*x.get_unchecked(r * k + t));
+                for j in 0..4 {
+                    a[r][j] = _mm256_fmadd_ps(xv, w[j], a[r][j]);
+                }
+            }
+            t += 1;
+        }
+        for r in 0..R {
+            for j in 0..4 {
+                let s = _mm256_add_ps(a[r][j], b[r][j]);
+                tot[r][j] = match p {
+                    Panel::Q8_0 { d, .. } => {
+                        let ds = d.as_ptr().add((t0 / QBLOCK) * PANEL + 8 * j);
+                        _mm256_fmadd_ps(s, _mm256_loadu_ps(ds), tot[r][j])
+                    }
+                    _ => s,
+                };
+            }
+        }
+        t0 = t1;
+    }
+    for r in 0..R {
+        for j in 0..4 {
+            _mm256_storeu_ps(out[r].as_mut_ptr().add(8 * j), tot[r][j]);
+        }
+    }
+}
+
+/// BF16 without shuffles: a 32-byte load holds 16 columns; shifting each 32-bit lane left gives
+/// the even columns as f32, masking its low half gives the odd ones. Columns are put back in
+/// order once at the end.
+#[inline(always)]
+unsafe fn gemv_bf16<const R: usize>(w: &[half::bf16], x: &[f32], k: usize, out: &mut [[f32; PANEL]]) {
+    let hi = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
+    let wp = w.as_ptr();
+    let split = |t: usize| {
+        let v0 = _mm256_loadu_si256(wp.add(t * PANEL) as *const __m256i);
+        let v1 = _mm256_loadu_si256(wp.add(t * PANEL + 16) as *const __m256i);
+        [
+            _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)),
+            _mm256_castsi256_ps(_mm256_and_si256(v0, hi)),
+            _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)),
+            _mm256_castsi256_ps(_mm256_and_si256(v1, hi)),
+        ]
+    };
+    let mut a = [[_mm256_setzero_ps(); 4]; R];
+    let mut b = [[_mm256_setzero_ps(); 4]; R];
+    let mut t = 0;
+    if R == 1 {
+        while t + 2 <= k {
+            prefetch(wp.add(t * PANEL));
+            prefetch(wp.add((t + 1) * PANEL));
+            let xa = _mm256_set1_ps(*x.get_unchecked(t));
+            let v = split(t);
+            for j in 0..4 {
+                a[0][j] = _mm256_fmadd_ps(xa, v[j], a[0][j]);
+            }
+            let xb = _mm256_set1_ps(*x.get_unchecked(t + 1));
+            let v = split(t + 1);
+            for j in 0..4 {
+                b[0][j] = _mm256_fmadd_ps(xb, v[j], b[0][j]);
+            }
+            t += 2;
+        }
+    }
+    while t < k {
+        prefetch(wp.add(t * PANEL));
+        let v = split(t);
+        for r in 0..R {
+            let xv = _mm256_set1_ps(*x.get_unchecked(r * k + t));
+            for j in 0..4 {
+                a[r][j] = _mm256_fmadd_ps(xv, v[j], a[r][j]);
+            }
+        }
+        t += 1;
+    }
+    for r in 0..R {
+        let s: [__m256; 4] = std::array::from_fn(|j| _mm256_add_ps(a[r][j], b[r][j]));
+        store_interleaved(s[0], s[1], out[r].as_mut_ptr());
+        store_interleaved(s[2], s[3], out[r].as_mut_ptr().add(16));
+    }
+}
+
+/// Q4 steps panel: 16 bytes per step widen to two vectors of 8 bytes each; low nibbles are even
+/// columns, high nibbles odd ones (scales are stored in that order: even columns first).
+#[inline(always)]
+unsafe fn gemv_q4<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f32; PANEL]]) {
+    let Panel::Q4 { q, d, m } = p else { return };
+    let (qp, dp, mp) = (q.as_ptr(), d.as_ptr(), m.as_ptr());
+    let low = _mm256_set1_epi32(0xF);
+    let mut tot = [[_mm256_setzero_ps(); 4]; R];
+    let mut t0 = 0;
+    while t0 < k {
+        let t1 = (t0 + QBLOCK).min(k);
+        // Accumulators: even 0..16, odd 0..16, even 16..32, odd 16..32.
+        let mut acc = [[_mm256_setzero_ps(); 4]; R];
+        let mut xsum = [_mm256_setzero_ps(); R];
+        for t in t0..t1 {
+            if t % 4 == 0 {
+                prefetch(qp.add(t * 16));
+            }
+            let v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qp.add(t * 16) as *const __m128i));
+            let v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qp.add(t * 16 + 8) as *const __m128i));
+            let w = [
+                _mm256_cvtepi32_ps(_mm256_and_si256(v0, low)),
+                _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)),
+                _mm256_cvtepi32_ps(_mm256_and_si256(v1, low)),
+                _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)),
+            ];
+            for r in 0..R {
+                let xv = _mm256_set1_ps(*x.get_unchecked(r * k + t));
+                for j in 0..4 {
+                    acc[r][j] = _mm256_fmadd_ps(xv, w[j], acc[r][j]);
+                }
+                xsum[r] = _mm256_add_ps(xsum[r], xv);
+            }
+        }
+        // Scale index of each accumulator's first column (even columns first).
+        let s = (t0 / QBLOCK) * PANEL;
+        let at = [0, 16, 8, 24];
+        for j in 0..4 {
+            let dj = _mm256_cvtph_ps(_mm_loadu_si128(dp.add(s + at[j]) as *const __m128i));
+            let mj = _mm256_cvtph_ps(_mm_loadu_si128(mp.add(s + at[j]) as *const __m128i));
+            for r in 0..R {
+                tot[r][j] = _mm256_fmadd_ps(acc[r][j], dj, _mm256_fmadd_ps(xsum[r], mj, tot[r][j]));
+            }
+        }
+        t0 = t1;
+    }
+    for r in 0..R {
+        store_interleaved(tot[r][0], tot[r][1], out[r].as_mut_ptr());
+        store_interleaved(tot[r][2], tot[r][3], out[r].as_mut_ptr().add(16));
+    }
+}
+
+/// # Safety
+/// As `gemv`, with `dst` holding `k * 32` values (any layout).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn widen(p: Panel, k: usize, dst: &mut [f32]) {
+    let o = dst.as_mut_ptr();
+    match p {
+        Panel::F32(w) => dst[..k * PANEL].copy_from_slice(w),
+        Panel::Q4 { q, d, m } => {
+            let low = _mm256_set1_epi32(0xF);
+            let at = [0, 16, 8, 24];
+            for t in 0..k {
+                let s = (t / QBLOCK) * PANEL;
+                let v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(q.as_ptr().add(t * 16) as *const __m128i));
+                let v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(q.as_ptr().add(t * 16 + 8) as *const __m128i));
+                let n = [
+                    _mm256_and_si256(v0, low),
+                    _mm256_srli_epi32(v0, 4),
+                    _mm256_and_si256(v1, low),
+                    _mm256_srli_epi32(v1, 4),
+                ];
+                let v: [__m256; 4] = std::array::from_fn(|j| {
+                    let dj = _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().add(s + at[j]) as *const __m128i));
+                    let mj = _mm256_cvtph_ps(_mm_loadu_si128(m.as_ptr().add(s + at[j]) as *const __m128i));
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(n[j]), dj, mj)
+                });
+                store_interleaved(v[0], v[1], o.add(t * PANEL));
+                store_interleaved(v[2], v[3], o.add(t * PANEL + 16));
+            }
+        }
+        Panel::Q8x4 { q, d } => {
+            for t0 in (0..k).step_by(4) {
+                let s = (t0 / QBLOCK) * PANEL;
+                let base = q.as_ptr().add(t0 * PANEL) as *const __m256i;
+                let v: [__m256i; 4] = std::array::from_fn(|i| _mm256_loadu_si256(base.add(i)));
+                for j in 0..4.min(k - t0) {
+                    let sh = _mm_cvtsi32_si128(24 - 8 * j as i32);
+                    for i in 0..4 {
+                        let e = _mm256_sra_epi32(_mm256_sll_epi32(v[i], sh), _mm_cvtsi32_si128(24));
+                        let di = _mm256_loadu_ps(d.as_ptr().add(s + 8 * i));
+                        _mm256_storeu_ps(
+                            o.add((t0 + j) * PANEL + 8 * i),
+                            _mm256_mul_ps(_mm256_cvtepi32_ps(e), di),
+                        );
+                    }
+                }
+            }
+        }
+        Panel::Q4x8 { q, d, m } => {
+            let nib = _mm256_set1_epi32(0xF);
+            for t0 in (0..k).step_by(8) {
+                let s = (t0 / QBLOCK) * PANEL;
+                let base = q.as_ptr().add(t0 * PANEL / 2) as *const __m256i;
+                let v: [__m256i; 4] = std::array::from_fn(|i| _mm256_loadu_si256(base.add(i)));
+                let dm: [(__m256, __m256); 4] = std::array::from_fn(|i| {
+                    (
+                        _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().add(s + 8 * i) as *const __m128i)),
+                        _mm256_cvtph_ps(_mm_loadu_si128(m.as_ptr().add(s + 8 * i) as *const __m128i)),
+                    )
+                });
+                for j in 0..8.min(k - t0) {
+                    let sh = _mm_cvtsi32_si128(8 * (j as i32 % 4) + 4 * (j as i32 / 4));
+                    for i in 0..4 {
+                        let e = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(v[i], sh), nib));
+                        _mm256_storeu_ps(o.add((t0 + j) * PANEL + 8 * i), _mm256_fmadd_ps(e, dm[i].0, dm[i].1));
+                    }
+                }
+            }
+        }
+        _ => {
+            for t in 0..k {
+                let w = load256(p, t);
+                for (j, mut v) in w.into_iter().enumerate() {
+                    if let Panel::Q8_0 { d, .. } = p {
+                        v = _mm256_mul_ps(v, _mm256_loadu_ps(d.as_ptr().add((t / QBLOCK) * PANEL + 8 * j)));
+                    }
+                    _mm256_storeu_ps(o.add(t * PANEL + 8 * j), v);
+                }
+            }
+        }
+    }
+}
+
+/// # Safety
+/// AVX2, FMA, F16C and AVX-VNNI; `p` a quad panel checked for `a.kp`, `a` checked, `out` has
+/// `a.rows <= INT_ROWS` rows.
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+pub unsafe fn gemv_int_vnni(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
+    int_rows::<true>(p, a, out)
+}
+
+/// # Safety
+/// As `gemv_int_vnni`, without AVX-VNNI.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gemv_int(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
+    int_rows::<false>(p, a, out)
+}
+
+/// Rows in groups of at most 4 (8 accumulators for a half panel).
+#[inline(always)]
+unsafe fn int_rows<const VNNI: bool>(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
+    let mut r0 = 0;
+    while r0 < a.rows {
+        let n = (a.rows - r0).min(4);
+        let sub = a.sub(r0, n);
+        let o = &mut out[r0..];
+        macro_rules! go {
+            ($f:ident) => {
+                match n {
+                    1 => $f::<1, VNNI>(p, &sub, o),
+                    2 => $f::<2, VNNI>(p, &sub, o),
+                    3 => $f::<3, VNNI>(p, &sub, o),
+                    _ => $f::<4, VNNI>(p, &sub, o),
+                }
+            };
+        }
+        match p {
+            Panel::Q8x4 { .. } => go!(q8x4),
+            _ => go!(q4x8),
+        }
+        r0 += n;
+    }
+}
+
+/// Four activation bytes of row `r` at step `t` of `x` (value or residual bytes), in every
+/// 32-bit lane.
+#[inline(always)]
+unsafe fn x4(x: &[i8], kp: usize, r: usize, t: usize) -> __m256i {
+    _mm256_set1_epi32((x.as_ptr().add(r * kp + t) as *const i32).read_unaligned())
+}
+
+/// `acc + Σ u·s` over each lane's four bytes (unsigned `u`, signed `s`): with AVX-VNNI one
+/// `vpdpbusd`, otherwise `vpmaddubsw` (pair sums, exact while |u·s| pairs stay below 2^15) and
+/// `vpmaddwd` by ones.
+#[inline(always)]
+unsafe fn dot<const VNNI: bool>(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+    if VNNI {
+        _mm256_dpbusd_avx_epi32(acc, u, s)
+    } else {
+        _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
+    }
+}
+
+/// Q8x4, 16 columns (two vectors) at a time. With AVX-VNNI the weights' top bit is flipped
+/// (w + 128, unsigned) and `128 · Σx` taken off per block; without it the activations' signs move
+/// onto the weights so that `vpmaddubsw` multiplies |x| (a pair sum of at most 2·127·127 never
+/// saturates). Each block is summed over the value bytes, shifted 8 bits, then summed over the
+/// residual bytes (from L1).
+#[inline(always)]
+unsafe fn q8x4<const R: usize, const VNNI: bool>(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
+    let Panel::Q8x4 { q, d } = p else { return };
+    let nb = a.kp / QBLOCK;
+    let qp = q.as_ptr();
+    let flip = _mm256_set1_epi8(-128);
+    for r in 0..R {
+        out[r] = [0.0; PANEL];
+    }
+    for b in 0..nb {
+        for h in 0..2 {
+            let mut acc = [[_mm256_setzero_si256(); 2]; R];
+            for (pass, x) in [a.q, a.lo].into_iter().enumerate() {
+                if pass == 1 {
+                    for r in 0..R {
+                        acc[r] = [_mm256_slli_epi32(acc[r][0], 8), _mm256_slli_epi32(acc[r][1], 8)];
+                    }
+                }
+                for g in 0..QBLOCK / 4 {
+                    let t = b * QBLOCK + g * 4;
+                    let base = qp.add(t * PANEL + 64 * h);
+                    if h == 0 && pass == 0 {
+                        prefetch(base);
+                        prefetch(base.add(64));
+                    }
+                    let mut w0 = _mm256_loadu_si256(base as *const __m256i);
+                    let mut w1 = _mm256_loadu_si256(base.add(32) as *const __m256i);
+                    if VNNI {
+                        w0 = _mm256_xor_si256(w0, flip);
+                        w1 = _mm256_xor_si256(w1, flip);
+                    }
+                    for r in 0..R {
+                        let xb = x4(x, a.kp, r, t);
+                        if VNNI {
+                            acc[r][0] = dot::<true>(acc[r][0], w0, xb);
+                            acc[r][1] = dot::<true>(acc[r][1], w1, xb);
+                        } else {
+                            let xa = _mm256_sign_epi8(xb, xb);
+                            acc[r][0] = dot::<false>(acc[r][0], xa, _mm256_sign_epi8(w0, xb));
+                            acc[r][1] = dot::<false>(acc[r][1], xa, _mm256_sign_epi8(w1, xb));
+                        }
+                    }
+                }
+            }
+            let ds = d.as_ptr().add(b * PANEL + 16 * h);
+            let (d0, d1) = (_mm256_loadu_ps(ds), _mm256_loadu_ps(ds.add(8)));
+            for r in 0..R {
+                let dx = _mm256_set1_ps(*a.d.get_unchecked(r * nb + b));
+                let (mut i0, mut i1) = (acc[r][0], acc[r][1]);
+                if VNNI {
+                    let corr = _mm256_set1_epi32(128 * *a.s.get_unchecked(r * nb + b));
+                    i0 = _mm256_sub_epi32(i0, corr);
+                    i1 = _mm256_sub_epi32(i1, corr);
+                }
+                let o = out[r].as_mut_ptr().add(16 * h);
+                let f0 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(i0), dx), d0, _mm256_loadu_ps(o));
+                let f1 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(i1), dx), d1, _mm256_loadu_ps(o.add(8)));
+                _mm256_storeu_ps(o, f0);
+                _mm256_storeu_ps(o.add(8), f1);
+            }
+        }
+    }
+}
+
+/// Q4x8, 16 columns at a time: nibbles are unsigned already; value bytes then residual bytes, as
+/// in `q8x4`.
+#[inline(always)]
+unsafe fn q4x8<const R: usize, const VNNI: bool>(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
+    let Panel::Q4x8 { q, d, m } = p else { return };
+    let nb = a.kp / QBLOCK;
+    let qp = q.as_ptr();
+    let nib = _mm256_set1_epi8(0xF);
+    for r in 0..R {
+        out[r] = [0.0; PANEL];
+    }
+    for b in 0..nb {
+        for h in 0..2 {
+            let mut acc = [[_mm256_setzero_si256(); 2]; R];
+            for (pass, x) in [a.q, a.lo].into_iter().enumerate() {
+                if pass == 1 {
+                    for r in 0..R {
+                        acc[r] = [_mm256_slli_epi32(acc[r][0], 8), _mm256_slli_epi32(acc[r][1], 8)];
+                    }
+                }
+                for o in 0..QBLOCK / 8 {
+                    let t = b * QBLOCK + o * 8;
+                    let base = qp.add(t * PANEL / 2 + 64 * h);
+                    if h == 0 && pass == 0 {
+                        prefetch(base);
+                        prefetch(base.add(64));
+                    }
+                    let v0 = _mm256_loadu_si256(base as *const __m256i);
+                    let v1 = _mm256_loadu_si256(base.add(32) as *const __m256i);
+                    let n = [
+                        _mm256_and_si256(v0, nib),
+                        _mm256_and_si256(_mm256_srli_epi16(v0, 4), nib),
+                        _mm256_and_si256(v1, nib),
+                        _mm256_and_si256(_mm256_srli_epi16(v1, 4), nib),
+                    ];
+                    for r in 0..R {
+                        let (xa, xb) = (x4(x, a.kp, r, t), x4(x, a.kp, r, t + 4));
+                        acc[r][0] = dot::<VNNI>(dot::<VNNI>(acc[r][0], n[0], xa), n[1], xb);
+                        acc[r][1] = dot::<VNNI>(dot::<VNNI>(acc[r][1], n[2], xa), n[3], xb);
+                    }
+                }
+            }
+            let s = b * PANEL + 16 * h;
+            let (d0, d1) = (
+                _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().add(s) as *const __m128i)),
+                _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().add(s + 8) as *const __m128i)),
+            );
+            let (m0, m1) = (
+                _mm256_cvtph_ps(_mm_loadu_si128(m.as_ptr().add(s) as *const __m128i)),
+                _mm256_cvtph_ps(_mm_loadu_si128(m.as_ptr().add(s + 8) as *const __m128i)),
+            );
+            for r in 0..R {
+                let dxs = *a.d.get_unchecked(r * nb + b);
+                let dx = _mm256_set1_ps(dxs);
+                let xs = _mm256_set1_ps(dxs * *a.s.get_unchecked(r * nb + b) as f32);
+                let o = out[r].as_mut_ptr().add(16 * h);
+                let f0 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][0]), dx), d0, _mm256_loadu_ps(o));
+                let f1 = _mm256_fmadd_ps(
+                    _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][1]), dx),
+                    d1,
+                    _mm256_loadu_ps(o.add(8)),
+                );
+                _mm256_storeu_ps(o, _mm256_fmadd_ps(xs, m0, f0));
+                _mm256_storeu_ps(o.add(8), _mm256_fmadd_ps(xs, m1, f1));
+            }
+        }
+    }
+}

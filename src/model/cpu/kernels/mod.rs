@@ -1,0 +1,488 @@
+//! SIMD kernels over weight panels, chosen at run time (see `isa.rs`).
+//!
+//! A panel holds 32 output rows of a matrix. Two layouts exist:
+//!
+//! - **Steps** (`F32`, `Bf16`, `F16`, `Q8_0`, `Q4`): transposed, `P[t][c]` is weight (row c,
+//!   input t), so one step over `t` reads 32 consecutive weights that feed 32 outputs. The float
+//!   kernels widen them to f32 in registers and multiply with f32 activations: no horizontal sums,
+//!   and BF16 models compute exactly what transformers computes in f32.
+//! - **Quads** (`Q8x4`, `Q4x8`): for integer dot products, which sum four adjacent byte products
+//!   into one 32-bit lane, each column's weights for 4 consecutive steps are adjacent:
+//!   byte `(t / 4) · 128 + c · 4 + t % 4`. Q4 packs two such groups per byte (steps 0-3 of each
+//!   group of 8 in the low nibbles, 4-7 in the high ones), so one AND and one shift unpack them.
+//!   The activations are quantized per block of 32 to 16 bits held as two bytes, a value byte and
+//!   a residual byte (`QRows`): each block is summed twice over the same weights (the second time
+//!   from L1), the first sum shifted by 8 bits, so the products are exact to 1/65000 of the
+//!   block's largest activation while every instruction works on bytes. Per block the integer
+//!   sums are scaled by both scales in f32. Input lengths are padded to whole blocks of 32.
+//!
+//! Every entry point checks the lengths of what it is given before any `unsafe` code runs, so a
+//! wrong call is a panic with a message, never an out-of-bounds read.
+
+// Register-blocked kernels index several arrays with the same counters; explicit loops read
+// closer to the math than iterator chains.
+#![allow(clippy::needless_range_loop)]
+
+use half::{bf16, f16};
+
+pub use super::isa::{Dot, Isa, Level};
+
+mod portable;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "aarch64")]
+mod neon;
+
+/// Output rows per panel.
+pub const PANEL: usize = 32;
+/// Quantization block length along the input dimension (Q8_0, Q4 and the activations).
+pub const QBLOCK: usize = 32;
+/// Most activation rows one streaming float product handles (decoding); more rows are done in
+/// groups of this many, each group streaming the panel again (from cache).
+pub const GEMV_ROWS: usize = 4;
+/// Most activation rows one integer kernel call handles.
+pub const INT_ROWS: usize = 8;
+
+/// One panel's weights in any supported format and layout (see the module notes). `k` is the
+/// input length; quad layouts are padded to `k.div_ceil(32) * 32` steps.
+#[derive(Clone, Copy)]
+pub enum Panel<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+    F16(&'a [f16]),
+    /// `k` steps of 32 signed bytes, and 32 scales per block of 32 steps.
+    Q8_0 {
+        q: &'a [i8],
+        d: &'a [f32],
+    },
+    /// 4-bit steps layout: per step 16 bytes, byte j holding column 2j (low nibble) and 2j + 1
+    /// (high nibble); per block of 32 steps, 32 scales `d` and 32 offsets `m` (value = q · d + m),
+    /// each stored even columns first, then odd columns. Q4_0 is the case m = -8 d.
+    Q4 {
+        q: &'a [u8],
+        d: &'a [f16],
+        m: &'a [f16],
+    },
+    /// Q8_0 in quads: 128 bytes per 4 steps; 32 scales per block in column order.
+    Q8x4 {
+        q: &'a [i8],
+        d: &'a [f32],
+    },
+    /// 4-bit in quads: 128 bytes per 8 steps (low nibbles steps 0-3, high nibbles 4-7); 32
+    /// scales and 32 offsets per block in column order.
+    Q4x8 {
+        q: &'a [u8],
+        d: &'a [f16],
+        m: &'a [f16],
+    },
+}
+
+impl Panel<'_> {
+    /// Whether this panel is in the quad layout of the integer kernels.
+    pub fn is_quads(&self) -> bool {
+        matches!(self, Panel::Q8x4 { .. } | Panel::Q4x8 { .. })
+    }
+
+    /// Panics unless the arrays hold exactly a panel of input length `k`.
+    fn check(&self, k: usize) {
+        let kp = padded(k);
+        let scales = k.div_ceil(QBLOCK) * PANEL;
+        let ok = match *self {
+            Panel::F32(w) => w.len() == k * PANEL,
+            Panel::Bf16(w) => w.len() == k * PANEL,
+            Panel::F16(w) => w.len() == k * PANEL,
+            Panel::Q8_0 { q, d } => q.len() == k * PANEL && d.len() == scales,
+            Panel::Q4 { q, d, m } => q.len() == k * PANEL / 2 && d.len() == scales && m.len() == scales,
+            Panel::Q8x4 { q, d } => q.len() == kp * PANEL && d.len() == scales,
+            Panel::Q4x8 { q, d, m } => q.len() == kp * PANEL / 2 && d.len() == scales && m.len() == scales,
+        };
+        assert!(ok, "kernels: a panel's arrays do not match its input length {k}");
+    }
+}
+
+/// Input length of a quad-layout panel: whole blocks of 32.
+pub fn padded(k: usize) -> usize {
+    k.div_ceil(QBLOCK) * QBLOCK
+}
+
+/// Index of column `c`'s scale within a steps-layout Q4 block's 32 (even columns first).
+#[inline]
+pub fn q4_scale_index(c: usize) -> usize {
+    if c.is_multiple_of(2) {
+        c / 2
+    } else {
+        16 + c / 2
+    }
+}
+
+#[inline]
+pub fn bf16_to_f32(v: bf16) -> f32 {
+    f32::from_bits((v.to_bits() as u32) << 16)
+}
+
+/// One weight of a panel as f32.
+#[inline]
+pub fn panel_value(p: Panel, t: usize, c: usize) -> f32 {
+    let i = t * PANEL + c;
+    let s = (t / QBLOCK) * PANEL;
+    match p {
+        Panel::F32(w) => w[i],
+        Panel::Bf16(w) => bf16_to_f32(w[i]),
+        Panel::F16(w) => w[i].to_f32(),
+        Panel::Q8_0 { q, d } => q[i] as f32 * d[s + c],
+        Panel::Q4 { q, d, m } => {
+            let byte = q[t * (PANEL / 2) + c / 2];
+            let nib = if c.is_multiple_of(2) { byte & 0xF } else { byte >> 4 };
+            let s = s + q4_scale_index(c);
+            nib as f32 * d[s].to_f32() + m[s].to_f32()
+        }
+        Panel::Q8x4 { q, d } => q[quad_index(t, c)] as f32 * d[s + c],
+        Panel::Q4x8 { q, d, m } => q4x8_nibble(q, t, c) as f32 * d[s + c].to_f32() + m[s + c].to_f32(),
+    }
+}
+
+/// Byte of weight (t, c) in a Q8x4 panel.
+#[inline]
+pub fn quad_index(t: usize, c: usize) -> usize {
+    (t / 4) * (4 * PANEL) + c * 4 + t % 4
+}
+
+/// Byte holding weight (t, c) in a Q4x8 panel, and whether it is the high nibble.
+#[inline]
+pub fn octet_index(t: usize, c: usize) -> (usize, bool) {
+    let j = t % 8;
+    ((t / 8) * (4 * PANEL) + c * 4 + j % 4, j >= 4)
+}
+
+#[inline]
+fn q4x8_nibble(q: &[u8], t: usize, c: usize) -> u8 {
+    let (i, high) = octet_index(t, c);
+    if high {
+        q[i] >> 4
+    } else {
+        q[i] & 0xF
+    }
+}
+
+/// `out[r][c] = Σ_t x[r][t] · P[t][c]` for `rows ≤ GEMV_ROWS` activation rows of length `k`
+/// (row stride `k`), for the steps layouts.
+pub fn gemv(isa: Isa, p: Panel, x: &[f32], rows: usize, k: usize, out: &mut [[f32; PANEL]]) {
+    p.check(k);
+    assert!(
+        !p.is_quads(),
+        "kernels: quad panels take quantized activations (gemv_int)"
+    );
+    assert!((1..=GEMV_ROWS).contains(&rows) && out.len() >= rows && x.len() >= rows * k);
+    match isa {
+        // SAFETY: `Isa` levels are only produced for CPUs that report their features (isa.rs),
+        // and every length the kernels rely on was checked above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { avx512::gemv(p, x, rows, k, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::gemv(p, x, rows, k, out) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => unsafe { neon::gemv(p, x, rows, k, out) },
+        _ => portable::gemv(p, x, rows, k, out),
+    }
+}
+
+/// The panel as f32 in `dst` (`k * 32` values in the steps layout), for the prefill product.
+pub fn widen(isa: Isa, p: Panel, k: usize, dst: &mut [f32]) {
+    p.check(k);
+    assert!(dst.len() >= k * PANEL, "kernels: widen destination too short");
+    match isa {
+        // SAFETY: as in `gemv`.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { avx512::widen(p, k, dst) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::widen(p, k, dst) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => unsafe { neon::widen(p, k, dst) },
+        _ => portable::widen(p, k, dst),
+    }
+}
+
+/// Activation rows quantized per block of 32 for the integer kernels: `q` holds `rows` rows of
+/// `kp` signed value bytes (zero-padded) and `lo` the residual bytes, so that an activation is
+/// `d · (256 · q + lo)`; `s` is that integer's sum per row and block, `d` the unit per row and
+/// block.
+pub struct QRows<'a> {
+    pub q: &'a [i8],
+    pub lo: &'a [i8],
+    pub d: &'a [f32],
+    pub s: &'a [i32],
+    pub rows: usize,
+    pub kp: usize,
+}
+
+impl<'a> QRows<'a> {
+    /// Rows `r0..r0 + n` of these.
+    pub fn sub(&self, r0: usize, n: usize) -> QRows<'a> {
+        let nb = self.kp / QBLOCK;
+        QRows {
+            q: &self.q[r0 * self.kp..],
+            lo: &self.lo[r0 * self.kp..],
+            d: &self.d[r0 * nb..],
+            s: &self.s[r0 * nb..],
+            rows: n,
+            kp: self.kp,
+        }
+    }
+
+    fn check(&self) {
+        let nb = self.kp / QBLOCK;
+        assert!(
+            self.kp.is_multiple_of(QBLOCK)
+                && self.q.len() >= self.rows * self.kp
+                && self.lo.len() >= self.rows * self.kp
+                && self.d.len() >= self.rows * nb
+                && self.s.len() >= self.rows * nb,
+            "kernels: quantized activations do not match their shape"
+        );
+    }
+}
+
+/// `out[r][c] = Σ_t x[r][t] · P[t][c]` for a quad panel and `rows ≤ INT_ROWS` quantized
+/// activation rows.
+pub fn gemv_int(level: Level, p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
+    a.check();
+    p.check(a.kp);
+    assert!(p.is_quads(), "kernels: gemv_int takes quad panels");
+    assert!((1..=INT_ROWS).contains(&a.rows) && out.len() >= a.rows);
+    match (level.isa, level.dot) {
+        // SAFETY: as in `gemv`.
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx512, Dot::Vnni) => unsafe { avx512::gemv_int_vnni(p, a, out) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx512, _) => unsafe { avx512::gemv_int(p, a, out) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, Dot::Vnni) => unsafe { avx2::gemv_int_vnni(p, a, out) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, _) => unsafe { avx2::gemv_int(p, a, out) },
+        #[cfg(target_arch = "aarch64")]
+        (Isa::Neon, Dot::Dotprod) => unsafe { neon::gemv_int_dot(p, a, out) },
+        _ => portable::gemv_int(p, a, out),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::cpu::quant::QuantActs;
+    use crate::model::cpu::test_data::rand_vec;
+
+    struct Formats {
+        wf: Vec<f32>,
+        bf: Vec<bf16>,
+        hf: Vec<f16>,
+        q: Vec<i8>,
+        d: Vec<f32>,
+        q4: Vec<u8>,
+        d4: Vec<f16>,
+        m4: Vec<f16>,
+        q8x4: Vec<i8>,
+        q4x8: Vec<u8>,
+        d4n: Vec<f16>,
+        m4n: Vec<f16>,
+    }
+
+    /// The same pseudo-random panel in every format.
+    fn formats(k: usize) -> Formats {
+        let wf = rand_vec(k * PANEL, 3);
+        let nb = k.div_ceil(QBLOCK);
+        let q: Vec<i8> = (0..k * PANEL)
+            .map(|i| (((i * 89 + 7) % 255) as i32 - 127) as i8)
+            .collect();
+        let d: Vec<f32> = (0..nb * PANEL).map(|i| 0.01 + (i % 7) as f32 * 0.001).collect();
+        let q4: Vec<u8> = (0..k * PANEL / 2).map(|i| ((i * 37 + 11) % 256) as u8).collect();
+        let d4: Vec<f16> = (0..nb * PANEL)
+            .map(|i| f16::from_f32(0.02 + (i % 5) as f32 * 0.003))
+            .collect();
+        let m4: Vec<f16> = (0..nb * PANEL)
+            .map(|i| f16::from_f32(-0.1 + (i % 3) as f32 * 0.05))
+            .collect();
+        // The quad layouts hold the same values as the steps ones.
+        let (q8x4, q4x8, d4n, m4n) = pack_quads(k, &q, &q4, &d4, &m4);
+        Formats {
+            bf: wf.iter().map(|v| bf16::from_f32(*v)).collect(),
+            hf: wf.iter().map(|v| f16::from_f32(*v)).collect(),
+            wf,
+            q,
+            d,
+            q4,
+            d4,
+            m4,
+            q8x4,
+            q4x8,
+            d4n,
+            m4n,
+        }
+    }
+
+    /// Steps-layout Q8_0 and Q4 panels repacked as quads (scales in column order).
+    #[allow(clippy::type_complexity)]
+    fn pack_quads(k: usize, q: &[i8], q4: &[u8], d4: &[f16], m4: &[f16]) -> (Vec<i8>, Vec<u8>, Vec<f16>, Vec<f16>) {
+        let kp = padded(k);
+        let mut q8x4 = vec![0i8; kp * PANEL];
+        let mut q4x8 = vec![0u8; kp * PANEL / 2];
+        let (mut dn, mut mn) = (d4.to_vec(), m4.to_vec());
+        for t in 0..k {
+            for c in 0..PANEL {
+                q8x4[quad_index(t, c)] = q[t * PANEL + c];
+                let byte = q4[t * (PANEL / 2) + c / 2];
+                let nib = if c % 2 == 0 { byte & 0xF } else { byte >> 4 };
+                let (i, high) = octet_index(t, c);
+                q4x8[i] |= if high { nib << 4 } else { nib };
+            }
+        }
+        for b in 0..k.div_ceil(QBLOCK) {
+            for c in 0..PANEL {
+                dn[b * PANEL + c] = d4[b * PANEL + q4_scale_index(c)];
+                mn[b * PANEL + c] = m4[b * PANEL + q4_scale_index(c)];
+            }
+        }
+        (q8x4, q4x8, dn, mn)
+    }
+
+    fn reference(p: Panel, x: &[f32], k: usize, r: usize, c: usize) -> f64 {
+        (0..k).map(|t| x[r * k + t] as f64 * panel_value(p, t, c) as f64).sum()
+    }
+
+    #[test]
+    fn float_kernels_match_reference_for_every_format_isa_and_length() {
+        for k in [1, 2, 3, 31, 32, 33, 64, 95, 960] {
+            let f = formats(k);
+            let panels = [
+                Panel::Q4 {
+                    q: &f.q4,
+                    d: &f.d4,
+                    m: &f.m4,
+                },
+                Panel::F32(&f.wf),
+                Panel::Bf16(&f.bf),
+                Panel::F16(&f.hf),
+                Panel::Q8_0 { q: &f.q, d: &f.d },
+            ];
+            for p in panels {
+                for rows in 1..=GEMV_ROWS {
+                    let x = rand_vec(rows * k, 9);
+                    for isa in Isa::supported() {
+                        let mut out = [[0f32; PANEL]; GEMV_ROWS];
+                        gemv(isa, p, &x, rows, k, &mut out);
+                        for c in 0..PANEL {
+                            for r in 0..rows {
+                                let want = reference(p, &x, k, r, c);
+                                let got = out[r][c] as f64;
+                                assert!(
+                                    (got - want).abs() < 1e-4 * (k as f64).sqrt(),
+                                    "{isa:?} k={k} rows={rows} c={c}: {got} vs {want}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn widening_gives_every_stored_value_exactly() {
+        for k in [1, 3, 31, 32, 33, 64, 95, 960] {
+            let f = formats(k);
+            let panels = [
+                Panel::Q4 {
+                    q: &f.q4,
+                    d: &f.d4,
+                    m: &f.m4,
+                },
+                Panel::F32(&f.wf),
+                Panel::Bf16(&f.bf),
+                Panel::F16(&f.hf),
+                Panel::Q8_0 { q: &f.q, d: &f.d },
+                Panel::Q8x4 { q: &f.q8x4, d: &f.d },
+                Panel::Q4x8 {
+                    q: &f.q4x8,
+                    d: &f.d4n,
+                    m: &f.m4n,
+                },
+            ];
+            for p in panels {
+                for isa in Isa::supported() {
+                    let mut wide = vec![f32::NAN; k * PANEL];
+                    widen(isa, p, k, &mut wide);
+                    for t in 0..k {
+                        for c in 0..PANEL {
+                            assert_eq!(wide[t * PANEL + c], panel_value(p, t, c), "{isa:?} k={k} t={t} c={c}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quad_layouts_hold_the_same_weights_as_the_steps_layouts() {
+        let k = 95;
+        let f = formats(k);
+        for t in 0..k {
+            for c in 0..PANEL {
+                let q8 = Panel::Q8_0 { q: &f.q, d: &f.d };
+                let q8x4 = Panel::Q8x4 { q: &f.q8x4, d: &f.d };
+                assert_eq!(panel_value(q8, t, c), panel_value(q8x4, t, c));
+                let q4 = Panel::Q4 {
+                    q: &f.q4,
+                    d: &f.d4,
+                    m: &f.m4,
+                };
+                let q4x8 = Panel::Q4x8 {
+                    q: &f.q4x8,
+                    d: &f.d4n,
+                    m: &f.m4n,
+                };
+                assert_eq!(panel_value(q4, t, c), panel_value(q4x8, t, c));
+            }
+        }
+    }
+
+    #[test]
+    fn integer_kernels_match_reference_on_quantized_activations() {
+        for k in [1, 31, 32, 33, 64, 95, 960, 2560] {
+            let f = formats(k);
+            let panels = [
+                Panel::Q8x4 { q: &f.q8x4, d: &f.d },
+                Panel::Q4x8 {
+                    q: &f.q4x8,
+                    d: &f.d4n,
+                    m: &f.m4n,
+                },
+            ];
+            for p in panels {
+                for rows in 1..=INT_ROWS {
+                    let x = rand_vec(rows * k, 5);
+                    let mut acts = QuantActs::default();
+                    acts.quantize(&x, rows, k);
+                    // The reference multiplies the dequantized activations in f64.
+                    let xq = acts.dequantized(rows, k);
+                    for level in Level::supported() {
+                        let mut out = [[f32::NAN; PANEL]; INT_ROWS];
+                        gemv_int(level, p, &acts.rows(0, rows), &mut out);
+                        for r in 0..rows {
+                            for c in 0..PANEL {
+                                let want = reference(p, &xq, k, r, c);
+                                let got = out[r][c] as f64;
+                                assert!(
+                                    (got - want).abs() < 2e-5 * (k as f64).sqrt() * (1.0 + want.abs()),
+                                    "{} k={k} rows={rows} r={r} c={c}: {got} vs {want}",
+                                    level.name()
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! Plain-Rust kernels: the reference the SIMD ones are tested against, and what CPUs without a
+//! supported vector level run (the compiler vectorises them for the baseline target).
+
+use super::{panel_value, q4x8_nibble, quad_index, Panel, QRows, PANEL, QBLOCK};
+
+pub fn widen(p: Panel, k: usize, dst: &mut [f32]) {
+    for t in 0..k {
+        for c in 0..PANEL {
+            dst[t * PANEL + c] = panel_value(p, t, c);
+        }
+    }
+}
+
+pub fn gemv(p: Panel, x: &[f32], rows: usize, k: usize, out: &mut [[f32; PANEL]]) {
+    let mut w = [0f32; PANEL];
+    let mut blk = [[0f32; PANEL]; super::GEMV_ROWS];
+    for o in out.iter_mut().take(rows) {
+        *o = [0.0; PANEL];
+    }
+    for t in 0..k {
+        for (c, wc) in w.iter_mut().enumerate() {
+            // Q8_0 scales are applied per block below.
+            *wc = match p {
+                Panel::Q8_0 { q, .. } => q[t * PANEL + c] as f32,
+                // Q4 values carry their scale and offset already.
+                _ => panel_value(p, t, c),
+            };
+        }
+        for r in 0..rows {
+            let xv = x[r * k + t];
+            for c in 0..PANEL {
+                blk[r][c] += xv * w[c];
+            }
+        }
+        let block_end = (t + 1) % QBLOCK == 0 || t + 1 == k;
+        if block_end {
+            for r in 0..rows {
+                for c in 0..PANEL {
+                    let s = match p {
+                        Panel::Q8_0 { d, .. } => d[(t / QBLOCK) * PANEL + c],
+                        _ => 1.0,
+                    };
+                    out[r][c] += blk[r][c] * s;
+                    blk[r][c] = 0.0;
+                }
+            }
+        }
+    }
+}
+
+/// Integer sums per block, then both scales in f32 (the order the SIMD kernels use).
+pub fn gemv_int(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
+    let nb = a.kp / QBLOCK;
+    for o in out.iter_mut().take(a.rows) {
+        *o = [0.0; PANEL];
+    }
+    for b in 0..nb {
+        for r in 0..a.rows {
+            let at = r * a.kp + b * QBLOCK..r * a.kp + (b + 1) * QBLOCK;
+            let xq: Vec<i32> = a.q[at.clone()]
+                .iter()
+                .zip(&a.lo[at])
+                .map(|(h, l)| 256 * *h as i32 + *l as i32)
+                .collect();
+            let (dx, sx) = (a.d[r * nb + b], a.s[r * nb + b]);
+            for c in 0..PANEL {
+                let s = b * PANEL + c;
+                out[r][c] += match p {
+                    Panel::Q8x4 { q, d } => {
+                        let sum: i32 = (0..QBLOCK)
+                            .map(|j| q[quad_index(b * QBLOCK + j, c)] as i32 * xq[j])
+                            .sum();
+                        d[s] * (sum as f32 * dx)
+                    }
+                    Panel::Q4x8 { q, d, m } => {
+                        let sum: i32 = (0..QBLOCK)
+                            .map(|j| q4x8_nibble(q, b * QBLOCK + j, c) as i32 * xq[j])
+                            .sum();
+                        d[s].to_f32() * (sum as f32 * dx) + m[s].to_f32() * (sx as f32 * dx)
+                    }
+                    _ => unreachable!("gemv_int takes quad panels"),
+                };
+            }
+        }
+    }
+}

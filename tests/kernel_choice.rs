@@ -1,0 +1,82 @@
+//! Which kernels run, as a user sees it in `zagreus bench`: measured once per CPU and cached,
+//! forced with `ZAGREUS_KERNEL`, and a lower instruction level with `ZAGREUS_ISA`.
+
+use std::process::Command;
+
+use assert_cmd::cargo::cargo_bin;
+
+/// `zagreus bench` on a small random Q8_0 model; returns the `kernels` field and stderr.
+fn bench_kernels(env: &[(&str, &str)]) -> (String, String) {
+    let mut c = Command::new(cargo_bin("zagreus"));
+    c.args([
+        "bench",
+        "--random",
+        "smollm2-135m",
+        "--quantize",
+        "q8_0",
+        "-p",
+        "4",
+        "-n",
+        "2",
+        "-r",
+        "1",
+        "--json",
+    ])
+    .env_remove("ZAGREUS_KERNEL")
+    .env_remove("ZAGREUS_ISA");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    (j[0]["kernels"].as_str().unwrap().to_string(), stderr)
+}
+
+#[test]
+fn the_choice_is_measured_once_cached_and_can_be_forced() {
+    let cache = tempfile::tempdir().unwrap();
+    let dir = cache.path().to_str().unwrap();
+    let (first, _) = bench_kernels(&[("XDG_CACHE_HOME", dir)]);
+    // A CPU without SIMD kernels keeps the float ones without measuring.
+    if !first.starts_with("portable") {
+        assert!(first.contains("measured on this CPU"), "{first}");
+        let file = cache.path().join("zagreus/kernels.json");
+        let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        let entry = saved
+            .as_object()
+            .unwrap()
+            .iter()
+            .find(|(k, _)| k.contains("q8_0"))
+            .unwrap()
+            .1;
+        let variant = entry["variant"].as_str().unwrap();
+        assert!(first.contains(variant), "{first} vs {variant}");
+        assert!(entry["decode_float_us"].as_f64().unwrap() > 0.0);
+        let (second, _) = bench_kernels(&[("XDG_CACHE_HOME", dir)]);
+        assert!(second.contains("measured earlier on this CPU"), "{second}");
+        assert!(second.contains(variant), "{second}");
+    }
+    for forced in ["float", "int8", "int8+float"] {
+        let (k, _) = bench_kernels(&[("XDG_CACHE_HOME", dir), ("ZAGREUS_KERNEL", forced)]);
+        assert!(k.contains(&format!("{forced} (forced by ZAGREUS_KERNEL)")), "{k}");
+    }
+}
+
+#[test]
+fn a_lower_instruction_level_can_be_chosen_and_an_unknown_one_is_reported() {
+    let (best, _) = bench_kernels(&[("ZAGREUS_KERNEL", "int8")]);
+    if best.starts_with("avx512") || best.starts_with("avx2") {
+        let (k, _) = bench_kernels(&[("ZAGREUS_ISA", "avx2"), ("ZAGREUS_KERNEL", "int8")]);
+        assert!(k.starts_with("avx2, "), "{k}");
+    }
+    let (k, _) = bench_kernels(&[("ZAGREUS_ISA", "portable"), ("ZAGREUS_KERNEL", "float")]);
+    assert!(k.starts_with("portable, "), "{k}");
+    let (k, stderr) = bench_kernels(&[("ZAGREUS_ISA", "sse9"), ("ZAGREUS_KERNEL", "float")]);
+    assert_eq!(k, best.replace("int8", "float"));
+    assert!(
+        stderr.contains("ZAGREUS_ISA=sse9: unknown level") && stderr.contains("portable"),
+        "{stderr}"
+    );
+}
