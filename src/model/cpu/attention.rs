@@ -11,10 +11,9 @@
 
 use std::cell::RefCell;
 
-use rayon::prelude::*;
-
 use super::kernels::Isa;
 use super::ops::exp_approx;
+use super::pool::Pool;
 
 /// Keys per work unit when one query row is split over several units (decoding long contexts).
 const KEY_BLOCK: usize = 512;
@@ -141,7 +140,9 @@ pub fn attention(
     }
     sc.parts.resize(at, 0.0);
     let parts = Parts(sc.parts.as_mut_ptr());
-    sc.units.par_iter().for_each(|u| {
+    let units = &sc.units;
+    Pool::global().run(units.len(), &|ui| {
+        let u = &units[ui];
         // SAFETY: this unit's range of `parts` belongs to it alone.
         let res = unsafe { std::slice::from_raw_parts_mut(parts.at(u.at), u.rows * part_len) };
         SCORES.with(|s| {
@@ -229,11 +230,22 @@ fn attend(
     let scores = &mut scores[..rep * n];
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 && head_dim == 64 && rep <= 4 {
-        // SAFETY: AVX-512 is available (Isa), and all slices cover the ranges used.
+        // SAFETY: AVX-512 is available (Isa), and all slices cover the ranges used (checked in
+        // `attention`).
         unsafe {
             x86::scores_hd64(kt, kv.cap, q, scale, rep, k0, n, scores);
             x86::softmax_rows(scores, rep, n, head_dim, res);
             x86::values_hd64(v, scores, rep, k0, n, res);
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 && head_dim == 64 && rep <= 4 {
+        // SAFETY: AVX2 and FMA are available (Isa), and the slices are as above.
+        unsafe {
+            x86_avx2::scores_hd64(kt, kv.cap, q, scale, rep, k0, n, scores);
+            x86_avx2::softmax_rows(scores, rep, n, head_dim, res);
+            x86_avx2::values_hd64(v, scores, rep, k0, n, res);
         }
         return;
     }
@@ -471,6 +483,173 @@ mod x86 {
         for r in 0..R {
             for b in 0..4 {
                 _mm512_storeu_ps(res.as_mut_ptr().add(r * (HD + 2) + 2 + 16 * b), acc[r][b]);
+            }
+        }
+    }
+}
+
+/// The same kernels for AVX2 (16 registers of 8 floats): 24 keys per block for up to 3 heads,
+/// 16 for 4; values half a head (32 dimensions) at a time.
+#[cfg(target_arch = "x86_64")]
+mod x86_avx2 {
+    use std::arch::x86_64::*;
+
+    const HD: usize = 64;
+
+    /// # Safety
+    /// AVX2 and FMA; `kt` covers `64 * cap`, `q` `rep * 64`, `scores` `rep * n`, keys `k0..k0 + n`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scores_hd64(
+        kt: &[f32],
+        cap: usize,
+        q: &[f32],
+        scale: f32,
+        rep: usize,
+        k0: usize,
+        n: usize,
+        scores: &mut [f32],
+    ) {
+        match rep {
+            1 => scores_r::<1, 3>(kt, cap, q, scale, k0, n, scores),
+            2 => scores_r::<2, 3>(kt, cap, q, scale, k0, n, scores),
+            3 => scores_r::<3, 3>(kt, cap, q, scale, k0, n, scores),
+            _ => scores_r::<4, 2>(kt, cap, q, scale, k0, n, scores),
+        }
+    }
+
+    /// R heads by B vectors of 8 keys.
+    #[inline(always)]
+    unsafe fn scores_r<const R: usize, const B: usize>(
+        kt: &[f32],
+        cap: usize,
+        q: &[f32],
+        scale: f32,
+        k0: usize,
+        n: usize,
+        scores: &mut [f32],
+    ) {
+        let (kp, qp, sp) = (kt.as_ptr(), q.as_ptr(), scores.as_mut_ptr());
+        let sv = _mm256_set1_ps(scale);
+        let mut j = 0;
+        while j + 8 * B <= n {
+            let mut acc = [[_mm256_setzero_ps(); B]; R];
+            for d in 0..HD {
+                let row = kp.add(d * cap + k0 + j);
+                let k: [__m256; B] = std::array::from_fn(|b| _mm256_loadu_ps(row.add(8 * b)));
+                for r in 0..R {
+                    let qd = _mm256_broadcast_ss(&*qp.add(r * HD + d));
+                    for b in 0..B {
+                        acc[r][b] = _mm256_fmadd_ps(qd, k[b], acc[r][b]);
+                    }
+                }
+            }
+            for r in 0..R {
+                for b in 0..B {
+                    _mm256_storeu_ps(sp.add(r * n + j + 8 * b), _mm256_mul_ps(acc[r][b], sv));
+                }
+            }
+            j += 8 * B;
+        }
+        // The last keys, fewer than a block, one at a time.
+        for jj in j..n {
+            for r in 0..R {
+                let mut a = 0f32;
+                for d in 0..HD {
+                    a += *qp.add(r * HD + d) * *kp.add(d * cap + k0 + jj);
+                }
+                *sp.add(r * n + jj) = a * scale;
+            }
+        }
+    }
+
+    /// `exp` of 8 lanes as `ops::exp_approx`: range reduction to `2^n · e^r`, a degree-6
+    /// polynomial, and `2^n` built in the exponent bits.
+    #[inline(always)]
+    unsafe fn exp8(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0)), _mm256_set1_ps(88.0));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+            x,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+        ));
+        let r = _mm256_fnmadd_ps(
+            n,
+            _mm256_set1_ps(1.428_606_8e-6),
+            _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x),
+        );
+        let mut p = _mm256_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+        _mm256_mul_ps(p, _mm256_castsi256_ps(pow2))
+    }
+
+    /// Each row becomes `exp(s − max)`; max and sum go into `res` (stride `head_dim + 2`).
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `scores` covers `rep * n`, `res` `rep * (head_dim + 2)`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn softmax_rows(scores: &mut [f32], rep: usize, n: usize, head_dim: usize, res: &mut [f32]) {
+        for r in 0..rep {
+            let s = &mut scores[r * n..(r + 1) * n];
+            let full = n / 8 * 8;
+            let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
+            for j in (0..full).step_by(8) {
+                mv = _mm256_max_ps(mv, _mm256_loadu_ps(s.as_ptr().add(j)));
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), mv);
+            let max = lanes.iter().chain(&s[full..]).fold(f32::NEG_INFINITY, |a, b| a.max(*b));
+            let (mb, mut sum) = (_mm256_set1_ps(max), _mm256_setzero_ps());
+            for j in (0..full).step_by(8) {
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s.as_ptr().add(j)), mb));
+                _mm256_storeu_ps(s.as_mut_ptr().add(j), e);
+                sum = _mm256_add_ps(sum, e);
+            }
+            _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+            let mut total: f32 = lanes.iter().sum();
+            for v in &mut s[full..] {
+                *v = super::exp_approx(*v - max);
+                total += *v;
+            }
+            res[r * (head_dim + 2)] = max;
+            res[r * (head_dim + 2) + 1] = total;
+        }
+    }
+
+    /// # Safety
+    /// AVX2 and FMA; `v` covers rows `k0..k0 + n` of 64, `scores` `rep * n`, `res` `rep * 66`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn values_hd64(v: &[f32], scores: &[f32], rep: usize, k0: usize, n: usize, res: &mut [f32]) {
+        for half in 0..2 {
+            match rep {
+                1 => values_r::<1>(v, scores, k0, n, res, half),
+                2 => values_r::<2>(v, scores, k0, n, res, half),
+                3 => values_r::<3>(v, scores, k0, n, res, half),
+                _ => values_r::<4>(v, scores, k0, n, res, half),
+            }
+        }
+    }
+
+    /// Dimensions `32 · half ..` of the weighted values: 4 vectors per head.
+    #[inline(always)]
+    unsafe fn values_r<const R: usize>(v: &[f32], scores: &[f32], k0: usize, n: usize, res: &mut [f32], half: usize) {
+        let (vp, sp) = (v.as_ptr().add(32 * half), scores.as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); 4]; R];
+        for j in 0..n {
+            let row = vp.add((k0 + j) * HD);
+            let vv: [__m256; 4] = std::array::from_fn(|b| _mm256_loadu_ps(row.add(8 * b)));
+            for r in 0..R {
+                let p = _mm256_broadcast_ss(&*sp.add(r * n + j));
+                for b in 0..4 {
+                    acc[r][b] = _mm256_fmadd_ps(p, vv[b], acc[r][b]);
+                }
+            }
+        }
+        for r in 0..R {
+            for b in 0..4 {
+                _mm256_storeu_ps(res.as_mut_ptr().add(r * (HD + 2) + 2 + 32 * half + 8 * b), acc[r][b]);
             }
         }
     }

@@ -9,9 +9,8 @@
 
 use std::cell::RefCell;
 
-use rayon::prelude::*;
-
 use super::kernels::{widen, Isa, Panel, PANEL};
+use super::pool::Pool;
 
 /// Output pointer shared by tasks that write disjoint columns.
 #[derive(Clone, Copy)]
@@ -56,7 +55,7 @@ pub(crate) fn gemm_panels<'a>(
     );
     let mr = rows_per_call(isa);
     let out_ptr = Out(out.as_mut_ptr());
-    (0..n.div_ceil(PANEL)).into_par_iter().for_each(|b| {
+    Pool::global().run(n.div_ceil(PANEL), &|b| {
         let j0 = b * PANEL;
         let cols = PANEL.min(n - j0);
         WIDE.with(|w| {

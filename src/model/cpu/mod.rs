@@ -11,6 +11,7 @@ pub(crate) mod gemm;
 pub mod isa;
 pub(crate) mod kernels;
 pub mod ops;
+pub(crate) mod pool;
 pub mod qmatrix;
 pub mod quant;
 pub mod source;

@@ -17,7 +17,6 @@
 use std::cell::RefCell;
 
 use half::{bf16, f16};
-use rayon::prelude::*;
 
 use super::arena::{Arena, ArenaWriter, Region};
 use super::gemm::{gemm_panels, Out};
@@ -26,6 +25,7 @@ use super::kernels::{
     gemv, gemv_int, octet_index, padded, panel_value, q4_scale_index, quad_index, Level, Panel, GEMV_ROWS, INT_ROWS,
     QBLOCK,
 };
+use super::pool::Pool;
 use super::quant::{quantize_row_q4, quantize_row_q8_0, QuantActs};
 
 /// Storage format of a weight matrix.
@@ -64,7 +64,7 @@ impl Format {
         match self {
             Format::F32 => rows * cols * 4,
             Format::Bf16 | Format::F16 => rows * cols * 2,
-            Format::Q8_0 => rows * cols + rows * cols.div_ceil(QBLOCK) * 4,
+            Format::Q8_0 => rows * cols + rows * cols.div_ceil(QBLOCK) * 2,
             Format::Q4_0 | Format::Q4_1 => rows * cols / 2 + rows * cols.div_ceil(QBLOCK) * 4,
         }
     }
@@ -136,7 +136,7 @@ impl Storage {
         match self.format {
             Format::F32 => Arena::size_of::<f32>(n),
             Format::Bf16 | Format::F16 => Arena::size_of::<u16>(n),
-            Format::Q8_0 => Arena::size_of::<i8>(n) + Arena::size_of::<f32>(scales),
+            Format::Q8_0 => Arena::size_of::<i8>(n) + Arena::size_of::<f16>(scales),
             Format::Q4_0 | Format::Q4_1 => Arena::size_of::<u8>(n / 2) + 2 * Arena::size_of::<f16>(scales),
         }
     }
@@ -150,7 +150,7 @@ pub enum MatData {
     /// Bytes and scales; `quads` for the integer kernels' layout.
     Q8_0 {
         q: Region<i8>,
-        d: Region<f32>,
+        d: Region<f16>,
         quads: bool,
     },
     /// Nibbles, scales and offsets (see `kernels::Panel::Q4` and `Q4x8`); `q4_0` tells the two
@@ -297,7 +297,8 @@ impl QMatrix {
                         qs[if quads { quad_index(t, c) } else { t * PANEL + c }] = qrow[t];
                     }
                     for (tb, dv) in drow.iter().enumerate() {
-                        ds[tb * PANEL + c] = *dv;
+                        // Exact: the quantizer rounded the scale to f16 already.
+                        ds[tb * PANEL + c] = f16::from_f32(*dv);
                     }
                 }
             }
@@ -433,7 +434,7 @@ pub fn matmul_with(level: Level, arena: &Arena, w: &QMatrix, x: &[f32], m: usize
         } else {
             // Prefill: each task takes a panel and runs every tile of rows over it (from cache).
             let out_ptr = Out(out.as_mut_ptr());
-            (0..w.panels()).into_par_iter().for_each(|b| {
+            Pool::global().run(w.panels(), &|b| {
                 let p = w.panel(arena, b);
                 let mut acc = [[0f32; PANEL]; INT_ROWS];
                 let (j0, live) = (b * PANEL, PANEL.min(n - b * PANEL));
@@ -456,10 +457,11 @@ fn stream_panels(w: &QMatrix, out: &mut [f32], m: usize, kernel: impl Fn(usize, 
     let n = w.rows;
     let out_ptr = Out(out.as_mut_ptr());
     let panels = w.panels();
-    let threads = rayon::current_num_threads().max(1);
+    let pool = Pool::global();
+    let threads = pool.threads();
     // A few chunks per thread balances uneven cores without tiny tasks.
     let chunk = panels.div_ceil(threads * 4).max(1);
-    (0..panels.div_ceil(chunk)).into_par_iter().for_each(|c| {
+    pool.run(panels.div_ceil(chunk), &|c| {
         let mut acc = [[0f32; PANEL]; INT_ROWS];
         for b in c * chunk..((c + 1) * chunk).min(panels) {
             kernel(b, &mut acc);

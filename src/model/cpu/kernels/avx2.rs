@@ -18,6 +18,12 @@ unsafe fn prefetch<T>(p: *const T) {
     _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(PREFETCH_BYTES));
 }
 
+/// Eight f16 scales as f32.
+#[inline(always)]
+unsafe fn h8(p: *const half::f16) -> __m256 {
+    _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+}
+
 /// Columns back in order from even lanes (columns 0, 2, .., 14 of a half) and odd lanes.
 #[inline(always)]
 unsafe fn store_interleaved(e: __m256, o: __m256, out: *mut f32) {
@@ -139,7 +145,7 @@ unsafe fn gemv_wide<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f
                 tot[r][j] = match p {
                     Panel::Q8_0 { d, .. } => {
                         let ds = d.as_ptr().add((t0 / QBLOCK) * PANEL + 8 * j);
-                        _mm256_fmadd_ps(s, _mm256_loadu_ps(ds), tot[r][j])
+                        _mm256_fmadd_ps(s, h8(ds), tot[r][j])
                     }
                     _ => s,
                 };
@@ -299,7 +305,7 @@ pub unsafe fn widen(p: Panel, k: usize, dst: &mut [f32]) {
                     let sh = _mm_cvtsi32_si128(24 - 8 * j as i32);
                     for i in 0..4 {
                         let e = _mm256_sra_epi32(_mm256_sll_epi32(v[i], sh), _mm_cvtsi32_si128(24));
-                        let di = _mm256_loadu_ps(d.as_ptr().add(s + 8 * i));
+                        let di = h8(d.as_ptr().add(s + 8 * i));
                         _mm256_storeu_ps(
                             o.add((t0 + j) * PANEL + 8 * i),
                             _mm256_mul_ps(_mm256_cvtepi32_ps(e), di),
@@ -334,7 +340,7 @@ pub unsafe fn widen(p: Panel, k: usize, dst: &mut [f32]) {
                 let w = load256(p, t);
                 for (j, mut v) in w.into_iter().enumerate() {
                     if let Panel::Q8_0 { d, .. } = p {
-                        v = _mm256_mul_ps(v, _mm256_loadu_ps(d.as_ptr().add((t / QBLOCK) * PANEL + 8 * j)));
+                        v = _mm256_mul_ps(v, h8(d.as_ptr().add((t / QBLOCK) * PANEL + 8 * j)));
                     }
                     _mm256_storeu_ps(o.add(t * PANEL + 8 * j), v);
                 }
@@ -358,12 +364,23 @@ pub unsafe fn gemv_int(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
     int_rows::<false>(p, a, out)
 }
 
-/// Rows in groups of at most 4 (8 accumulators for a half panel).
+/// Rows in groups of at most 4 (8 accumulators for a half panel; 2 rows for `q8x4_madd`).
 #[inline(always)]
 unsafe fn int_rows<const VNNI: bool>(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
+    let madd = !VNNI && matches!(p, Panel::Q8x4 { .. });
     let mut r0 = 0;
     while r0 < a.rows {
-        let n = (a.rows - r0).min(4);
+        let n = (a.rows - r0).min(if madd { 2 } else { 4 });
+        if madd {
+            let (sub, o) = (a.sub(r0, n), &mut out[r0..]);
+            if n == 1 {
+                q8x4_madd::<1>(p, &sub, o);
+            } else {
+                q8x4_madd::<2>(p, &sub, o);
+            }
+            r0 += n;
+            continue;
+        }
         let sub = a.sub(r0, n);
         let o = &mut out[r0..];
         macro_rules! go {
@@ -376,8 +393,11 @@ unsafe fn int_rows<const VNNI: bool>(p: Panel, a: &QRows, out: &mut [[f32; PANEL
                 }
             };
         }
-        match p {
-            Panel::Q8x4 { .. } => go!(q8x4),
+        match (p, n) {
+            (Panel::Q8x4 { .. }, 1) => q8x4_vnni::<1>(p, &sub, o),
+            (Panel::Q8x4 { .. }, 2) => q8x4_vnni::<2>(p, &sub, o),
+            (Panel::Q8x4 { .. }, 3) => q8x4_vnni::<3>(p, &sub, o),
+            (Panel::Q8x4 { .. }, _) => q8x4_vnni::<4>(p, &sub, o),
             _ => go!(q4x8),
         }
         r0 += n;
@@ -403,13 +423,11 @@ unsafe fn dot<const VNNI: bool>(acc: __m256i, u: __m256i, s: __m256i) -> __m256i
     }
 }
 
-/// Q8x4, 16 columns (two vectors) at a time. With AVX-VNNI the weights' top bit is flipped
-/// (w + 128, unsigned) and `128 · Σx` taken off per block; without it the activations' signs move
-/// onto the weights so that `vpmaddubsw` multiplies |x| (a pair sum of at most 2·127·127 never
-/// saturates). Each block is summed over the value bytes, shifted 8 bits, then summed over the
-/// residual bytes (from L1).
+/// Q8x4 with AVX-VNNI, 16 columns (two vectors) at a time: the weights' top bit is flipped
+/// (w + 128, unsigned) and `128 · Σx` taken off per block. Each block is summed over the value
+/// bytes, shifted 8 bits, then summed over the residual bytes (from L1).
 #[inline(always)]
-unsafe fn q8x4<const R: usize, const VNNI: bool>(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
+unsafe fn q8x4_vnni<const R: usize>(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
     let Panel::Q8x4 { q, d } = p else { return };
     let nb = a.kp / QBLOCK;
     let qp = q.as_ptr();
@@ -433,38 +451,73 @@ unsafe fn q8x4<const R: usize, const VNNI: bool>(p: Panel, a: &QRows, out: &mut 
                         prefetch(base);
                         prefetch(base.add(64));
                     }
-                    let mut w0 = _mm256_loadu_si256(base as *const __m256i);
-                    let mut w1 = _mm256_loadu_si256(base.add(32) as *const __m256i);
-                    if VNNI {
-                        w0 = _mm256_xor_si256(w0, flip);
-                        w1 = _mm256_xor_si256(w1, flip);
-                    }
+                    let w0 = _mm256_xor_si256(_mm256_loadu_si256(base as *const __m256i), flip);
+                    let w1 = _mm256_xor_si256(_mm256_loadu_si256(base.add(32) as *const __m256i), flip);
                     for r in 0..R {
                         let xb = x4(x, a.kp, r, t);
-                        if VNNI {
-                            acc[r][0] = dot::<true>(acc[r][0], w0, xb);
-                            acc[r][1] = dot::<true>(acc[r][1], w1, xb);
-                        } else {
-                            let xa = _mm256_sign_epi8(xb, xb);
-                            acc[r][0] = dot::<false>(acc[r][0], xa, _mm256_sign_epi8(w0, xb));
-                            acc[r][1] = dot::<false>(acc[r][1], xa, _mm256_sign_epi8(w1, xb));
-                        }
+                        acc[r][0] = dot::<true>(acc[r][0], w0, xb);
+                        acc[r][1] = dot::<true>(acc[r][1], w1, xb);
                     }
                 }
             }
             let ds = d.as_ptr().add(b * PANEL + 16 * h);
-            let (d0, d1) = (_mm256_loadu_ps(ds), _mm256_loadu_ps(ds.add(8)));
+            let (d0, d1) = (h8(ds), h8(ds.add(8)));
             for r in 0..R {
                 let dx = _mm256_set1_ps(*a.d.get_unchecked(r * nb + b));
-                let (mut i0, mut i1) = (acc[r][0], acc[r][1]);
-                if VNNI {
-                    let corr = _mm256_set1_epi32(128 * *a.s.get_unchecked(r * nb + b));
-                    i0 = _mm256_sub_epi32(i0, corr);
-                    i1 = _mm256_sub_epi32(i1, corr);
-                }
+                let corr = _mm256_set1_epi32(128 * *a.s.get_unchecked(r * nb + b));
+                let (i0, i1) = (_mm256_sub_epi32(acc[r][0], corr), _mm256_sub_epi32(acc[r][1], corr));
                 let o = out[r].as_mut_ptr().add(16 * h);
                 let f0 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(i0), dx), d0, _mm256_loadu_ps(o));
                 let f1 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(i1), dx), d1, _mm256_loadu_ps(o.add(8)));
+                _mm256_storeu_ps(o, f0);
+                _mm256_storeu_ps(o.add(8), f1);
+            }
+        }
+    }
+}
+
+/// Q8x4 without VNNI: the weights widen to 16 bits (one `vpmovsxbw` per 16, shared by the rows)
+/// and `vpmaddwd` multiplies them with the 16-bit activations `256 · q + lo` directly: one pass,
+/// two instructions per 16 weights and row, where the byte kernels would need two passes of four.
+/// Each 32-bit lane sums two steps of a column; neighbouring lanes are added per block.
+#[inline(always)]
+unsafe fn q8x4_madd<const R: usize>(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
+    let Panel::Q8x4 { q, d } = p else { return };
+    let nb = a.kp / QBLOCK;
+    let qp = q.as_ptr();
+    for r in 0..R {
+        out[r] = [0.0; PANEL];
+    }
+    for b in 0..nb {
+        for h in 0..2 {
+            // Per row, 4 vectors of (4 columns x 2 half-sums).
+            let mut acc = [[_mm256_setzero_si256(); 4]; R];
+            for g in 0..QBLOCK / 4 {
+                let t = b * QBLOCK + g * 4;
+                let base = qp.add(t * PANEL + 64 * h);
+                if h == 0 {
+                    prefetch(base);
+                    prefetch(base.add(64));
+                }
+                let w: [__m256i; 4] =
+                    std::array::from_fn(|i| _mm256_cvtepi8_epi16(_mm_loadu_si128(base.add(16 * i) as *const __m128i)));
+                for r in 0..R {
+                    let xv = _mm256_set1_epi64x((a.x16.as_ptr().add(r * a.kp + t) as *const i64).read_unaligned());
+                    for i in 0..4 {
+                        acc[r][i] = _mm256_add_epi32(acc[r][i], _mm256_madd_epi16(w[i], xv));
+                    }
+                }
+            }
+            let ds = d.as_ptr().add(b * PANEL + 16 * h);
+            let (d0, d1) = (h8(ds), h8(ds.add(8)));
+            for r in 0..R {
+                // hadd gives columns 0 1 4 5 | 2 3 6 7; the permute puts them in order.
+                let s0 = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[r][0], acc[r][1]), 0xD8);
+                let s1 = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[r][2], acc[r][3]), 0xD8);
+                let dx = _mm256_set1_ps(*a.d.get_unchecked(r * nb + b));
+                let o = out[r].as_mut_ptr().add(16 * h);
+                let f0 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s0), dx), d0, _mm256_loadu_ps(o));
+                let f1 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s1), dx), d1, _mm256_loadu_ps(o.add(8)));
                 _mm256_storeu_ps(o, f0);
                 _mm256_storeu_ps(o.add(8), f1);
             }

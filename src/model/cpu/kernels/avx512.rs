@@ -17,6 +17,12 @@ unsafe fn prefetch<T>(p: *const T) {
     _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(PREFETCH_BYTES));
 }
 
+/// Sixteen f16 scales as f32.
+#[inline(always)]
+unsafe fn h16(p: *const half::f16) -> __m512 {
+    _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+}
+
 /// Two vectors (columns 0..16, 16..32) of step t as f32; Q8_0 without its scale.
 #[inline(always)]
 unsafe fn load512(p: Panel, t: usize) -> (__m512, __m512) {
@@ -136,7 +142,7 @@ unsafe fn gemv_wide<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f
         match p {
             Panel::Q8_0 { d, .. } => {
                 let ds = d.as_ptr().add((t0 / QBLOCK) * PANEL);
-                let (d0, d1) = (_mm512_loadu_ps(ds), _mm512_loadu_ps(ds.add(16)));
+                let (d0, d1) = (h16(ds), h16(ds.add(16)));
                 for r in 0..R {
                     tot[r][0] = _mm512_fmadd_ps(_mm512_add_ps(a[r][0], b[r][0]), d0, tot[r][0]);
                     tot[r][1] = _mm512_fmadd_ps(_mm512_add_ps(a[r][1], b[r][1]), d1, tot[r][1]);
@@ -293,10 +299,7 @@ pub unsafe fn widen(p: Panel, k: usize, dst: &mut [f32]) {
             // down with the sign.
             for t0 in (0..k).step_by(4) {
                 let s = (t0 / QBLOCK) * PANEL;
-                let (d0, d1) = (
-                    _mm512_loadu_ps(d.as_ptr().add(s)),
-                    _mm512_loadu_ps(d.as_ptr().add(s + 16)),
-                );
+                let (d0, d1) = (h16(d.as_ptr().add(s)), h16(d.as_ptr().add(s + 16)));
                 let base = q.as_ptr().add(t0 * PANEL) as *const __m512i;
                 let (v0, v1) = (_mm512_loadu_si512(base), _mm512_loadu_si512(base.add(1)));
                 for j in 0..4.min(k - t0) {
@@ -338,8 +341,8 @@ pub unsafe fn widen(p: Panel, k: usize, dst: &mut [f32]) {
                 let (mut w0, mut w1) = load512(p, t);
                 if let Panel::Q8_0 { d, .. } = p {
                     let ds = d.as_ptr().add((t / QBLOCK) * PANEL);
-                    w0 = _mm512_mul_ps(w0, _mm512_loadu_ps(ds));
-                    w1 = _mm512_mul_ps(w1, _mm512_loadu_ps(ds.add(16)));
+                    w0 = _mm512_mul_ps(w0, h16(ds));
+                    w1 = _mm512_mul_ps(w1, h16(ds.add(16)));
                 }
                 _mm512_storeu_ps(o.add(t * PANEL), w0);
                 _mm512_storeu_ps(o.add(t * PANEL + 16), w1);
@@ -382,10 +385,66 @@ unsafe fn int_rows<const VNNI: bool>(p: Panel, a: &QRows, out: &mut [[f32; PANEL
             };
         }
         match p {
-            Panel::Q8x4 { .. } => go!(q8x4),
+            Panel::Q8x4 { .. } if !VNNI => match n {
+                1 => q8x4_madd::<1>(p, &sub, o),
+                2 => q8x4_madd::<2>(p, &sub, o),
+                3 => q8x4_madd::<3>(p, &sub, o),
+                _ => q8x4_madd::<4>(p, &sub, o),
+            },
+            Panel::Q8x4 { .. } => match n {
+                1 => q8x4_vnni::<1>(p, &sub, o),
+                2 => q8x4_vnni::<2>(p, &sub, o),
+                3 => q8x4_vnni::<3>(p, &sub, o),
+                _ => q8x4_vnni::<4>(p, &sub, o),
+            },
             _ => go!(q4x8),
         }
         r0 += n;
+    }
+}
+
+/// Q8x4 without VNNI: the weights widen to 16 bits (one `vpmovsxbw` per 32, shared by the rows)
+/// and `vpmaddwd` multiplies them with the 16-bit activations `256 · q + lo` in one pass. Each
+/// 32-bit lane sums two steps of a column; neighbouring lanes are added per block.
+#[inline(always)]
+unsafe fn q8x4_madd<const R: usize>(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
+    let Panel::Q8x4 { q, d } = p else { return };
+    let nb = a.kp / QBLOCK;
+    let qp = q.as_ptr();
+    // Even lanes of two vectors, in order.
+    let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let mut tot = [[_mm512_setzero_ps(); 2]; R];
+    for b in 0..nb {
+        // Per row, 4 vectors of (8 columns x 2 half-sums).
+        let mut acc = [[_mm512_setzero_si512(); 4]; R];
+        for g in 0..QBLOCK / 4 {
+            let t = b * QBLOCK + g * 4;
+            let base = qp.add(t * PANEL);
+            prefetch(base);
+            prefetch(base.add(64));
+            let w: [__m512i; 4] =
+                std::array::from_fn(|i| _mm512_cvtepi8_epi16(_mm256_loadu_si256(base.add(32 * i) as *const __m256i)));
+            for r in 0..R {
+                let xv = _mm512_set1_epi64((a.x16.as_ptr().add(r * a.kp + t) as *const i64).read_unaligned());
+                for i in 0..4 {
+                    acc[r][i] = _mm512_add_epi32(acc[r][i], _mm512_madd_epi16(w[i], xv));
+                }
+            }
+        }
+        let ds = d.as_ptr().add(b * PANEL);
+        let (d0, d1) = (h16(ds), h16(ds.add(16)));
+        for r in 0..R {
+            let pair = |v: __m512i| _mm512_add_epi32(v, _mm512_srli_epi64(v, 32));
+            let s0 = _mm512_permutex2var_epi32(pair(acc[r][0]), evens, pair(acc[r][1]));
+            let s1 = _mm512_permutex2var_epi32(pair(acc[r][2]), evens, pair(acc[r][3]));
+            let dx = _mm512_set1_ps(*a.d.get_unchecked(r * nb + b));
+            tot[r][0] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s0), dx), d0, tot[r][0]);
+            tot[r][1] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s1), dx), d1, tot[r][1]);
+        }
+    }
+    for r in 0..R {
+        _mm512_storeu_ps(out[r].as_mut_ptr(), tot[r][0]);
+        _mm512_storeu_ps(out[r].as_mut_ptr().add(16), tot[r][1]);
     }
 }
 
@@ -396,28 +455,17 @@ unsafe fn x4(x: &[i8], kp: usize, r: usize, t: usize) -> __m512i {
     _mm512_set1_epi32((x.as_ptr().add(r * kp + t) as *const i32).read_unaligned())
 }
 
-/// `Σ w·x` per lane for signed weights and signed activations without VNNI: the activations'
-/// signs move onto the weights so that `vpmaddubsw` sees |x| as its unsigned operand (a pair
-/// sum stays below 2·127·127, no saturation).
-#[inline(always)]
-unsafe fn dot_signed(acc: __m512i, w: __m512i, x: __m512i) -> __m512i {
-    let neg = _mm512_movepi8_mask(x);
-    let ws = _mm512_mask_sub_epi8(w, neg, _mm512_setzero_si512(), w);
-    let pairs = _mm512_maddubs_epi16(_mm512_abs_epi8(x), ws);
-    _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)))
-}
-
 /// `Σ u·x` per lane for unsigned `u` (nibbles, below 16) and signed `x` without VNNI.
 #[inline(always)]
 unsafe fn dot_unsigned(acc: __m512i, u: __m512i, x: __m512i) -> __m512i {
     _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, x), _mm512_set1_epi16(1)))
 }
 
-/// Q8x4: with VNNI, the weights become unsigned by flipping their top bit (w + 128), so one
+/// Q8x4 with VNNI: the weights become unsigned by flipping their top bit (w + 128), so one
 /// `vpdpbusd` per 16 columns and row does four steps; `128 · Σx` is taken off per block. Each
 /// block is summed over the value bytes, shifted 8 bits, then summed over the residual bytes.
 #[inline(always)]
-unsafe fn q8x4<const R: usize, const VNNI: bool>(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
+unsafe fn q8x4_vnni<const R: usize>(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
     let Panel::Q8x4 { q, d } = p else { return };
     let nb = a.kp / QBLOCK;
     let qp = q.as_ptr();
@@ -438,34 +486,21 @@ unsafe fn q8x4<const R: usize, const VNNI: bool>(p: Panel, a: &QRows, out: &mut 
                     prefetch(base);
                     prefetch(base.add(64));
                 }
-                let mut w0 = _mm512_loadu_si512(base as *const __m512i);
-                let mut w1 = _mm512_loadu_si512(base.add(64) as *const __m512i);
-                if VNNI {
-                    w0 = _mm512_xor_si512(w0, flip);
-                    w1 = _mm512_xor_si512(w1, flip);
-                }
+                let w0 = _mm512_xor_si512(_mm512_loadu_si512(base as *const __m512i), flip);
+                let w1 = _mm512_xor_si512(_mm512_loadu_si512(base.add(64) as *const __m512i), flip);
                 for r in 0..R {
                     let xb = x4(x, a.kp, r, t);
-                    if VNNI {
-                        acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], w0, xb);
-                        acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], w1, xb);
-                    } else {
-                        acc[r][0] = dot_signed(acc[r][0], w0, xb);
-                        acc[r][1] = dot_signed(acc[r][1], w1, xb);
-                    }
+                    acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], w0, xb);
+                    acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], w1, xb);
                 }
             }
         }
         let ds = d.as_ptr().add(b * PANEL);
-        let (d0, d1) = (_mm512_loadu_ps(ds), _mm512_loadu_ps(ds.add(16)));
+        let (d0, d1) = (h16(ds), h16(ds.add(16)));
         for r in 0..R {
             let dx = _mm512_set1_ps(*a.d.get_unchecked(r * nb + b));
-            let (mut i0, mut i1) = (acc[r][0], acc[r][1]);
-            if VNNI {
-                let corr = _mm512_set1_epi32(128 * *a.s.get_unchecked(r * nb + b));
-                i0 = _mm512_sub_epi32(i0, corr);
-                i1 = _mm512_sub_epi32(i1, corr);
-            }
+            let corr = _mm512_set1_epi32(128 * *a.s.get_unchecked(r * nb + b));
+            let (i0, i1) = (_mm512_sub_epi32(acc[r][0], corr), _mm512_sub_epi32(acc[r][1], corr));
             tot[r][0] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(i0), dx), d0, tot[r][0]);
             tot[r][1] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(i1), dx), d1, tot[r][1]);
         }

@@ -53,10 +53,12 @@ pub enum Panel<'a> {
     F32(&'a [f32]),
     Bf16(&'a [bf16]),
     F16(&'a [f16]),
-    /// `k` steps of 32 signed bytes, and 32 scales per block of 32 steps.
+    /// `k` steps of 32 signed bytes, and 32 scales per block of 32 steps (f16, as in GGUF files:
+    /// the quantizer rounds scales to f16, so nothing is lost, and decoding reads 34 bytes per 32
+    /// weights instead of 36).
     Q8_0 {
         q: &'a [i8],
-        d: &'a [f32],
+        d: &'a [f16],
     },
     /// 4-bit steps layout: per step 16 bytes, byte j holding column 2j (low nibble) and 2j + 1
     /// (high nibble); per block of 32 steps, 32 scales `d` and 32 offsets `m` (value = q · d + m),
@@ -69,7 +71,7 @@ pub enum Panel<'a> {
     /// Q8_0 in quads: 128 bytes per 4 steps; 32 scales per block in column order.
     Q8x4 {
         q: &'a [i8],
-        d: &'a [f32],
+        d: &'a [f16],
     },
     /// 4-bit in quads: 128 bytes per 8 steps (low nibbles steps 0-3, high nibbles 4-7); 32
     /// scales and 32 offsets per block in column order.
@@ -132,14 +134,14 @@ pub fn panel_value(p: Panel, t: usize, c: usize) -> f32 {
         Panel::F32(w) => w[i],
         Panel::Bf16(w) => bf16_to_f32(w[i]),
         Panel::F16(w) => w[i].to_f32(),
-        Panel::Q8_0 { q, d } => q[i] as f32 * d[s + c],
+        Panel::Q8_0 { q, d } => q[i] as f32 * d[s + c].to_f32(),
         Panel::Q4 { q, d, m } => {
             let byte = q[t * (PANEL / 2) + c / 2];
             let nib = if c.is_multiple_of(2) { byte & 0xF } else { byte >> 4 };
             let s = s + q4_scale_index(c);
             nib as f32 * d[s].to_f32() + m[s].to_f32()
         }
-        Panel::Q8x4 { q, d } => q[quad_index(t, c)] as f32 * d[s + c],
+        Panel::Q8x4 { q, d } => q[quad_index(t, c)] as f32 * d[s + c].to_f32(),
         Panel::Q4x8 { q, d, m } => q4x8_nibble(q, t, c) as f32 * d[s + c].to_f32() + m[s + c].to_f32(),
     }
 }
@@ -212,6 +214,8 @@ pub fn widen(isa: Isa, p: Panel, k: usize, dst: &mut [f32]) {
 pub struct QRows<'a> {
     pub q: &'a [i8],
     pub lo: &'a [i8],
+    /// `256 · q + lo` as one 16-bit integer (for `vpmaddwd`).
+    pub x16: &'a [i16],
     pub d: &'a [f32],
     pub s: &'a [i32],
     pub rows: usize,
@@ -225,6 +229,7 @@ impl<'a> QRows<'a> {
         QRows {
             q: &self.q[r0 * self.kp..],
             lo: &self.lo[r0 * self.kp..],
+            x16: &self.x16[r0 * self.kp..],
             d: &self.d[r0 * nb..],
             s: &self.s[r0 * nb..],
             rows: n,
@@ -238,6 +243,7 @@ impl<'a> QRows<'a> {
             self.kp.is_multiple_of(QBLOCK)
                 && self.q.len() >= self.rows * self.kp
                 && self.lo.len() >= self.rows * self.kp
+                && self.x16.len() >= self.rows * self.kp
                 && self.d.len() >= self.rows * nb
                 && self.s.len() >= self.rows * nb,
             "kernels: quantized activations do not match their shape"
@@ -279,7 +285,7 @@ mod tests {
         bf: Vec<bf16>,
         hf: Vec<f16>,
         q: Vec<i8>,
-        d: Vec<f32>,
+        d: Vec<f16>,
         q4: Vec<u8>,
         d4: Vec<f16>,
         m4: Vec<f16>,
@@ -296,7 +302,9 @@ mod tests {
         let q: Vec<i8> = (0..k * PANEL)
             .map(|i| (((i * 89 + 7) % 255) as i32 - 127) as i8)
             .collect();
-        let d: Vec<f32> = (0..nb * PANEL).map(|i| 0.01 + (i % 7) as f32 * 0.001).collect();
+        let d: Vec<f16> = (0..nb * PANEL)
+            .map(|i| f16::from_f32(0.01 + (i % 7) as f32 * 0.001))
+            .collect();
         let q4: Vec<u8> = (0..k * PANEL / 2).map(|i| ((i * 37 + 11) % 256) as u8).collect();
         let d4: Vec<f16> = (0..nb * PANEL)
             .map(|i| f16::from_f32(0.02 + (i % 5) as f32 * 0.003))

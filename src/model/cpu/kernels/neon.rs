@@ -20,6 +20,15 @@ unsafe fn prefetch<T>(p: *const T) {
     std::arch::asm!("prfm pldl1keep, [{0}]", in(reg) p, options(readonly, nostack, preserves_flags));
 }
 
+/// Four f16 scales as f32 (stable Rust has no NEON f16 conversion intrinsics; this runs once
+/// per block of 32 steps).
+#[inline(always)]
+fn f16x4(d: &[half::f16]) -> float32x4_t {
+    let v: [f32; 4] = std::array::from_fn(|i| d[i].to_f32());
+    // SAFETY: NEON is always present on AArch64; `v` holds four floats.
+    unsafe { vld1q_f32(v.as_ptr()) }
+}
+
 /// Eight vectors (4 columns each) of step t as f32; Q8_0 without its scale.
 #[inline(always)]
 unsafe fn load8(p: Panel, t: usize) -> [float32x4_t; 8] {
@@ -128,7 +137,7 @@ unsafe fn gemv_rows<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f
                 let s = vaddq_f32(a[r][j], b[r][j]);
                 tot[r][j] = match p {
                     Panel::Q8_0 { d, .. } => {
-                        let ds = vld1q_f32(d.as_ptr().add((t0 / QBLOCK) * PANEL + 4 * j));
+                        let ds = f16x4(&d[(t0 / QBLOCK) * PANEL + 4 * j..]);
                         vfmaq_f32(tot[r][j], s, ds)
                     }
                     _ => s,
@@ -156,7 +165,7 @@ pub unsafe fn widen(p: Panel, k: usize, dst: &mut [f32]) {
                 let w = load8(p, t);
                 for (j, v) in w.into_iter().enumerate() {
                     let v = match p {
-                        Panel::Q8_0 { d, .. } => vmulq_f32(v, vld1q_f32(d.as_ptr().add((t / QBLOCK) * PANEL + 4 * j))),
+                        Panel::Q8_0 { d, .. } => vmulq_f32(v, f16x4(&d[(t / QBLOCK) * PANEL + 4 * j..])),
                         _ => v,
                     };
                     vst1q_f32(o.add(t * PANEL + 4 * j), v);
@@ -257,9 +266,9 @@ unsafe fn q8x4<const R: usize>(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
                 }
             }
         }
-        let ds = &*(d.as_ptr().add(b * PANEL) as *const [f32; PANEL]);
+        let ds: [f32; PANEL] = std::array::from_fn(|c| d[b * PANEL + c].to_f32());
         for r in 0..R {
-            add_block(&acc[r], *a.d.get_unchecked(r * nb + b), ds, &mut out[r]);
+            add_block(&acc[r], *a.d.get_unchecked(r * nb + b), &ds, &mut out[r]);
         }
     }
 }

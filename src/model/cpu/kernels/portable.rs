@@ -37,7 +37,7 @@ pub fn gemv(p: Panel, x: &[f32], rows: usize, k: usize, out: &mut [[f32; PANEL]]
             for r in 0..rows {
                 for c in 0..PANEL {
                     let s = match p {
-                        Panel::Q8_0 { d, .. } => d[(t / QBLOCK) * PANEL + c],
+                        Panel::Q8_0 { d, .. } => d[(t / QBLOCK) * PANEL + c].to_f32(),
                         _ => 1.0,
                     };
                     out[r][c] += blk[r][c] * s;
@@ -70,7 +70,7 @@ pub fn gemv_int(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
                         let sum: i32 = (0..QBLOCK)
                             .map(|j| q[quad_index(b * QBLOCK + j, c)] as i32 * xq[j])
                             .sum();
-                        d[s] * (sum as f32 * dx)
+                        d[s].to_f32() * (sum as f32 * dx)
                     }
                     Panel::Q4x8 { q, d, m } => {
                         let sum: i32 = (0..QBLOCK)
