@@ -10,7 +10,7 @@
 use std::cell::RefCell;
 
 use super::kernels::{widen, Isa, Panel, PANEL};
-use super::pool::Pool;
+use super::pool::Exec;
 
 /// Output pointer shared by tasks that write disjoint columns.
 #[derive(Clone, Copy)]
@@ -41,6 +41,7 @@ fn rows_per_call(isa: Isa) -> usize {
 /// `out[i * n + j] = Σ_t x[i * k + t] · W[j][t]` with `panel(b)` giving W's panels. Parallel over
 /// panels.
 pub(crate) fn gemm_panels<'a>(
+    exec: Exec,
     isa: Isa,
     x: &[f32],
     m: usize,
@@ -55,7 +56,7 @@ pub(crate) fn gemm_panels<'a>(
     );
     let mr = rows_per_call(isa);
     let out_ptr = Out(out.as_mut_ptr());
-    Pool::global().run(n.div_ceil(PANEL), &|b| {
+    exec.run(n.div_ceil(PANEL), &|b| {
         let j0 = b * PANEL;
         let cols = PANEL.min(n - j0);
         WIDE.with(|w| {

@@ -17,6 +17,30 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
+/// Where a parallel loop runs: on the pool, or on the calling thread alone (for measurements of
+/// one core's speed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exec {
+    Pool,
+    Serial,
+}
+
+impl Exec {
+    pub fn run(self, tasks: usize, f: &(dyn Fn(usize) + Sync)) {
+        match self {
+            Exec::Pool => Pool::global().run(tasks, f),
+            Exec::Serial => (0..tasks).for_each(f),
+        }
+    }
+
+    pub fn threads(self) -> usize {
+        match self {
+            Exec::Pool => Pool::global().threads(),
+            Exec::Serial => 1,
+        }
+    }
+}
+
 /// How long an idle worker spins before parking.
 const SPIN: Duration = Duration::from_micros(200);
 

@@ -25,7 +25,7 @@ use super::kernels::{
     gemv, gemv_int, octet_index, padded, panel_value, q4_scale_index, quad_index, Level, Panel, GEMV_ROWS, INT_ROWS,
     QBLOCK,
 };
-use super::pool::Pool;
+use super::pool::Exec;
 use super::quant::{quantize_row_q4, quantize_row_q8_0, QuantActs};
 
 /// Storage format of a weight matrix.
@@ -355,6 +355,28 @@ impl QMatrix {
         true
     }
 
+    /// Fills a quantized matrix with a fixed pattern of valid weights without quantizing
+    /// anything (for timing kernels, whose speed does not depend on the values).
+    pub(crate) fn fill_pattern(&self, arena: &mut Arena) {
+        match self.data {
+            MatData::Q8_0 { q, d, .. } => {
+                let (qs, ds) = arena.get_pair_mut(q, d);
+                for (i, v) in qs.iter_mut().enumerate() {
+                    *v = ((i * 37) % 255) as i8 - 127;
+                }
+                ds.fill(f16::from_f32(0.01));
+            }
+            MatData::Q4 { q, d, m, .. } => {
+                for (i, v) in arena.get_mut(q).iter_mut().enumerate() {
+                    *v = (i * 37) as u8;
+                }
+                arena.get_mut(d).fill(f16::from_f32(0.01));
+                arena.get_mut(m).fill(f16::from_f32(-0.08));
+            }
+            _ => {}
+        }
+    }
+
     /// Row `r` as f32 (embedding lookups).
     pub fn row_f32(&self, arena: &Arena, r: usize, dst: &mut [f32]) {
         let p = self.panel(arena, r / PANEL);
@@ -404,6 +426,15 @@ pub fn matmul(arena: &Arena, w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) 
 
 /// As `matmul`, with an explicit instruction level (tests of every path).
 pub fn matmul_with(level: Level, arena: &Arena, w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) {
+    product(Exec::Pool, level, arena, w, x, m, out)
+}
+
+/// As `matmul_with`, on the calling thread only (measurements of one core's speed).
+pub(crate) fn matmul_serial(level: Level, arena: &Arena, w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) {
+    product(Exec::Serial, level, arena, w, x, m, out)
+}
+
+fn product(exec: Exec, level: Level, arena: &Arena, w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(x.len(), m * k, "activations have the wrong length");
     assert_eq!(out.len(), m * n, "output has the wrong length");
@@ -413,14 +444,14 @@ pub fn matmul_with(level: Level, arena: &Arena, w: &QMatrix, x: &[f32], m: usize
     let isa = level.isa;
     if !w.variant.quads() {
         if m > GEMV_ROWS {
-            gemm_panels(isa, x, m, k, n, out, &|b| w.panel(arena, b));
+            gemm_panels(exec, isa, x, m, k, n, out, &|b| w.panel(arena, b));
         } else {
-            stream_panels(w, out, m, |p, acc| gemv(isa, w.panel(arena, p), x, m, k, acc));
+            stream_panels(exec, w, out, m, |p, acc| gemv(isa, w.panel(arena, p), x, m, k, acc));
         }
         return;
     }
     if m > INT_ROWS && w.variant == Variant::IntFloat {
-        gemm_panels(isa, x, m, k, n, out, &|b| w.panel(arena, b));
+        gemm_panels(exec, isa, x, m, k, n, out, &|b| w.panel(arena, b));
         return;
     }
     ACTS.with(|acts| {
@@ -428,13 +459,13 @@ pub fn matmul_with(level: Level, arena: &Arena, w: &QMatrix, x: &[f32], m: usize
         acts.quantize(x, m, k);
         let acts = &*acts;
         if m <= INT_ROWS {
-            stream_panels(w, out, m, |p, acc| {
+            stream_panels(exec, w, out, m, |p, acc| {
                 gemv_int(level, w.panel(arena, p), &acts.rows(0, m), acc)
             });
         } else {
             // Prefill: each task takes a panel and runs every tile of rows over it (from cache).
             let out_ptr = Out(out.as_mut_ptr());
-            Pool::global().run(w.panels(), &|b| {
+            exec.run(w.panels(), &|b| {
                 let p = w.panel(arena, b);
                 let mut acc = [[0f32; PANEL]; INT_ROWS];
                 let (j0, live) = (b * PANEL, PANEL.min(n - b * PANEL));
@@ -453,15 +484,19 @@ pub fn matmul_with(level: Level, arena: &Arena, w: &QMatrix, x: &[f32], m: usize
 
 /// Streams every panel once for `m` rows (decoding), in parallel chunks of panels; `kernel(b,
 /// acc)` fills `acc` with panel `b`'s outputs.
-fn stream_panels(w: &QMatrix, out: &mut [f32], m: usize, kernel: impl Fn(usize, &mut [[f32; PANEL]]) + Sync) {
+fn stream_panels(
+    exec: Exec,
+    w: &QMatrix,
+    out: &mut [f32],
+    m: usize,
+    kernel: impl Fn(usize, &mut [[f32; PANEL]]) + Sync,
+) {
     let n = w.rows;
     let out_ptr = Out(out.as_mut_ptr());
     let panels = w.panels();
-    let pool = Pool::global();
-    let threads = pool.threads();
     // A few chunks per thread balances uneven cores without tiny tasks.
-    let chunk = panels.div_ceil(threads * 4).max(1);
-    pool.run(panels.div_ceil(chunk), &|c| {
+    let chunk = panels.div_ceil(exec.threads() * 4).max(1);
+    exec.run(panels.div_ceil(chunk), &|c| {
         let mut acc = [[0f32; PANEL]; INT_ROWS];
         for b in c * chunk..((c + 1) * chunk).min(panels) {
             kernel(b, &mut acc);
