@@ -40,6 +40,7 @@ fn rows_per_call(isa: Isa) -> usize {
 
 /// `out[i * n + j] = Σ_t x[i * k + t] · W[j][t]` with `panel(b)` giving W's panels. Parallel over
 /// panels.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_panels<'a>(
     exec: Exec,
     isa: Isa,
