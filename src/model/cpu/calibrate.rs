@@ -19,6 +19,9 @@ use super::arena::{Arena, Placement};
 use super::isa::{cpu_model, warn, Isa, Level};
 use super::qmatrix::{matmul_serial, Format, QMatrix, Storage, Variant};
 
+/// Changes whenever what `measure` does changes, so that older measurements are not reused.
+const METHOD: u32 = 2;
+
 /// How a variant was chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
@@ -87,7 +90,7 @@ pub fn choose(level: Level, format: Format) -> Choice {
         .unwrap_or_else(|e| e.into_inner());
     *known.entry((level, family)).or_insert_with(|| {
         let key = format!(
-            "{} | {} | {} | zagreus {}",
+            "{} | {} | {} | zagreus {} | method {METHOD}",
             cpu_model(),
             level.name(),
             family.name(),
