@@ -4,7 +4,7 @@
 use divan::counter::BytesCount;
 use divan::Bencher;
 use zagreus::model::cpu::arena::{Arena, Placement};
-use zagreus::model::cpu::attention::{attention, AttnScratch, LayerKv};
+use zagreus::model::cpu::attention::{attention, AttnScratch, AttnSeq, LayerKv};
 use zagreus::model::cpu::isa::Isa;
 use zagreus::model::cpu::qmatrix::{matmul, Format, QMatrix, Storage, Variant, PANEL};
 
@@ -88,19 +88,13 @@ fn attention_decode_ctx2048(bencher: Bencher) {
     let mut out = vec![0f32; heads * hd];
     let mut sc = AttnScratch::default();
     bencher.bench_local(|| {
-        attention(
-            Isa::get(),
-            &LayerKv { kt: &kt, v: &v, cap },
-            &q,
-            heads * hd,
-            1,
-            len - 1,
-            heads,
-            kvh,
-            hd,
-            &mut out,
-            &mut sc,
-        )
+        let seq = AttnSeq {
+            kv: LayerKv { kt: &kt, v: &v, cap },
+            row0: 0,
+            t: 1,
+            pos: len - 1,
+        };
+        attention(Isa::get(), &[seq], &q, heads * hd, heads, kvh, hd, &mut out, &mut sc)
     });
 }
 

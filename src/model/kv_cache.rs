@@ -3,6 +3,8 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 
+use super::plan::kv_capacity;
+
 /// Keys and values of every layer for the tokens seen so far, `(1, kv_heads, capacity, head_dim)`
 /// each. Capacity grows by doubling (copying once per doubling) up to `max_len`, so a short prompt
 /// does not pay for the whole context up front.
@@ -18,8 +20,6 @@ pub struct KvCache {
     dtype: DType,
     device: Device,
 }
-
-const MIN_CAPACITY: usize = 256;
 
 impl KvCache {
     pub fn new(layers: usize, kv_heads: usize, head_dim: usize, max_len: usize, dtype: DType, device: &Device) -> Self {
@@ -58,18 +58,10 @@ impl KvCache {
 
     /// Makes room for `extra` more tokens.
     pub fn reserve(&mut self, extra: usize) -> Result<()> {
-        let needed = self.len + extra;
-        if needed > self.max_len {
-            bail!(
-                "the context is full: {} tokens cached + {extra} new > {} (the context size)",
-                self.len,
-                self.max_len
-            );
-        }
-        if needed <= self.capacity {
+        let capacity = kv_capacity(self.len, extra, self.capacity, self.max_len)?;
+        if capacity == self.capacity {
             return Ok(());
         }
-        let capacity = needed.max(self.capacity * 2).max(MIN_CAPACITY).min(self.max_len);
         let shape = (1, self.kv_heads, capacity, self.head_dim);
         for cache in [&mut self.k, &mut self.v] {
             let mut grown = Vec::with_capacity(self.layers);

@@ -4,24 +4,18 @@
 //! (each KV head serves `heads / kv_heads` query heads, without copying K/V), a SiLU-gated MLP,
 //! and an LM head that is `lm_head.weight` when the file has one, else the token embedding.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::ops::{rms_norm, softmax_last_dim};
 
 use super::config::LlamaConfig;
 use super::kv_cache::KvCache;
 use super::linear::Linear;
+use super::plan;
 use super::rope::Rope;
 use super::weights::Weights;
 
-/// Which positions of a forward pass need logits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogitsFor {
-    /// Only the last position: all generation needs.
-    Last,
-    /// Every position (reference tests, scoring).
-    All,
-}
+pub use super::plan::LogitsFor;
 
 struct Block {
     attn_norm: Tensor,
@@ -102,55 +96,35 @@ impl Llama {
     /// Builds the network from checkpoint tensors, converting weights to `dtype` on `device`.
     pub fn load(cfg: &LlamaConfig, w: &Weights, dtype: DType, device: &Device) -> Result<Self> {
         let h = cfg.hidden_size;
-        let (hd, nh, nkv) = (cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads);
         let act = activation_dtype(dtype, device);
-        let embed_name = "model.embed_tokens.weight";
-        let vocab_size = match w.shape(embed_name) {
-            Some(s) if s.len() == 2 && s[1] == h => s[0],
-            Some(s) => bail!("tensor `{embed_name}` has shape {s:?}, but hidden_size is {h}"),
-            None => bail!("tensor `{embed_name}` is missing"),
-        };
-        if vocab_size != cfg.vocab_size {
-            bail!(
-                "tensor `{embed_name}` has {vocab_size} rows, but config.json says vocab_size {}",
-                cfg.vocab_size
-            );
-        }
-        let embed = w.load(embed_name, &[vocab_size, h], dtype, device)?;
+        let vocab_size = plan::vocab_from_embedding(cfg, w.shape(plan::EMBED))?;
+        let embed = w.load(plan::EMBED, &[vocab_size, h], dtype, device)?;
         let norm_w = |name: &str| w.load(name, &[h], act, device);
+        let product = |p: &plan::Product| {
+            let names: Vec<String> = p.parts.iter().map(|(n, _)| n.clone()).collect();
+            let shapes: Vec<Vec<usize>> = p.parts.iter().map(|(_, rows)| vec![*rows, p.cols]).collect();
+            load_linear_fused(w, &names, &shapes, dtype, device)
+        };
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let attn = |n: &str| format!("{p}.self_attn.{n}");
-            let mlp = |n: &str| format!("{p}.mlp.{n}");
+            let [qkv, o, gate_up, down] = plan::layer_products(cfg, i);
+            let [attn_norm, mlp_norm] = plan::layer_norms(i);
             blocks.push(Block {
-                attn_norm: norm_w(&format!("{p}.input_layernorm.weight"))?,
-                qkv: load_linear_fused(
-                    w,
-                    &[attn("q_proj"), attn("k_proj"), attn("v_proj")],
-                    &[vec![nh * hd, h], vec![nkv * hd, h], vec![nkv * hd, h]],
-                    dtype,
-                    device,
-                )?,
-                o: load_linear_fused(w, &[attn("o_proj")], &[vec![h, nh * hd]], dtype, device)?,
-                mlp_norm: norm_w(&format!("{p}.post_attention_layernorm.weight"))?,
-                gate_up: load_linear_fused(
-                    w,
-                    &[mlp("gate_proj"), mlp("up_proj")],
-                    &[vec![cfg.intermediate_size, h], vec![cfg.intermediate_size, h]],
-                    dtype,
-                    device,
-                )?,
-                down: load_linear_fused(w, &[mlp("down_proj")], &[vec![h, cfg.intermediate_size]], dtype, device)?,
+                attn_norm: norm_w(&attn_norm)?,
+                qkv: product(&qkv)?,
+                o: product(&o)?,
+                mlp_norm: norm_w(&mlp_norm)?,
+                gate_up: product(&gate_up)?,
+                down: product(&down)?,
             });
         }
-        let norm = norm_w("model.norm.weight")?;
+        let norm = norm_w(plan::FINAL_NORM)?;
         // Tied or not is decided by what the file holds, not only by the config flag.
-        let tied = !w.contains("lm_head.weight");
+        let tied = !w.contains(plan::LM_HEAD);
         let lm_head = if tied {
             Linear::new(embed.clone(), None)
         } else {
-            Linear::new(w.load("lm_head.weight", &[vocab_size, h], dtype, device)?, None)
+            Linear::new(w.load(plan::LM_HEAD, &[vocab_size, h], dtype, device)?, None)
         };
         let rope = Rope::new(cfg, cfg.max_position_embeddings, act, device)?;
         Ok(Self {
@@ -253,23 +227,8 @@ impl Llama {
     /// one row per position asked for.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: LogitsFor) -> Result<Tensor> {
         let t = tokens.len();
-        if t == 0 {
-            bail!("internal error: forward called with no tokens");
-        }
         let pos = cache.len();
-        if pos + t > self.max_positions() {
-            bail!(
-                "position {} is past the model's context of {} tokens (max_position_embeddings)",
-                pos + t,
-                self.max_positions()
-            );
-        }
-        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= self.vocab_size) {
-            bail!(
-                "token id {bad} is outside the model's vocabulary of {}",
-                self.vocab_size
-            );
-        }
+        plan::check_input(tokens, pos, self.vocab_size, self.max_positions())?;
         cache.reserve(t)?;
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self

@@ -7,6 +7,7 @@ pub mod gguf;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
+pub mod plan;
 pub mod rope;
 pub mod weights;
 
@@ -14,12 +15,16 @@ use anyhow::Result;
 use candle_core::Device;
 
 pub use config::{GenerationConfig, LlamaConfig};
-pub use cpu::engine::{CpuCache, CpuLlama};
+pub use cpu::engine::{Chunk, CpuLlama};
+pub use cpu::kv::CpuCache;
 pub use cpu::qmatrix::Format;
 pub use kv_cache::KvCache;
-pub use llama::{Llama, LogitsFor};
+pub use llama::Llama;
+pub use plan::{LogitsFor, RowKind};
 
-/// A loaded network.
+/// A loaded network (one per process, shared by reference: the size difference between the
+/// variants does not matter).
+#[allow(clippy::large_enum_variant)]
 pub enum Model {
     /// The CPU engine (CPU device).
     Cpu(CpuLlama),
@@ -119,11 +124,7 @@ impl Model {
     /// position asked for) into `out`.
     pub fn forward(&self, tokens: &[u32], cache: &mut Cache, which: LogitsFor, out: &mut Vec<f32>) -> Result<()> {
         match (self, cache) {
-            (Model::Cpu(m), Cache::Cpu(c)) => {
-                let logits = m.forward(tokens, c, which)?;
-                out.clear();
-                out.extend_from_slice(logits);
-            }
+            (Model::Cpu(m), Cache::Cpu(c)) => m.forward(tokens, c, which, out)?,
             (Model::Candle(m), Cache::Candle(c)) => {
                 *out = m.forward(tokens, c, which)?.flatten_all()?.to_vec1::<f32>()?;
             }

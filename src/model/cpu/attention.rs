@@ -33,9 +33,11 @@ thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// A piece of work: query rows `i0..i0 + rows` of KV group `g` against keys `k0..k1`.
+/// A piece of work: query rows `i0..i0 + rows` of sequence `s`, KV group `g`, against keys
+/// `k0..k1`.
 #[derive(Clone, Copy)]
 struct Unit {
+    s: usize,
     g: usize,
     i0: usize,
     rows: usize,
@@ -67,74 +69,79 @@ impl Parts {
     }
 }
 
-/// Attention output for `t` query rows at positions `pos..pos + t`. `q` holds each row's query
-/// heads (`heads * head_dim`, row stride `q_stride`); `out` gets `heads * head_dim` per row.
+/// One sequence's part of a batched attention: its cache, and its `t` query rows (rows
+/// `row0..row0 + t` of the batch) at positions `pos..pos + t`.
+pub struct AttnSeq<'a> {
+    pub kv: LayerKv<'a>,
+    pub row0: usize,
+    pub t: usize,
+    pub pos: usize,
+}
+
+/// Attention output for every sequence's query rows. `q` holds each row's query heads
+/// (`heads * head_dim`, row stride `q_stride`); `out` gets `heads * head_dim` per row.
+///
+/// Work is split into units of up to `QUERY_BLOCK` rows of one KV group against one block of
+/// `KEY_BLOCK` keys, and each row's partial results are merged over the key blocks in order with
+/// the online-softmax rule. The blocks are fixed by absolute position, so a row's result is the
+/// same bits whether it is decoded alone, in a batch, or as part of a prompt.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     isa: Isa,
-    kv: &LayerKv,
+    seqs: &[AttnSeq],
     q: &[f32],
     q_stride: usize,
-    t: usize,
-    pos: usize,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
     out: &mut [f32],
     sc: &mut AttnScratch,
 ) {
+    let row_out = heads * head_dim;
     // Checked here once, so that the kernels below (some of them `unsafe`) only see
     // consistent shapes.
     assert!(
         kv_heads > 0 && head_dim > 0 && heads.is_multiple_of(kv_heads),
         "attention: {heads} heads do not divide into {kv_heads} KV groups"
     );
-    assert!(
-        pos + t <= kv.cap && kv.kt.len() >= kv_heads * head_dim * kv.cap && kv.v.len() >= kv_heads * kv.cap * head_dim,
-        "attention: the KV cache does not hold positions up to {}",
-        pos + t
-    );
-    assert!(
-        t == 0 || (q_stride >= heads * head_dim && q.len() >= (t - 1) * q_stride + heads * head_dim),
-        "attention: the queries are shorter than {t} rows"
-    );
-    assert!(
-        out.len() >= t * heads * head_dim,
-        "attention: the output is shorter than {t} rows"
-    );
+    assert!(q_stride >= row_out, "attention: query rows are shorter than the heads");
+    for sq in seqs {
+        let kv = &sq.kv;
+        assert!(
+            sq.pos + sq.t <= kv.cap
+                && kv.kt.len() >= kv_heads * head_dim * kv.cap
+                && kv.v.len() >= kv_heads * kv.cap * head_dim,
+            "attention: the KV cache does not hold positions up to {}",
+            sq.pos + sq.t
+        );
+        let end = sq.row0 + sq.t;
+        assert!(
+            sq.t == 0 || (q.len() >= (end - 1) * q_stride + row_out && out.len() >= end * row_out),
+            "attention: the queries or the output are shorter than row {end}"
+        );
+    }
     let rep = heads / kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    let row_out = heads * head_dim;
     let part_len = rep * (head_dim + 2);
     sc.units.clear();
     let mut at = 0;
-    for g in 0..kv_heads {
-        if t == 1 {
-            // Decoding: split long contexts over key blocks so both cores work on every group.
-            let len = pos + 1;
-            for p in 0..len.div_ceil(KEY_BLOCK) {
-                sc.units.push(Unit {
-                    g,
-                    i0: 0,
-                    rows: 1,
-                    k0: p * KEY_BLOCK,
-                    k1: ((p + 1) * KEY_BLOCK).min(len),
-                    at,
-                });
-                at += part_len;
-            }
-        } else {
-            for i0 in (0..t).step_by(QUERY_BLOCK) {
-                let rows = QUERY_BLOCK.min(t - i0);
-                sc.units.push(Unit {
-                    g,
-                    i0,
-                    rows,
-                    k0: 0,
-                    k1: pos + i0 + rows,
-                    at,
-                });
-                at += rows * part_len;
+    for (si, sq) in seqs.iter().enumerate() {
+        for g in 0..kv_heads {
+            for i0 in (0..sq.t).step_by(QUERY_BLOCK) {
+                let rows = QUERY_BLOCK.min(sq.t - i0);
+                let keys = sq.pos + i0 + rows;
+                for b in 0..keys.div_ceil(KEY_BLOCK) {
+                    sc.units.push(Unit {
+                        s: si,
+                        g,
+                        i0,
+                        rows,
+                        k0: b * KEY_BLOCK,
+                        k1: ((b + 1) * KEY_BLOCK).min(keys),
+                        at,
+                    });
+                    at += rows * part_len;
+                }
             }
         }
     }
@@ -143,6 +150,7 @@ pub fn attention(
     let units = &sc.units;
     Pool::global().run(units.len(), &|ui| {
         let u = &units[ui];
+        let sq = &seqs[u.s];
         // SAFETY: this unit's range of `parts` belongs to it alone.
         let res = unsafe { std::slice::from_raw_parts_mut(parts.at(u.at), u.rows * part_len) };
         SCORES.with(|s| {
@@ -150,7 +158,7 @@ pub fn attention(
             scores.resize(rep * (u.k1 - u.k0), 0.0);
             for a in 0..u.rows {
                 let i = u.i0 + a;
-                let limit = (pos + i + 1).min(u.k1);
+                let limit = (sq.pos + i + 1).min(u.k1);
                 let res = &mut res[a * part_len..(a + 1) * part_len];
                 if limit <= u.k0 {
                     // No visible keys in this block.
@@ -159,29 +167,48 @@ pub fn attention(
                     }
                     continue;
                 }
-                let qrow = &q[i * q_stride + u.g * rep * head_dim..i * q_stride + (u.g + 1) * rep * head_dim];
-                attend(isa, kv, u.g, qrow, scale, rep, head_dim, u.k0, limit, &mut scores, res);
+                let row = sq.row0 + i;
+                let qrow = &q[row * q_stride + u.g * rep * head_dim..row * q_stride + (u.g + 1) * rep * head_dim];
+                attend(
+                    isa,
+                    &sq.kv,
+                    u.g,
+                    qrow,
+                    scale,
+                    rep,
+                    head_dim,
+                    u.k0,
+                    limit,
+                    &mut scores,
+                    res,
+                );
             }
         });
     });
-    // Merge the partials of each (row, head) with the online-softmax rule, then normalise.
-    out[..t * row_out].fill(0.0);
+    // Merge the partials of each (row, head) with the online-softmax rule, in key-block order,
+    // then normalise.
+    let rows_total = seqs.iter().map(|s| s.row0 + s.t).max().unwrap_or(0);
     sc.best.clear();
-    sc.best.resize(t * heads, f32::NEG_INFINITY);
+    sc.best.resize(rows_total * heads, f32::NEG_INFINITY);
     sc.sums.clear();
-    sc.sums.resize(t * heads, 0.0);
+    sc.sums.resize(rows_total * heads, 0.0);
+    for sq in seqs {
+        out[sq.row0 * row_out..(sq.row0 + sq.t) * row_out].fill(0.0);
+    }
     let part = |u: &Unit, a: usize, r: usize| u.at + a * part_len + r * (head_dim + 2);
     for u in &sc.units {
+        let row0 = seqs[u.s].row0;
         for a in 0..u.rows {
             for r in 0..rep {
-                let h = (u.i0 + a) * heads + u.g * rep + r;
+                let h = (row0 + u.i0 + a) * heads + u.g * rep + r;
                 sc.best[h] = sc.best[h].max(sc.parts[part(u, a, r)]);
             }
         }
     }
     for u in &sc.units {
+        let row0 = seqs[u.s].row0;
         for a in 0..u.rows {
-            let i = u.i0 + a;
+            let i = row0 + u.i0 + a;
             for r in 0..rep {
                 let h = u.g * rep + r;
                 let p = part(u, a, r);
@@ -198,11 +225,13 @@ pub fn attention(
             }
         }
     }
-    for i in 0..t {
-        for h in 0..heads {
-            let inv = 1.0 / sc.sums[i * heads + h];
-            for v in &mut out[i * row_out + h * head_dim..i * row_out + (h + 1) * head_dim] {
-                *v *= inv;
+    for sq in seqs {
+        for i in sq.row0..sq.row0 + sq.t {
+            for h in 0..heads {
+                let inv = 1.0 / sc.sums[i * heads + h];
+                for v in &mut out[i * row_out + h * head_dim..i * row_out + (h + 1) * head_dim] {
+                    *v *= inv;
+                }
             }
         }
     }
@@ -730,13 +759,17 @@ mod tests {
             let want = reference(&q, &k, &v, t, pos, heads, kvh, hd);
             for isa in Isa::supported() {
                 let mut out = vec![0f32; t * heads * hd];
-                attention(
-                    isa,
-                    &LayerKv { kt: &kt, v: &vv, cap },
-                    &q,
-                    heads * hd,
+                let seq = AttnSeq {
+                    kv: LayerKv { kt: &kt, v: &vv, cap },
+                    row0: 0,
                     t,
                     pos,
+                };
+                attention(
+                    isa,
+                    &[seq],
+                    &q,
+                    heads * hd,
                     heads,
                     kvh,
                     hd,
@@ -746,6 +779,97 @@ mod tests {
                 for (a, b) in out.iter().zip(&want) {
                     assert!((a - b).abs() < 1e-5, "{isa:?} t={t} pos={pos}: {a} vs {b}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_rows_result_is_the_same_in_a_prompt_chunk_alone_or_batched() {
+        // Rows past one key block (512) too: the blocks are fixed by position.
+        let (heads, kvh, hd) = (15, 5, 64);
+        let len = 1100;
+        let cap = len;
+        let kt = rand_vec(kvh * hd * cap, 4);
+        let vv = rand_vec(kvh * cap * hd, 5);
+        let q = rand_vec(len * heads * hd, 6);
+        let row = heads * hd;
+        for isa in Isa::supported() {
+            let kv = || LayerKv { kt: &kt, v: &vv, cap };
+            // Rows 1000..1100 as one prompt chunk.
+            let mut chunk = vec![0f32; 100 * row];
+            let seq = AttnSeq {
+                kv: kv(),
+                row0: 0,
+                t: 100,
+                pos: 1000,
+            };
+            attention(
+                isa,
+                &[seq],
+                &q[1000 * row..],
+                row,
+                heads,
+                kvh,
+                hd,
+                &mut chunk,
+                &mut AttnScratch::default(),
+            );
+            for i in [1000usize, 1011, 1099] {
+                // The same row decoded alone, and beside another sequence's rows.
+                let mut one = vec![0f32; row];
+                let seq = AttnSeq {
+                    kv: kv(),
+                    row0: 0,
+                    t: 1,
+                    pos: i,
+                };
+                attention(
+                    isa,
+                    &[seq],
+                    &q[i * row..],
+                    row,
+                    heads,
+                    kvh,
+                    hd,
+                    &mut one,
+                    &mut AttnScratch::default(),
+                );
+                assert!(
+                    one[..] == chunk[(i - 1000) * row..(i - 999) * row],
+                    "{isa:?} row {i} alone"
+                );
+                let mut two = vec![0f32; 4 * row];
+                let mut qq = q[..3 * row].to_vec();
+                qq.extend_from_slice(&q[i * row..(i + 1) * row]);
+                let seqs = [
+                    AttnSeq {
+                        kv: kv(),
+                        row0: 0,
+                        t: 3,
+                        pos: 0,
+                    },
+                    AttnSeq {
+                        kv: kv(),
+                        row0: 3,
+                        t: 1,
+                        pos: i,
+                    },
+                ];
+                attention(
+                    isa,
+                    &seqs,
+                    &qq,
+                    row,
+                    heads,
+                    kvh,
+                    hd,
+                    &mut two,
+                    &mut AttnScratch::default(),
+                );
+                assert!(
+                    two[3 * row..] == chunk[(i - 1000) * row..(i - 999) * row],
+                    "{isa:?} row {i} batched"
+                );
             }
         }
     }

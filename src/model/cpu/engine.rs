@@ -1,31 +1,45 @@
 //! The CPU engine: the Llama forward pass on zagreus' own kernels, with weights in one
-//! huge-page arena in the format chosen at load (BF16, F16, F32 or Q8_0), a KV cache laid out for
-//! the attention kernel, and every buffer allocated once per session and reused for each token.
+//! huge-page arena in the format chosen at load (BF16, F16, F32, Q8_0 or Q4), one KV cache per
+//! sequence (`kv.rs`), and per-step buffers owned by the engine and reused for every step.
+//!
+//! A step takes any number of sequences, each with a chunk of tokens: decoding sequences one new
+//! token, prompts a chunk of theirs. Their rows go through every product together (each weight
+//! panel is read once for all of them), then rotary embeddings, the KV writes and attention run
+//! per sequence on its own cache, and logits are computed only for the rows that need them.
 
-use anyhow::{bail, Result};
-use rayon::prelude::*;
+use std::sync::Mutex;
 
-use super::arena::{Arena, ArenaWriter, Placement};
-use super::attention::{attention, AttnScratch, LayerKv};
+use anyhow::Result;
+
+use super::arena::{Arena, Placement};
+use super::attention::{attention, AttnScratch, AttnSeq};
 use super::calibrate;
 use super::isa::{Isa, Level};
-use super::kernels::PANEL;
+use super::kv::CpuCache;
+use super::load::{fill, fill_random};
 use super::ops::{add_in_place, rms_norm, rope_heads, silu_mul};
-use super::qmatrix::{matmul, Format, QMatrix, Storage};
+use super::qmatrix::{matmul_rows, Format, QMatrix, Storage};
 use super::source::{common_format, Rows, Tensors};
 use crate::model::config::LlamaConfig;
-use crate::model::llama::LogitsFor;
+use crate::model::plan::{self, LogitsFor, Product, RowKind};
 use crate::model::rope::inv_freq;
+
+/// A product's weights and, when the checkpoint has them, its biases (one per output).
+#[derive(Clone)]
+struct Linear {
+    w: QMatrix,
+    bias: Option<Vec<f32>>,
+}
 
 struct Layer {
     attn_norm: Vec<f32>,
     /// q, k and v projections fused: one product per layer.
-    qkv: QMatrix,
-    o: QMatrix,
+    qkv: Linear,
+    o: Linear,
     mlp_norm: Vec<f32>,
     /// gate and up projections fused.
-    gate_up: QMatrix,
-    down: QMatrix,
+    gate_up: Linear,
+    down: Linear,
 }
 
 pub struct CpuLlama {
@@ -38,6 +52,8 @@ pub struct CpuLlama {
     norm: Vec<f32>,
     inv_freq: Vec<f32>,
     format: Format,
+    /// The step buffers (one step runs at a time).
+    scratch: Mutex<Box<Scratch>>,
 }
 
 /// How `format` is stored on this CPU (integer or float layout, as measured).
@@ -45,56 +61,10 @@ fn storage(format: Format) -> Storage {
     Storage::new(format, calibrate::choose(Level::get(), format).variant)
 }
 
-/// A matrix of the engine: its name, the (tensor, rows) it stacks, and its input size.
-type Planned = (String, Vec<(String, usize)>, usize);
-
-/// The matrices of a Llama of this shape, with the tensors each is made of.
-fn plan(cfg: &LlamaConfig) -> Vec<Planned> {
-    let (h, hd, nh, nkv, inter) = (
-        cfg.hidden_size,
-        cfg.head_dim,
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.intermediate_size,
-    );
-    let mut v = Vec::new();
-    for i in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        v.push((
-            format!("{p}.qkv"),
-            vec![
-                (format!("{p}.self_attn.q_proj.weight"), nh * hd),
-                (format!("{p}.self_attn.k_proj.weight"), nkv * hd),
-                (format!("{p}.self_attn.v_proj.weight"), nkv * hd),
-            ],
-            h,
-        ));
-        v.push((
-            format!("{p}.o"),
-            vec![(format!("{p}.self_attn.o_proj.weight"), h)],
-            nh * hd,
-        ));
-        v.push((
-            format!("{p}.gate_up"),
-            vec![
-                (format!("{p}.mlp.gate_proj.weight"), inter),
-                (format!("{p}.mlp.up_proj.weight"), inter),
-            ],
-            h,
-        ));
-        v.push((
-            format!("{p}.down"),
-            vec![(format!("{p}.mlp.down_proj.weight"), h)],
-            inter,
-        ));
-    }
-    v
-}
-
 /// The format holding most of the layers' weight bytes (what a mixed GGUF mostly is).
 fn dominant_format(layers: &[Layer]) -> Format {
     let mut bytes: Vec<(Format, usize)> = Vec::new();
-    for m in layers.iter().flat_map(|l| [l.qkv, l.o, l.gate_up, l.down]) {
+    for m in layers.iter().flat_map(|l| [&l.qkv.w, &l.o.w, &l.gate_up.w, &l.down.w]) {
         match bytes.iter_mut().find(|(f, _)| *f == m.format()) {
             Some((_, b)) => *b += m.bytes(),
             None => bytes.push((m.format(), m.bytes())),
@@ -106,68 +76,31 @@ fn dominant_format(layers: &[Layer]) -> Format {
         .map_or(Format::F32, |(f, _)| f)
 }
 
-/// Fills matrix `m` from row sources stacked on top of each other (q, k, v for a fused
-/// projection), one panel of 32 rows per task, dropping the source pages from memory batch by
-/// batch: loading never holds much of the file and the arena at the same time.
-fn fill(arena: &mut Arena, m: &QMatrix, srcs: &[Box<dyn Rows + '_>]) {
-    // Global row -> (source, local row).
-    let mut starts = Vec::with_capacity(srcs.len());
-    let mut acc = 0;
-    for s in srcs {
-        starts.push(acc);
-        acc += s.rows();
+/// A product's biases from the checkpoint: `None` when no part has one, else every part's
+/// (zeros for a part without).
+fn biases(w: &dyn Tensors, p: &Product) -> Result<Option<Vec<f32>>> {
+    if !p.parts.iter().any(|(n, _)| w.contains(&format!("{n}.bias"))) {
+        return Ok(None);
     }
-    let locate = |row: usize| {
-        let i = starts.partition_point(|s| *s <= row) - 1;
-        (srcs[i].as_ref(), row - starts[i])
-    };
-    let writer = arena.writer();
-    const BATCH: usize = 512;
-    for first in (0..m.panels()).step_by(BATCH) {
-        let last = (first + BATCH).min(m.panels());
-        fill_panels(m, &locate, writer, first..last);
-        let (r0, r1) = (first * PANEL, (last * PANEL).min(m.rows));
-        for (src, s) in srcs.iter().zip(&starts) {
-            let (a, b) = (r0.max(*s), r1.min(s + src.rows()));
-            if a < b {
-                src.release(a - s, b - s);
-            }
+    let mut all = Vec::with_capacity(p.rows());
+    for (name, rows) in &p.parts {
+        let b = format!("{name}.bias");
+        if w.contains(&b) {
+            all.extend(w.vector(&b, *rows)?);
+        } else {
+            all.extend(std::iter::repeat_n(0.0, *rows));
         }
     }
+    Ok(Some(all))
 }
 
-/// Fills panels `range` of `m` in parallel.
-fn fill_panels<'a>(
-    m: &QMatrix,
-    locate: &(dyn Fn(usize) -> (&'a dyn Rows, usize) + Sync),
-    writer: ArenaWriter,
-    range: std::ops::Range<usize>,
-) {
-    let k = m.cols;
-    let format = m.format();
-    range.into_par_iter().for_each_init(
-        || vec![0f32; PANEL * k],
-        |buf, b| {
-            let live = PANEL.min(m.rows - b * PANEL);
-            let raw: Option<Vec<&[u8]>> = (0..live)
-                .map(|c| {
-                    let (src, r) = locate(b * PANEL + c);
-                    src.raw(r, format)
-                })
-                .collect();
-            // SAFETY (both writes): each task writes its own panel.
-            if let Some(rows) = raw {
-                if unsafe { m.write_panel_raw(writer, b, &rows) } {
-                    return;
-                }
-            }
-            for c in 0..live {
-                let (src, r) = locate(b * PANEL + c);
-                src.read(r, &mut buf[c * k..(c + 1) * k]);
-            }
-            unsafe { m.write_panel(writer, b, buf) };
-        },
-    );
+/// One sequence's part of a step.
+pub struct Chunk<'a> {
+    pub cache: &'a mut CpuCache,
+    pub tokens: &'a [u32],
+    /// Prompt tokens or a generated token (see `RowKind`).
+    pub kind: RowKind,
+    pub logits: LogitsFor,
 }
 
 impl CpuLlama {
@@ -175,34 +108,28 @@ impl CpuLlama {
     /// `format` is `None`, in the format that holds its stored values (a GGUF's quantization).
     pub fn load(cfg: &LlamaConfig, w: &dyn Tensors, format: Option<Format>, placement: Placement) -> Result<Self> {
         let h = cfg.hidden_size;
-        let embed_name = "model.embed_tokens.weight";
-        let vocab = match w.shape(embed_name) {
-            Some(s) if s.len() == 2 && s[1] == h => s[0],
-            Some(s) => bail!("tensor `{embed_name}` has shape {s:?}, but hidden_size is {h}"),
-            None => bail!("tensor `{embed_name}` is missing"),
-        };
-        if vocab != cfg.vocab_size {
-            bail!(
-                "tensor `{embed_name}` has {vocab} rows, but the configuration says vocab_size {}",
-                cfg.vocab_size
-            );
-        }
-        let tied = !w.contains("lm_head.weight");
+        let vocab = plan::vocab_from_embedding(cfg, w.shape(plan::EMBED))?;
+        // Tied or not is decided by what the file holds, not only by the config flag.
+        let tied = !w.contains(plan::LM_HEAD);
         // Check every tensor before allocating anything.
-        let plan = plan(cfg);
-        let mut pieces: Vec<Vec<Box<dyn Rows + '_>>> = Vec::with_capacity(plan.len());
-        for (_, parts, cols) in &plan {
+        let products: Vec<Product> = (0..cfg.num_hidden_layers)
+            .flat_map(|i| plan::layer_products(cfg, i))
+            .collect();
+        let mut pieces: Vec<Vec<Box<dyn Rows + '_>>> = Vec::with_capacity(products.len());
+        let mut bias = Vec::with_capacity(products.len());
+        for p in &products {
             let mut v = Vec::new();
-            for (name, rows) in parts {
-                v.push(w.matrix(name, *rows, *cols)?);
+            for ((_, rows), weight) in p.parts.iter().zip(p.weight_names()) {
+                v.push(w.matrix(&weight, *rows, p.cols)?);
             }
             pieces.push(v);
+            bias.push(biases(w, p)?);
         }
-        let embed_src = w.matrix(embed_name, vocab, h)?;
+        let embed_src = w.matrix(plan::EMBED, vocab, h)?;
         let head_src = if tied {
             None
         } else {
-            Some(w.matrix("lm_head.weight", vocab, h)?)
+            Some(w.matrix(plan::LM_HEAD, vocab, h)?)
         };
         let choose = |srcs: &[Box<dyn Rows + '_>]| -> Format {
             format.unwrap_or_else(|| common_format(&srcs.iter().map(|s| s.natural()).collect::<Vec<_>>()))
@@ -211,28 +138,29 @@ impl CpuLlama {
         let head_format = head_src.as_ref().map(|s| format.unwrap_or_else(|| s.natural()));
         let mut size =
             storage(embed_format).arena_bytes(vocab, h) + head_format.map_or(0, |f| storage(f).arena_bytes(vocab, h));
-        for ((_, parts, cols), srcs) in plan.iter().zip(&pieces) {
-            size += storage(choose(srcs)).arena_bytes(parts.iter().map(|p| p.1).sum(), *cols);
+        for (p, srcs) in products.iter().zip(&pieces) {
+            size += storage(choose(srcs)).arena_bytes(p.rows(), p.cols);
         }
         let mut arena = Arena::new(size, placement)?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        let mut mats = Vec::with_capacity(plan.len());
+        let mut mats = Vec::with_capacity(products.len());
         // Weights are laid out in the order a forward pass reads them.
-        for ((_, parts, cols), srcs) in plan.iter().zip(&pieces) {
-            let rows: usize = parts.iter().map(|p| p.1).sum();
-            let m = QMatrix::alloc(&mut arena, storage(choose(srcs)), rows, *cols)?;
+        for ((p, srcs), bias) in products.iter().zip(&pieces).zip(bias) {
+            let m = QMatrix::alloc(&mut arena, storage(choose(srcs)), p.rows(), p.cols)?;
             fill(&mut arena, &m, srcs);
-            mats.push(m);
+            mats.push(Linear { w: m, bias });
         }
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        let mut mats = mats.into_iter();
         for i in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{i}");
+            let [attn_norm, mlp_norm] = plan::layer_norms(i);
+            let mut next = || mats.next().expect("four products per layer");
             layers.push(Layer {
-                attn_norm: w.vector(&format!("{p}.input_layernorm.weight"), h)?,
-                qkv: mats[4 * i],
-                o: mats[4 * i + 1],
-                mlp_norm: w.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
-                gate_up: mats[4 * i + 2],
-                down: mats[4 * i + 3],
+                attn_norm: w.vector(&attn_norm, h)?,
+                qkv: next(),
+                o: next(),
+                mlp_norm: w.vector(&mlp_norm, h)?,
+                gate_up: next(),
+                down: next(),
             });
         }
         let embed = QMatrix::alloc(&mut arena, storage(embed_format), vocab, h)?;
@@ -248,7 +176,7 @@ impl CpuLlama {
         let dominant = format.unwrap_or_else(|| dominant_format(&layers));
         Ok(Self {
             inv_freq: inv_freq(cfg),
-            norm: w.vector("model.norm.weight", h)?,
+            norm: w.vector(plan::FINAL_NORM, h)?,
             cfg: cfg.clone(),
             arena,
             embed,
@@ -256,6 +184,7 @@ impl CpuLlama {
             tied,
             format: dominant,
             layers,
+            scratch: Mutex::new(Box::default()),
         })
     }
 
@@ -263,30 +192,40 @@ impl CpuLlama {
     /// need no download. Scales follow fan-in so activations stay in a realistic range.
     pub fn random(cfg: &LlamaConfig, format: Format, placement: Placement, seed: u64) -> Result<Self> {
         let h = cfg.hidden_size;
-        let plan = plan(cfg);
+        let products: Vec<Product> = (0..cfg.num_hidden_layers)
+            .flat_map(|i| plan::layer_products(cfg, i))
+            .collect();
         let st = storage(format);
         let mut size = st.arena_bytes(cfg.vocab_size, h);
-        for (_, parts, cols) in &plan {
-            size += st.arena_bytes(parts.iter().map(|p| p.1).sum(), *cols);
+        for p in &products {
+            size += st.arena_bytes(p.rows(), p.cols);
         }
         let mut arena = Arena::new(size, placement)?;
         let mut mats = Vec::new();
-        for (i, (_, parts, cols)) in plan.iter().enumerate() {
-            let rows: usize = parts.iter().map(|p| p.1).sum();
-            let m = QMatrix::alloc(&mut arena, st, rows, *cols)?;
-            fill_random(&mut arena, &m, seed.wrapping_add(i as u64), (1.0 / *cols as f32).sqrt());
-            mats.push(m);
+        for (i, p) in products.iter().enumerate() {
+            let m = QMatrix::alloc(&mut arena, st, p.rows(), p.cols)?;
+            fill_random(
+                &mut arena,
+                &m,
+                seed.wrapping_add(i as u64),
+                (1.0 / p.cols as f32).sqrt(),
+            );
+            mats.push(Linear { w: m, bias: None });
         }
         let embed = QMatrix::alloc(&mut arena, st, cfg.vocab_size, h)?;
         fill_random(&mut arena, &embed, seed ^ 0xE5, (4.0 / h as f32).sqrt());
+        let mut mats = mats.into_iter();
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Layer {
-                attn_norm: vec![1.0; h],
-                qkv: mats[4 * i],
-                o: mats[4 * i + 1],
-                mlp_norm: vec![1.0; h],
-                gate_up: mats[4 * i + 2],
-                down: mats[4 * i + 3],
+            .map(|_| {
+                let mut next = || mats.next().expect("four products per layer");
+                Layer {
+                    attn_norm: vec![1.0; h],
+                    qkv: next(),
+                    o: next(),
+                    mlp_norm: vec![1.0; h],
+                    gate_up: next(),
+                    down: next(),
+                }
             })
             .collect();
         Ok(Self {
@@ -299,6 +238,7 @@ impl CpuLlama {
             tied: true,
             layers,
             format,
+            scratch: Mutex::new(Box::default()),
         })
     }
 
@@ -334,7 +274,7 @@ impl CpuLlama {
         let layers: usize = self
             .layers
             .iter()
-            .map(|l| l.qkv.bytes() + l.o.bytes() + l.gate_up.bytes() + l.down.bytes())
+            .map(|l| l.qkv.w.bytes() + l.o.w.bytes() + l.gate_up.w.bytes() + l.down.w.bytes())
             .sum();
         layers + self.lm_head.bytes()
     }
@@ -349,157 +289,184 @@ impl CpuLlama {
     }
 
     pub fn new_cache(&self, max_len: usize) -> CpuCache {
-        CpuCache {
-            kt: vec![Vec::new(); self.cfg.num_hidden_layers],
-            v: vec![Vec::new(); self.cfg.num_hidden_layers],
-            kv_heads: self.cfg.num_key_value_heads,
-            head_dim: self.cfg.head_dim,
-            cap: 0,
-            len: 0,
-            max_len: max_len.min(self.max_positions()),
-            scratch: Scratch::default(),
-        }
+        CpuCache::new(
+            self.cfg.num_hidden_layers,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+            max_len.min(self.max_positions()),
+        )
     }
 
-    /// Runs `tokens` after those in `cache`; returns logits `(rows, vocab)` flattened, one row per
-    /// position asked for, borrowed from the cache's scratch space.
-    pub fn forward<'c>(&self, tokens: &[u32], cache: &'c mut CpuCache, which: LogitsFor) -> Result<&'c [f32]> {
-        let isa = Isa::get();
-        let t = tokens.len();
-        if t == 0 {
-            bail!("internal error: forward called with no tokens");
-        }
-        let pos = cache.len;
-        if pos + t > self.max_positions() {
-            bail!(
-                "position {} is past the model's context of {} tokens (max_position_embeddings)",
-                pos + t,
-                self.max_positions()
-            );
-        }
+    /// Bytes of KV cache one position takes (every layer, keys and values).
+    pub fn kv_bytes_per_position(&self) -> usize {
+        CpuCache::bytes_for(
+            self.cfg.num_hidden_layers,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+            1,
+        )
+    }
+
+    /// Runs `tokens` after those in `cache` and puts the logits (`rows x vocab`, one row per
+    /// position asked for) into `out`. Several tokens are prompt rows, one is a decoding row
+    /// (see `RowKind::of`).
+    pub fn forward(&self, tokens: &[u32], cache: &mut CpuCache, which: LogitsFor, out: &mut Vec<f32>) -> Result<()> {
+        let mut chunk = [Chunk {
+            cache,
+            tokens,
+            kind: RowKind::of(tokens.len(), which),
+            logits: which,
+        }];
+        self.forward_batch(&mut chunk, out)
+    }
+
+    /// One step for several sequences. `out` gets the logits rows in chunk order: one per chunk
+    /// asking for `Last`, one per token for `All`.
+    pub fn forward_batch(&self, chunks: &mut [Chunk], out: &mut Vec<f32>) -> Result<()> {
         let vocab = self.vocab_size();
-        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= vocab) {
-            bail!("token id {bad} is outside the model's vocabulary of {vocab}");
+        for c in chunks.iter() {
+            plan::check_input(c.tokens, c.cache.len(), vocab, self.max_positions())?;
         }
-        cache.reserve(t)?;
+        for c in chunks.iter_mut() {
+            c.cache.reserve(c.tokens.len())?;
+        }
+        let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let s = &mut *guard;
+        let isa = Isa::get();
         let cfg = &self.cfg;
-        let (h, hd, nh, nkv, inter) = (
-            cfg.hidden_size,
-            cfg.head_dim,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.intermediate_size,
-        );
+        let (h, hd, nh, nkv, inter) = plan::dims(cfg);
         let qkv_dim = (nh + 2 * nkv) * hd;
         let eps = cfg.rms_norm_eps as f32;
-        let CpuCache {
-            kt, v, cap, scratch: s, ..
-        } = cache;
-        let cap = *cap;
-        s.size(t, h, qkv_dim, nh * hd, inter, hd / 2);
-        for (i, &tok) in tokens.iter().enumerate() {
-            self.embed
-                .row_f32(&self.arena, tok as usize, &mut s.x[i * h..(i + 1) * h]);
-        }
-        // Rotary angles for this chunk's positions, as transformers computes them (f32).
         let half = hd / 2;
-        for i in 0..t {
-            let p = (pos + i) as f32;
-            for (j, f) in self.inv_freq.iter().enumerate() {
-                let a = p * f;
-                s.cos[i * half + j] = a.cos();
-                s.sin[i * half + j] = a.sin();
+        // Rows: decoding chunks first, then prompt chunks (each class runs its own kernels).
+        let mut order: Vec<usize> = (0..chunks.len()).collect();
+        order.sort_by_key(|&i| chunks[i].kind != RowKind::Decode);
+        let mut row0 = vec![0usize; chunks.len()];
+        let (mut t, mut decode) = (0, 0);
+        for &i in &order {
+            row0[i] = t;
+            t += chunks[i].tokens.len();
+            if chunks[i].kind == RowKind::Decode {
+                decode = t;
             }
         }
-        for (l, layer) in self.layers.iter().enumerate() {
-            rms_norm(isa, &s.x[..t * h], &layer.attn_norm, eps, &mut s.xn[..t * h]);
-            matmul(&self.arena, &layer.qkv, &s.xn[..t * h], t, &mut s.qkv[..t * qkv_dim]);
-            for i in 0..t {
-                let row = &mut s.qkv[i * qkv_dim..(i + 1) * qkv_dim];
-                let (cos, sin) = (&s.cos[i * half..(i + 1) * half], &s.sin[i * half..(i + 1) * half]);
-                rope_heads(&mut row[..(nh + nkv) * hd], nh + nkv, hd, cos, sin);
-                // Store this position's keys (transposed) and values.
-                let p = pos + i;
-                let (kl, vl) = (&mut kt[l], &mut v[l]);
-                for g in 0..nkv {
-                    let k = &row[(nh + g) * hd..(nh + g + 1) * hd];
-                    for (d, kd) in k.iter().enumerate() {
-                        kl[(g * hd + d) * cap + p] = *kd;
-                    }
-                    let vv = &row[(nh + nkv + g) * hd..(nh + nkv + g + 1) * hd];
-                    vl[(g * cap + p) * hd..(g * cap + p + 1) * hd].copy_from_slice(vv);
+        s.size(t, h, qkv_dim, nh * hd, inter, half);
+        for &i in &order {
+            let c = &chunks[i];
+            let pos = c.cache.len();
+            for (j, &tok) in c.tokens.iter().enumerate() {
+                let r = row0[i] + j;
+                self.embed
+                    .row_f32(&self.arena, tok as usize, &mut s.x[r * h..(r + 1) * h]);
+                // Rotary angles as transformers computes them (f32).
+                let p = (pos + j) as f32;
+                for (f, fr) in self.inv_freq.iter().enumerate() {
+                    let a = p * fr;
+                    s.cos[r * half + f] = a.cos();
+                    s.sin[r * half + f] = a.sin();
                 }
             }
+        }
+        let arena = &self.arena;
+        let product = |l: &Linear, x: &[f32], out: &mut [f32]| {
+            matmul_rows(arena, &l.w, x, decode, t, out);
+            if let Some(b) = &l.bias {
+                for row in out.chunks_exact_mut(l.w.rows) {
+                    add_in_place(isa, row, b);
+                }
+            }
+        };
+        for (l, layer) in self.layers.iter().enumerate() {
+            rms_norm(isa, &s.x[..t * h], &layer.attn_norm, eps, &mut s.xn[..t * h]);
+            product(&layer.qkv, &s.xn[..t * h], &mut s.qkv[..t * qkv_dim]);
+            for &i in &order {
+                let c = &mut chunks[i];
+                let pos = c.cache.len();
+                for j in 0..c.tokens.len() {
+                    let r = row0[i] + j;
+                    let row = &mut s.qkv[r * qkv_dim..(r + 1) * qkv_dim];
+                    let (cos, sin) = (&s.cos[r * half..(r + 1) * half], &s.sin[r * half..(r + 1) * half]);
+                    rope_heads(&mut row[..(nh + nkv) * hd], nh + nkv, hd, cos, sin);
+                    let (k, v) = row[nh * hd..].split_at(nkv * hd);
+                    c.cache.store(l, pos + j, k, v);
+                }
+            }
+            let seqs: Vec<AttnSeq> = order
+                .iter()
+                .map(|&i| AttnSeq {
+                    kv: chunks[i].cache.layer(l),
+                    row0: row0[i],
+                    t: chunks[i].tokens.len(),
+                    pos: chunks[i].cache.len(),
+                })
+                .collect();
             attention(
                 isa,
-                &LayerKv {
-                    kt: &kt[l],
-                    v: &v[l],
-                    cap,
-                },
+                &seqs,
                 &s.qkv[..t * qkv_dim],
                 qkv_dim,
-                t,
-                pos,
                 nh,
                 nkv,
                 hd,
                 &mut s.att[..t * nh * hd],
                 &mut s.attn,
             );
-            matmul(&self.arena, &layer.o, &s.att[..t * nh * hd], t, &mut s.proj[..t * h]);
+            product(&layer.o, &s.att[..t * nh * hd], &mut s.proj[..t * h]);
             add_in_place(isa, &mut s.x[..t * h], &s.proj[..t * h]);
             rms_norm(isa, &s.x[..t * h], &layer.mlp_norm, eps, &mut s.xn[..t * h]);
-            matmul(
-                &self.arena,
-                &layer.gate_up,
-                &s.xn[..t * h],
-                t,
-                &mut s.gu[..t * 2 * inter],
-            );
+            product(&layer.gate_up, &s.xn[..t * h], &mut s.gu[..t * 2 * inter]);
             silu_mul(isa, &s.gu[..t * 2 * inter], inter, &mut s.act[..t * inter]);
-            matmul(&self.arena, &layer.down, &s.act[..t * inter], t, &mut s.proj[..t * h]);
+            product(&layer.down, &s.act[..t * inter], &mut s.proj[..t * h]);
             add_in_place(isa, &mut s.x[..t * h], &s.proj[..t * h]);
         }
-        cache.len += t;
-        let s = &mut cache.scratch;
-        let (first, rows) = match which {
-            LogitsFor::Last => (t - 1, 1),
-            LogitsFor::All => (0, t),
-        };
-        rms_norm(
-            isa,
-            &s.x[first * h..(first + rows) * h],
-            &self.norm,
-            eps,
-            &mut s.xn[..rows * h],
-        );
+        for c in chunks.iter_mut() {
+            c.cache.advance(c.tokens.len());
+        }
+        // Logits: `Last` rows as decoding rows (one product streams the LM head once for all),
+        // `All` rows as prompt rows.
+        let mut last = Vec::new();
+        let mut all = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            match c.logits {
+                LogitsFor::Last => last.push(row0[i] + c.tokens.len() - 1),
+                LogitsFor::All => all.extend(row0[i]..row0[i] + c.tokens.len()),
+            }
+        }
+        let rows = last.len() + all.len();
+        s.gather.resize(rows * h, 0.0);
+        for (g, &r) in last.iter().chain(&all).enumerate() {
+            rms_norm(
+                isa,
+                &s.x[r * h..(r + 1) * h],
+                &self.norm,
+                eps,
+                &mut s.gather[g * h..(g + 1) * h],
+            );
+        }
         s.logits.resize(rows * vocab, 0.0);
-        matmul(&self.arena, &self.lm_head, &s.xn[..rows * h], rows, &mut s.logits);
-        Ok(&cache.scratch.logits)
+        matmul_rows(arena, &self.lm_head, &s.gather, last.len(), rows, &mut s.logits);
+        // Back in chunk order.
+        out.clear();
+        out.reserve(rows * vocab);
+        let (mut li, mut ai) = (0, last.len());
+        for c in chunks.iter() {
+            let (from, n) = match c.logits {
+                LogitsFor::Last => {
+                    li += 1;
+                    (li - 1, 1)
+                }
+                LogitsFor::All => {
+                    ai += c.tokens.len();
+                    (ai - c.tokens.len(), c.tokens.len())
+                }
+            };
+            out.extend_from_slice(&s.logits[from * vocab..(from + n) * vocab]);
+        }
+        Ok(())
     }
 }
 
-fn fill_random(arena: &mut Arena, m: &QMatrix, seed: u64, scale: f32) {
-    let k = m.cols;
-    let writer = arena.writer();
-    (0..m.panels()).into_par_iter().for_each_init(
-        || vec![0f32; PANEL * k],
-        |buf, b| {
-            for (i, v) in buf.iter_mut().enumerate() {
-                // A cheap hash per element: uniform in [-scale·√3, scale·√3] (variance scale²).
-                let mut s = (seed ^ ((b * PANEL * k + i) as u64).wrapping_mul(0x9E3779B97F4A7C15))
-                    .wrapping_mul(0xD1B54A32D192ED03);
-                s ^= s >> 29;
-                *v = (((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * scale * 1.732;
-            }
-            // SAFETY: each task writes its own panel.
-            unsafe { m.write_panel(writer, b, buf) };
-        },
-    );
-}
-
-/// Per-session buffers, sized for the largest chunk seen and reused for every step.
+/// Per-step buffers, sized for the largest step seen and reused.
 #[derive(Default)]
 struct Scratch {
     x: Vec<f32>,
@@ -511,6 +478,7 @@ struct Scratch {
     act: Vec<f32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
+    gather: Vec<f32>,
     logits: Vec<f32>,
     attn: AttnScratch,
 }
@@ -531,73 +499,5 @@ impl Scratch {
         grow(&mut self.act, t * inter);
         grow(&mut self.cos, t * half);
         grow(&mut self.sin, t * half);
-    }
-}
-
-/// The CPU engine's KV cache: per layer, keys transposed `[kv_heads][head_dim][cap]` and values
-/// `[kv_heads][cap][head_dim]`, grown by doubling (never past the context size) and truncatable.
-pub struct CpuCache {
-    kt: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
-    kv_heads: usize,
-    head_dim: usize,
-    cap: usize,
-    len: usize,
-    max_len: usize,
-    scratch: Scratch,
-}
-
-impl CpuCache {
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn max_len(&self) -> usize {
-        self.max_len
-    }
-
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-    }
-
-    /// Bytes held by the keys and values.
-    pub fn bytes(&self) -> usize {
-        self.kt.iter().chain(&self.v).map(|v| v.len() * 4).sum()
-    }
-
-    fn reserve(&mut self, extra: usize) -> Result<()> {
-        let needed = self.len + extra;
-        if needed > self.max_len {
-            bail!(
-                "the context is full: {} tokens cached + {extra} new > {} (the context size)",
-                self.len,
-                self.max_len
-            );
-        }
-        if needed <= self.cap {
-            return Ok(());
-        }
-        let cap = needed.max(self.cap * 2).max(256).min(self.max_len);
-        let (g, hd, old, len) = (self.kv_heads, self.head_dim, self.cap, self.len);
-        for kt in &mut self.kt {
-            let mut fresh = vec![0f32; g * hd * cap];
-            for row in 0..g * hd {
-                fresh[row * cap..row * cap + len].copy_from_slice(&kt[row * old..row * old + len]);
-            }
-            *kt = fresh;
-        }
-        for v in &mut self.v {
-            let mut fresh = vec![0f32; g * cap * hd];
-            for gi in 0..g {
-                fresh[gi * cap * hd..(gi * cap + len) * hd].copy_from_slice(&v[gi * old * hd..(gi * old + len) * hd]);
-            }
-            *v = fresh;
-        }
-        self.cap = cap;
-        Ok(())
     }
 }

@@ -10,6 +10,8 @@ pub mod engine;
 pub(crate) mod gemm;
 pub mod isa;
 pub(crate) mod kernels;
+pub mod kv;
+pub(crate) mod load;
 pub mod ops;
 pub(crate) mod pool;
 pub mod qmatrix;

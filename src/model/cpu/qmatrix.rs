@@ -419,22 +419,68 @@ thread_local! {
     static ACTS: RefCell<QuantActs> = RefCell::new(QuantActs::default());
 }
 
-/// `out[i * rows + j] = Σ_t x[i * cols + t] · W[j][t]` for `m` activation rows.
+/// How a product treats its activation rows. Decoding rows stream every weight panel once for
+/// all of them (the decode kernels, in groups of up to 8 rows); prompt rows are many and widen
+/// each panel once (the prefill kernels). A row's result depends only on its class, never on how
+/// many rows are computed with it, which is what makes a batched step bit-identical to the same
+/// sequences run alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowClass {
+    Decode,
+    Prompt,
+}
+
+/// `out[i * rows + j] = Σ_t x[i * cols + t] · W[j][t]` for `m` activation rows: up to 8 rows as
+/// decoding rows, more as prompt rows.
 pub fn matmul(arena: &Arena, w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) {
     matmul_with(Level::get(), arena, w, x, m, out)
 }
 
 /// As `matmul`, with an explicit instruction level (tests of every path).
 pub fn matmul_with(level: Level, arena: &Arena, w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) {
-    product(Exec::Pool, level, arena, w, x, m, out)
+    let class = if m <= GEMV_ROWS {
+        RowClass::Decode
+    } else {
+        RowClass::Prompt
+    };
+    product(Exec::Pool, level, class, arena, w, x, m, out)
+}
+
+/// The first `decode` rows of `x` as decoding rows, the rest as prompt rows.
+pub fn matmul_rows(arena: &Arena, w: &QMatrix, x: &[f32], decode: usize, m: usize, out: &mut [f32]) {
+    let (n, k) = (w.rows, w.cols);
+    assert!(
+        decode <= m && x.len() == m * k && out.len() == m * n,
+        "matmul_rows: shapes"
+    );
+    let level = Level::get();
+    let (xd, xp) = x.split_at(decode * k);
+    let (od, op) = out.split_at_mut(decode * n);
+    product(Exec::Pool, level, RowClass::Decode, arena, w, xd, decode, od);
+    product(Exec::Pool, level, RowClass::Prompt, arena, w, xp, m - decode, op);
 }
 
 /// As `matmul_with`, on the calling thread only (measurements of one core's speed).
 pub(crate) fn matmul_serial(level: Level, arena: &Arena, w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) {
-    product(Exec::Serial, level, arena, w, x, m, out)
+    let class = if m <= GEMV_ROWS {
+        RowClass::Decode
+    } else {
+        RowClass::Prompt
+    };
+    product(Exec::Serial, level, class, arena, w, x, m, out)
 }
 
-fn product(exec: Exec, level: Level, arena: &Arena, w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+fn product(
+    exec: Exec,
+    level: Level,
+    class: RowClass,
+    arena: &Arena,
+    w: &QMatrix,
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+) {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(x.len(), m * k, "activations have the wrong length");
     assert_eq!(out.len(), m * n, "output has the wrong length");
@@ -443,14 +489,16 @@ fn product(exec: Exec, level: Level, arena: &Arena, w: &QMatrix, x: &[f32], m: u
     }
     let isa = level.isa;
     if !w.variant.quads() {
-        if m > GEMV_ROWS {
+        if class == RowClass::Prompt {
             gemm_panels(exec, isa, x, m, k, n, out, &|b| w.panel(arena, b));
         } else {
-            stream_panels(exec, w, out, m, |p, acc| gemv(isa, w.panel(arena, p), x, m, k, acc));
+            stream_panels(exec, w, out, m, GEMV_ROWS, |p, r0, rows, acc| {
+                gemv(isa, w.panel(arena, p), &x[r0 * k..], rows, k, acc)
+            });
         }
         return;
     }
-    if m > INT_ROWS && w.variant == Variant::IntFloat {
+    if class == RowClass::Prompt && w.variant == Variant::IntFloat {
         gemm_panels(exec, isa, x, m, k, n, out, &|b| w.panel(arena, b));
         return;
     }
@@ -458,9 +506,9 @@ fn product(exec: Exec, level: Level, arena: &Arena, w: &QMatrix, x: &[f32], m: u
         let mut acts = acts.borrow_mut();
         acts.quantize(x, m, k);
         let acts = &*acts;
-        if m <= INT_ROWS {
-            stream_panels(exec, w, out, m, |p, acc| {
-                gemv_int(level, w.panel(arena, p), &acts.rows(0, m), acc)
+        if class == RowClass::Decode {
+            stream_panels(exec, w, out, m, INT_ROWS, |p, r0, rows, acc| {
+                gemv_int(level, w.panel(arena, p), &acts.rows(r0, rows), acc)
             });
         } else {
             // Prefill: each task takes a panel and runs every tile of rows over it (from cache).
@@ -482,14 +530,16 @@ fn product(exec: Exec, level: Level, arena: &Arena, w: &QMatrix, x: &[f32], m: u
     });
 }
 
-/// Streams every panel once for `m` rows (decoding), in parallel chunks of panels; `kernel(b,
-/// acc)` fills `acc` with panel `b`'s outputs.
+/// Streams every panel once for `m` rows (decoding), in parallel chunks of panels;
+/// `kernel(b, r0, rows, acc)` fills `acc` with panel `b`'s outputs for rows `r0..r0 + rows`, in
+/// groups of up to `group` rows (the later groups read the panel from cache).
 fn stream_panels(
     exec: Exec,
     w: &QMatrix,
     out: &mut [f32],
     m: usize,
-    kernel: impl Fn(usize, &mut [[f32; PANEL]]) + Sync,
+    group: usize,
+    kernel: impl Fn(usize, usize, usize, &mut [[f32; PANEL]]) + Sync,
 ) {
     let n = w.rows;
     let out_ptr = Out(out.as_mut_ptr());
@@ -499,12 +549,15 @@ fn stream_panels(
     exec.run(panels.div_ceil(chunk), &|c| {
         let mut acc = [[0f32; PANEL]; INT_ROWS];
         for b in c * chunk..((c + 1) * chunk).min(panels) {
-            kernel(b, &mut acc);
             let j0 = b * PANEL;
             let live = PANEL.min(n - j0);
-            for (i, row) in acc.iter().enumerate().take(m) {
-                // SAFETY: columns of this panel belong to this task alone.
-                unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out_ptr.at(i * n + j0), live) };
+            for r0 in (0..m).step_by(group) {
+                let rows = group.min(m - r0);
+                kernel(b, r0, rows, &mut acc);
+                for (i, row) in acc.iter().enumerate().take(rows) {
+                    // SAFETY: columns of this panel belong to this task alone.
+                    unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out_ptr.at((r0 + i) * n + j0), live) };
+                }
             }
         }
     });

@@ -38,8 +38,9 @@ unsafe fn store_interleaved(e: __m256, o: __m256, out: *mut f32) {
 /// `rows * k` values, `1 <= rows <= GEMV_ROWS`, `out` has `rows` rows.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn gemv(p: Panel, x: &[f32], rows: usize, k: usize, out: &mut [[f32; PANEL]]) {
-    // One row keeps two accumulator sets in flight (8 chains hide the FMA latency); two rows
-    // fill the registers with one set each; more rows go two at a time.
+    // Two rows at a time fill the registers (8 accumulators and 4 weight vectors); every output
+    // is one accumulator chain whatever the number of rows, so a row's result never depends on
+    // which rows it was computed with.
     let mut r = 0;
     while r < rows {
         let n = if rows - r >= 2 { 2 } else { 1 };
@@ -100,8 +101,7 @@ unsafe fn prefetch_steps(p: Panel, t0: usize, t1: usize) {
     }
 }
 
-/// F32, F16, Q8_0: per step 4 vectors widened once, one FMA per vector and row. With one row,
-/// even and odd steps go to separate accumulators.
+/// F32, F16, Q8_0: per step 4 vectors widened once, one FMA per vector and row.
 #[inline(always)]
 unsafe fn gemv_wide<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f32; PANEL]]) {
     let scaled = matches!(p, Panel::Q8_0 { .. });
@@ -110,25 +110,7 @@ unsafe fn gemv_wide<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f
     while t0 < k {
         let t1 = if scaled { (t0 + QBLOCK).min(k) } else { k };
         let mut a = [[_mm256_setzero_ps(); 4]; R];
-        let mut b = [[_mm256_setzero_ps(); 4]; R];
-        let mut t = t0;
-        if R == 1 {
-            while t + 2 <= t1 {
-                prefetch_steps(p, t, t + 2);
-                let xa = _mm256_set1_ps(*x.get_unchecked(t));
-                let w = load256(p, t);
-                for j in 0..4 {
-                    a[0][j] = _mm256_fmadd_ps(xa, w[j], a[0][j]);
-                }
-                let xb = _mm256_set1_ps(*x.get_unchecked(t + 1));
-                let w = load256(p, t + 1);
-                for j in 0..4 {
-                    b[0][j] = _mm256_fmadd_ps(xb, w[j], b[0][j]);
-                }
-                t += 2;
-            }
-        }
-        while t < t1 {
+        for t in t0..t1 {
             prefetch_steps(p, t, t + 1);
             let w = load256(p, t);
             for r in 0..R {
@@ -137,17 +119,15 @@ unsafe fn gemv_wide<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f
                     a[r][j] = _mm256_fmadd_ps(xv, w[j], a[r][j]);
                 }
             }
-            t += 1;
         }
         for r in 0..R {
             for j in 0..4 {
-                let s = _mm256_add_ps(a[r][j], b[r][j]);
                 tot[r][j] = match p {
                     Panel::Q8_0 { d, .. } => {
                         let ds = d.as_ptr().add((t0 / QBLOCK) * PANEL + 8 * j);
-                        _mm256_fmadd_ps(s, h8(ds), tot[r][j])
+                        _mm256_fmadd_ps(a[r][j], h8(ds), tot[r][j])
                     }
-                    _ => s,
+                    _ => a[r][j],
                 };
             }
         }
@@ -167,51 +147,27 @@ unsafe fn gemv_wide<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f
 unsafe fn gemv_bf16<const R: usize>(w: &[half::bf16], x: &[f32], k: usize, out: &mut [[f32; PANEL]]) {
     let hi = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
     let wp = w.as_ptr();
-    let split = |t: usize| {
+    let mut a = [[_mm256_setzero_ps(); 4]; R];
+    for t in 0..k {
+        prefetch(wp.add(t * PANEL));
         let v0 = _mm256_loadu_si256(wp.add(t * PANEL) as *const __m256i);
         let v1 = _mm256_loadu_si256(wp.add(t * PANEL + 16) as *const __m256i);
-        [
+        let v = [
             _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)),
             _mm256_castsi256_ps(_mm256_and_si256(v0, hi)),
             _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)),
             _mm256_castsi256_ps(_mm256_and_si256(v1, hi)),
-        ]
-    };
-    let mut a = [[_mm256_setzero_ps(); 4]; R];
-    let mut b = [[_mm256_setzero_ps(); 4]; R];
-    let mut t = 0;
-    if R == 1 {
-        while t + 2 <= k {
-            prefetch(wp.add(t * PANEL));
-            prefetch(wp.add((t + 1) * PANEL));
-            let xa = _mm256_set1_ps(*x.get_unchecked(t));
-            let v = split(t);
-            for j in 0..4 {
-                a[0][j] = _mm256_fmadd_ps(xa, v[j], a[0][j]);
-            }
-            let xb = _mm256_set1_ps(*x.get_unchecked(t + 1));
-            let v = split(t + 1);
-            for j in 0..4 {
-                b[0][j] = _mm256_fmadd_ps(xb, v[j], b[0][j]);
-            }
-            t += 2;
-        }
-    }
-    while t < k {
-        prefetch(wp.add(t * PANEL));
-        let v = split(t);
+        ];
         for r in 0..R {
             let xv = _mm256_set1_ps(*x.get_unchecked(r * k + t));
             for j in 0..4 {
                 a[r][j] = _mm256_fmadd_ps(xv, v[j], a[r][j]);
             }
         }
-        t += 1;
     }
     for r in 0..R {
-        let s: [__m256; 4] = std::array::from_fn(|j| _mm256_add_ps(a[r][j], b[r][j]));
-        store_interleaved(s[0], s[1], out[r].as_mut_ptr());
-        store_interleaved(s[2], s[3], out[r].as_mut_ptr().add(16));
+        store_interleaved(a[r][0], a[r][1], out[r].as_mut_ptr());
+        store_interleaved(a[r][2], a[r][3], out[r].as_mut_ptr().add(16));
     }
 }
 

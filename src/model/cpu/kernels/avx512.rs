@@ -88,7 +88,11 @@ pub unsafe fn gemv(p: Panel, x: &[f32], rows: usize, k: usize, out: &mut [[f32; 
                 1 => $f::<1>($($a),*),
                 2 => $f::<2>($($a),*),
                 3 => $f::<3>($($a),*),
-                _ => $f::<4>($($a),*),
+                4 => $f::<4>($($a),*),
+                5 => $f::<5>($($a),*),
+                6 => $f::<6>($($a),*),
+                7 => $f::<7>($($a),*),
+                _ => $f::<8>($($a),*),
             }
         };
     }
@@ -99,8 +103,9 @@ pub unsafe fn gemv(p: Panel, x: &[f32], rows: usize, k: usize, out: &mut [[f32; 
     }
 }
 
-/// Per step: 32 weights widened once, FMA'd with the broadcast activation of each row. Two
-/// interleaved accumulator sets hide the FMA latency; Q8_0 scales apply once per block.
+/// Per step: 32 weights widened once, FMA'd with the broadcast activation of each row, one
+/// accumulator chain per output whatever the number of rows (so a row's result never depends on
+/// which rows it was computed with); Q8_0 scales apply once per block.
 #[inline(always)]
 unsafe fn gemv_wide<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f32; PANEL]]) {
     let scaled = matches!(p, Panel::Q8_0 { .. });
@@ -109,29 +114,14 @@ unsafe fn gemv_wide<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f
     while t0 < k {
         let t1 = if scaled { (t0 + QBLOCK).min(k) } else { k };
         let mut a = [[_mm512_setzero_ps(); 2]; R];
-        let mut b = [[_mm512_setzero_ps(); 2]; R];
-        let mut t = t0;
-        while t + 2 <= t1 {
-            // One prefetch per 64-byte line of the two steps.
-            let (s0, s1) = (stream_ptr(p, t), stream_ptr(p, t + 2));
+        for t in t0..t1 {
+            // One prefetch per 64-byte line.
+            let (s0, s1) = (stream_ptr(p, t), stream_ptr(p, t + 1));
             let mut line = s0;
             while line < s1 {
                 prefetch(line);
                 line = line.add(64);
             }
-            let (w0, w1) = load512(p, t);
-            let (v0, v1) = load512(p, t + 1);
-            for r in 0..R {
-                let xa = _mm512_set1_ps(*x.get_unchecked(r * k + t));
-                let xb = _mm512_set1_ps(*x.get_unchecked(r * k + t + 1));
-                a[r][0] = _mm512_fmadd_ps(xa, w0, a[r][0]);
-                a[r][1] = _mm512_fmadd_ps(xa, w1, a[r][1]);
-                b[r][0] = _mm512_fmadd_ps(xb, v0, b[r][0]);
-                b[r][1] = _mm512_fmadd_ps(xb, v1, b[r][1]);
-            }
-            t += 2;
-        }
-        if t < t1 {
             let (w0, w1) = load512(p, t);
             for r in 0..R {
                 let xa = _mm512_set1_ps(*x.get_unchecked(r * k + t));
@@ -144,16 +134,11 @@ unsafe fn gemv_wide<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f
                 let ds = d.as_ptr().add((t0 / QBLOCK) * PANEL);
                 let (d0, d1) = (h16(ds), h16(ds.add(16)));
                 for r in 0..R {
-                    tot[r][0] = _mm512_fmadd_ps(_mm512_add_ps(a[r][0], b[r][0]), d0, tot[r][0]);
-                    tot[r][1] = _mm512_fmadd_ps(_mm512_add_ps(a[r][1], b[r][1]), d1, tot[r][1]);
+                    tot[r][0] = _mm512_fmadd_ps(a[r][0], d0, tot[r][0]);
+                    tot[r][1] = _mm512_fmadd_ps(a[r][1], d1, tot[r][1]);
                 }
             }
-            _ => {
-                for r in 0..R {
-                    tot[r][0] = _mm512_add_ps(a[r][0], b[r][0]);
-                    tot[r][1] = _mm512_add_ps(a[r][1], b[r][1]);
-                }
-            }
+            _ => tot = a,
         }
         t0 = t1;
     }
@@ -165,38 +150,14 @@ unsafe fn gemv_wide<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f
 
 /// BF16: one 64-byte load per step gives the even columns (shift left) and the odd ones
 /// (mask the high halves) as f32 with two cheap integer ops and no shuffles; the columns are
-/// put back in order once at the end.
+/// put back in order once at the end. One accumulator chain per output, as in `gemv_wide`.
 #[inline(always)]
 unsafe fn gemv_bf16<const R: usize>(w: &[half::bf16], x: &[f32], k: usize, out: &mut [[f32; PANEL]]) {
     let hi = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
     let wp = w.as_ptr();
     let mut a = [[_mm512_setzero_ps(); 2]; R];
-    let mut b = [[_mm512_setzero_ps(); 2]; R];
-    let mut t = 0;
-    while t + 2 <= k {
+    for t in 0..k {
         prefetch(wp.add(t * PANEL));
-        prefetch(wp.add((t + 1) * PANEL));
-        let v = _mm512_loadu_si512(wp.add(t * PANEL) as *const __m512i);
-        let u = _mm512_loadu_si512(wp.add((t + 1) * PANEL) as *const __m512i);
-        let (ve, vo) = (
-            _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)),
-            _mm512_castsi512_ps(_mm512_and_si512(v, hi)),
-        );
-        let (ue, uo) = (
-            _mm512_castsi512_ps(_mm512_slli_epi32(u, 16)),
-            _mm512_castsi512_ps(_mm512_and_si512(u, hi)),
-        );
-        for r in 0..R {
-            let xa = _mm512_set1_ps(*x.get_unchecked(r * k + t));
-            let xb = _mm512_set1_ps(*x.get_unchecked(r * k + t + 1));
-            a[r][0] = _mm512_fmadd_ps(xa, ve, a[r][0]);
-            a[r][1] = _mm512_fmadd_ps(xa, vo, a[r][1]);
-            b[r][0] = _mm512_fmadd_ps(xb, ue, b[r][0]);
-            b[r][1] = _mm512_fmadd_ps(xb, uo, b[r][1]);
-        }
-        t += 2;
-    }
-    if t < k {
         let v = _mm512_loadu_si512(wp.add(t * PANEL) as *const __m512i);
         let (ve, vo) = (
             _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)),
@@ -209,9 +170,7 @@ unsafe fn gemv_bf16<const R: usize>(w: &[half::bf16], x: &[f32], k: usize, out: 
         }
     }
     for r in 0..R {
-        let e = _mm512_add_ps(a[r][0], b[r][0]);
-        let o = _mm512_add_ps(a[r][1], b[r][1]);
-        store_interleaved(e, o, &mut out[r]);
+        store_interleaved(a[r][0], a[r][1], &mut out[r]);
     }
 }
 

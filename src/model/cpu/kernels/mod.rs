@@ -41,8 +41,10 @@ pub const PANEL: usize = 32;
 /// Quantization block length along the input dimension (Q8_0, Q4 and the activations).
 pub const QBLOCK: usize = 32;
 /// Most activation rows one streaming float product handles (decoding); more rows are done in
-/// groups of this many, each group streaming the panel again (from cache).
-pub const GEMV_ROWS: usize = 4;
+/// groups of this many, each group streaming the panel again (from cache). Every output is one
+/// accumulator chain over the steps whatever the number of rows, so a row's result does not
+/// depend on the rows it is computed with.
+pub const GEMV_ROWS: usize = 8;
 /// Most activation rows one integer kernel call handles.
 pub const INT_ROWS: usize = 8;
 
@@ -390,6 +392,59 @@ mod tests {
                                 );
                             }
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_rows_result_does_not_depend_on_the_rows_beside_it() {
+        // Bit for bit: what lets a batched step give each sequence exactly what it gets alone.
+        let k = 95;
+        let f = formats(k);
+        let float = [
+            Panel::Q4 {
+                q: &f.q4,
+                d: &f.d4,
+                m: &f.m4,
+            },
+            Panel::F32(&f.wf),
+            Panel::Bf16(&f.bf),
+            Panel::F16(&f.hf),
+            Panel::Q8_0 { q: &f.q, d: &f.d },
+        ];
+        let x = rand_vec(GEMV_ROWS.max(INT_ROWS) * k, 11);
+        for isa in Isa::supported() {
+            for p in float {
+                let mut all = [[0f32; PANEL]; GEMV_ROWS];
+                gemv(isa, p, &x, GEMV_ROWS, k, &mut all);
+                for rows in 1..GEMV_ROWS {
+                    let mut some = [[0f32; PANEL]; GEMV_ROWS];
+                    gemv(isa, p, &x, rows, k, &mut some);
+                    assert_eq!(some[..rows], all[..rows], "{isa:?} rows={rows}");
+                }
+            }
+        }
+        let mut acts = QuantActs::default();
+        acts.quantize(&x, INT_ROWS, k);
+        let quads = [
+            Panel::Q8x4 { q: &f.q8x4, d: &f.d },
+            Panel::Q4x8 {
+                q: &f.q4x8,
+                d: &f.d4n,
+                m: &f.m4n,
+            },
+        ];
+        for level in Level::supported() {
+            for p in quads {
+                let mut all = [[0f32; PANEL]; INT_ROWS];
+                gemv_int(level, p, &acts.rows(0, INT_ROWS), &mut all);
+                for r0 in 0..INT_ROWS {
+                    for rows in 1..=INT_ROWS - r0 {
+                        let mut some = [[0f32; PANEL]; INT_ROWS];
+                        gemv_int(level, p, &acts.rows(r0, rows), &mut some);
+                        assert_eq!(some[..rows], all[r0..r0 + rows], "{} r0={r0} rows={rows}", level.name());
                     }
                 }
             }

@@ -82,8 +82,8 @@ pub unsafe fn gemv(p: Panel, x: &[f32], rows: usize, k: usize, out: &mut [[f32; 
     }
 }
 
-/// Per step, 8 vectors widened once and one FMA per vector and row; one row alternates two
-/// accumulator sets over even and odd steps (16 chains for CPUs with four FMA pipes).
+/// Per step, 8 vectors widened once and one FMA per vector and row: one accumulator chain per
+/// output whatever the number of rows (a row's result never depends on its neighbours).
 #[inline(always)]
 unsafe fn gemv_rows<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f32; PANEL]]) {
     let scaled = matches!(p, Panel::Q8_0 { .. });
@@ -103,25 +103,7 @@ unsafe fn gemv_rows<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f
     while t0 < k {
         let t1 = if scaled { (t0 + QBLOCK).min(k) } else { k };
         let mut a = [[vdupq_n_f32(0.0); 8]; R];
-        let mut b = [[vdupq_n_f32(0.0); 8]; R];
-        let mut t = t0;
-        if R == 1 {
-            while t + 2 <= t1 {
-                prefetch(base.add(t * bytes));
-                let w = load8(p, t);
-                let xa = *x.get_unchecked(t);
-                for j in 0..8 {
-                    a[0][j] = vfmaq_n_f32(a[0][j], w[j], xa);
-                }
-                let w = load8(p, t + 1);
-                let xb = *x.get_unchecked(t + 1);
-                for j in 0..8 {
-                    b[0][j] = vfmaq_n_f32(b[0][j], w[j], xb);
-                }
-                t += 2;
-            }
-        }
-        while t < t1 {
+        for t in t0..t1 {
             prefetch(base.add(t * bytes));
             let w = load8(p, t);
             for r in 0..R {
@@ -130,17 +112,15 @@ unsafe fn gemv_rows<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f
                     a[r][j] = vfmaq_n_f32(a[r][j], w[j], xv);
                 }
             }
-            t += 1;
         }
         for r in 0..R {
             for j in 0..8 {
-                let s = vaddq_f32(a[r][j], b[r][j]);
                 tot[r][j] = match p {
                     Panel::Q8_0 { d, .. } => {
                         let ds = f16x4(&d[(t0 / QBLOCK) * PANEL + 4 * j..]);
-                        vfmaq_f32(tot[r][j], s, ds)
+                        vfmaq_f32(tot[r][j], a[r][j], ds)
                     }
-                    _ => s,
+                    _ => a[r][j],
                 };
             }
         }

@@ -1,0 +1,241 @@
+//! Batched steps of the CPU engine: several sequences in one forward pass, mixing prompt chunks
+//! and decoding tokens, give every sequence exactly the logits (bit for bit) it gets alone, and
+//! those logits match transformers' references.
+
+mod common;
+
+use common::{floats, ids, model_dir, read_json};
+use zagreus::loader::{load, LoadOptions, LoadedModel};
+use zagreus::model::{Chunk, CpuCache, CpuLlama, Format, LogitsFor, Model, RowKind};
+use zagreus::source::ModelFiles;
+
+fn load_model(name: &str, quantize: Option<Format>) -> LoadedModel {
+    let files = ModelFiles::from_dir(&model_dir(name)).unwrap();
+    load(
+        &files,
+        &LoadOptions {
+            quantize,
+            ..LoadOptions::cpu()
+        },
+    )
+    .unwrap()
+}
+
+fn engine(m: &LoadedModel) -> &CpuLlama {
+    match &m.model {
+        Model::Cpu(e) => e,
+        _ => panic!("the CPU engine was expected"),
+    }
+}
+
+/// A sequence: its prompt and the tokens it will be fed afterwards (one per decoding step).
+struct Seq {
+    prompt: Vec<u32>,
+    then: Vec<u32>,
+}
+
+/// Every logits row a sequence produces: the prompt's last position (the whole prompt in one
+/// step), then one per fed token.
+fn alone(e: &CpuLlama, s: &Seq) -> Vec<Vec<f32>> {
+    let mut cache = e.new_cache(e.max_positions());
+    let mut out = Vec::new();
+    let mut rows = Vec::new();
+    let mut step = |cache: &mut CpuCache, tokens: &[u32], kind| {
+        let mut c = [Chunk {
+            cache,
+            tokens,
+            kind,
+            logits: LogitsFor::Last,
+        }];
+        e.forward_batch(&mut c, &mut out).unwrap();
+        out.clone()
+    };
+    rows.push(step(&mut cache, &s.prompt, RowKind::Prompt));
+    for &t in &s.then {
+        rows.push(step(&mut cache, &[t], RowKind::Decode));
+    }
+    rows
+}
+
+/// All sequences together: sequence i starts `start[i]` steps late and feeds its prompt in
+/// chunks of `chunk[i]` tokens (prompt rows), then its tokens one per step (decoding rows).
+fn batched(e: &CpuLlama, seqs: &[Seq], start: &[usize], chunk: &[usize]) -> Vec<Vec<Vec<f32>>> {
+    let vocab = e.vocab_size();
+    let mut caches: Vec<CpuCache> = seqs.iter().map(|_| e.new_cache(e.max_positions())).collect();
+    let mut fed = vec![0usize; seqs.len()];
+    let mut rows: Vec<Vec<Vec<f32>>> = seqs.iter().map(|_| Vec::new()).collect();
+    let mut out = Vec::new();
+    for step in 0.. {
+        let mut chunks = Vec::new();
+        let mut who = Vec::new();
+        for (i, (s, cache)) in seqs.iter().zip(caches.iter_mut()).enumerate() {
+            let total = s.prompt.len() + s.then.len();
+            if step < start[i] || fed[i] == total {
+                continue;
+            }
+            let (tokens, kind) = if fed[i] < s.prompt.len() {
+                let end = (fed[i] + chunk[i]).min(s.prompt.len());
+                (&s.prompt[fed[i]..end], RowKind::Prompt)
+            } else {
+                let j = fed[i] - s.prompt.len();
+                (&s.then[j..j + 1], RowKind::Decode)
+            };
+            let done = fed[i] + tokens.len();
+            // Logits when the prompt is complete, and for every decoding step.
+            let wants = done >= s.prompt.len();
+            who.push((i, wants));
+            fed[i] = done;
+            chunks.push(Chunk {
+                cache,
+                tokens,
+                kind,
+                logits: LogitsFor::Last,
+            });
+        }
+        if chunks.is_empty() {
+            break;
+        }
+        e.forward_batch(&mut chunks, &mut out).unwrap();
+        assert_eq!(out.len(), chunks.len() * vocab);
+        for (k, (i, wants)) in who.into_iter().enumerate() {
+            if wants {
+                rows[i].push(out[k * vocab..(k + 1) * vocab].to_vec());
+            }
+        }
+    }
+    rows
+}
+
+fn sequences(r: &serde_json::Value) -> Vec<Seq> {
+    let prompt = ids(&r["prompt_ids"]);
+    let greedy = ids(&r["greedy_ids"]);
+    vec![
+        Seq {
+            prompt: prompt.clone(),
+            then: greedy.clone(),
+        },
+        Seq {
+            prompt: prompt[..prompt.len() / 2].to_vec(),
+            then: vec![3, 1, 4, 1, 5, 9, 2, 6],
+        },
+        Seq {
+            prompt: prompt.iter().rev().copied().collect(),
+            then: greedy.iter().rev().copied().collect(),
+        },
+        Seq {
+            prompt: vec![prompt[0]],
+            then: vec![7; 5],
+        },
+    ]
+}
+
+#[test]
+fn a_batch_gives_each_sequence_the_same_bits_as_running_alone() {
+    for name in ["tied-bf16", "untied-f32-sharded", "llama3-rope"] {
+        for quantize in [None, Some(Format::Q8_0), Some(Format::Q4_0)] {
+            let m = load_model(name, quantize);
+            let e = engine(&m);
+            let r = read_json(&model_dir(name).join("reference.json"));
+            let seqs = sequences(&r);
+            let want: Vec<_> = seqs.iter().map(|s| alone(e, s)).collect();
+            // Staggered starts and different prompt chunkings (down to one token per step):
+            // decoding rows of some sequences beside prompt rows of others.
+            for (start, chunk) in [
+                (vec![0, 0, 0, 0], vec![64, 64, 64, 64]),
+                (vec![0, 2, 5, 1], vec![3, 1, 7, 2]),
+                (vec![3, 0, 0, 9], vec![1, 5, 64, 1]),
+            ] {
+                let got = batched(e, &seqs, &start, &chunk);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(g.len(), w.len(), "{name} {quantize:?} sequence {i}");
+                    for (step, (a, b)) in g.iter().zip(w).enumerate() {
+                        assert!(
+                            a == b,
+                            "{name} {quantize:?} sequence {i} step {step} (starts {start:?}, chunks {chunk:?}): \
+                             logits differ from the sequence alone"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn batched_logits_match_transformers() {
+    for name in ["tied-bf16", "untied-f32-sharded", "llama3-rope"] {
+        let m = load_model(name, None);
+        let e = engine(&m);
+        let r = read_json(&model_dir(name).join("reference.json"));
+        let seqs = sequences(&r);
+        let got = batched(e, &seqs, &[1, 0, 0, 2], &[5, 64, 2, 1]);
+        // Sequence 0 is the reference's own prompt and greedy continuation.
+        let vocab = e.vocab_size();
+        let prompt_rows = r["prompt_logits"].as_array().unwrap();
+        let last_prompt = floats(&prompt_rows[prompt_rows.len() - 1]);
+        let mut worst = 0f32;
+        let steps = r["step_logits"].as_array().unwrap();
+        for (row, want) in got[0]
+            .iter()
+            .zip(std::iter::once(last_prompt).chain(steps.iter().map(floats)))
+        {
+            assert_eq!(row.len(), vocab);
+            for (a, b) in row.iter().zip(&want) {
+                worst = worst.max((a - b).abs());
+            }
+        }
+        eprintln!("{name}: batched max |Δlogit| against transformers {worst:e}");
+        assert!(worst < 1e-3, "{name}: {worst}");
+    }
+}
+
+#[test]
+fn all_logits_of_a_prompt_in_a_batch_match_the_prompt_alone() {
+    let m = load_model("tied-bf16", None);
+    let e = engine(&m);
+    let r = read_json(&model_dir("tied-bf16").join("reference.json"));
+    let prompt = ids(&r["prompt_ids"]);
+    let mut alone_cache = e.new_cache(64);
+    let mut want = Vec::new();
+    e.forward(&prompt, &mut alone_cache, LogitsFor::All, &mut want).unwrap();
+    let (mut a, mut b) = (e.new_cache(64), e.new_cache(64));
+    let other = [5u32, 6, 7];
+    let mut chunks = vec![
+        Chunk {
+            cache: &mut b,
+            tokens: &other,
+            kind: RowKind::Prompt,
+            logits: LogitsFor::Last,
+        },
+        Chunk {
+            cache: &mut a,
+            tokens: &prompt,
+            kind: RowKind::Prompt,
+            logits: LogitsFor::All,
+        },
+    ];
+    let mut out = Vec::new();
+    e.forward_batch(&mut chunks, &mut out).unwrap();
+    let vocab = e.vocab_size();
+    assert_eq!(out.len(), (1 + prompt.len()) * vocab);
+    assert!(out[vocab..] == want[..], "the prompt's rows differ when batched");
+    // A bad token in one sequence fails the step before any cache moves.
+    let bad = [u32::MAX];
+    let mut chunks = vec![
+        Chunk {
+            cache: &mut a,
+            tokens: &[1],
+            kind: RowKind::Decode,
+            logits: LogitsFor::Last,
+        },
+        Chunk {
+            cache: &mut b,
+            tokens: &bad,
+            kind: RowKind::Decode,
+            logits: LogitsFor::Last,
+        },
+    ];
+    let e2 = e.forward_batch(&mut chunks, &mut out).unwrap_err().to_string();
+    assert!(e2.contains("outside the model's vocabulary"), "{e2}");
+    assert_eq!((a.len(), b.len()), (prompt.len(), 3));
+}
