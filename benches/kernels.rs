@@ -108,3 +108,28 @@ fn gemv_in_cache(bencher: Bencher, format: Storage) {
         .counter(BytesCount::new(m.bytes()))
         .bench_local(|| matmul(&arena, &m, &x, 1, &mut out));
 }
+
+/// Decoding 1, 4, 8 and 16 sequences at once through a product whose weights stay in L2
+/// (768 x 960): the small-M kernels' compute rate.
+#[divan::bench(args = [1, 4, 8, 16], sample_count = 50)]
+fn gemv_rows_bf16_in_cache(bencher: Bencher, rows: usize) {
+    let (arena, m) = matrix(FORMATS[0], 768, 960);
+    let x: Vec<f32> = (0..rows * 960).map(|i| (i % 13) as f32 / 13.0).collect();
+    let mut out = vec![0f32; rows * 768];
+    let flops: usize = 2 * rows * 768 * 960;
+    bencher
+        .counter(divan::counter::ItemsCount::new(flops))
+        .bench_local(|| zagreus::model::cpu::qmatrix::matmul_rows(&arena, &m, &x, rows, rows, &mut out));
+}
+
+/// The same rows as prompt rows (widened panel, micro-kernel), for comparison.
+#[divan::bench(args = [1, 4, 8, 16], sample_count = 50)]
+fn gemm_rows_bf16_in_cache(bencher: Bencher, rows: usize) {
+    let (arena, m) = matrix(FORMATS[0], 768, 960);
+    let x: Vec<f32> = (0..rows * 960).map(|i| (i % 13) as f32 / 13.0).collect();
+    let mut out = vec![0f32; rows * 768];
+    let flops: usize = 2 * rows * 768 * 960;
+    bencher
+        .counter(divan::counter::ItemsCount::new(flops))
+        .bench_local(|| zagreus::model::cpu::qmatrix::matmul_rows(&arena, &m, &x, 0, rows, &mut out));
+}

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::cli::BenchArgs;
 use crate::model::cpu::arena::Placement;
-use crate::model::{CpuLlama, Format, LlamaConfig, LogitsFor, Model};
+use crate::model::{Chunk, CpuCache, CpuLlama, Format, LlamaConfig, LogitsFor, Model, RowKind};
 
 /// Shapes `--random` knows.
 pub fn named_shape(name: &str) -> Result<LlamaConfig> {
@@ -141,8 +141,143 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     measure(args, model, name, threads)
 }
 
+/// One batched measurement: `batch` sequences, `prompt` tokens each prefilled, then `gen` tokens
+/// each decoded in steps of all of them.
+#[derive(Serialize, Clone)]
+pub struct BatchMeasurement {
+    pub model: String,
+    pub format: String,
+    pub kernels: String,
+    pub threads: usize,
+    pub prompt: usize,
+    pub gen: usize,
+    pub batch: usize,
+    /// Prompt tokens of all sequences per second.
+    pub prefill_tokens_per_s: f64,
+    /// Generated tokens of all sequences per second.
+    pub decode_tokens_per_s: f64,
+    /// Generated tokens per second of one sequence.
+    pub decode_per_sequence: f64,
+    pub samples: Vec<(f64, f64)>,
+}
+
+/// Prompt rows per step at most when prefilling a batch.
+const BATCH_PREFILL_ROWS: usize = 2048;
+
+/// (prefill t/s, aggregate decode t/s) of `batch` sequences.
+fn batched_speed(model: &CpuLlama, batch: usize, prompt: usize, gen: usize) -> Result<(f64, f64)> {
+    let vocab = model.vocab_size();
+    let mut caches: Vec<CpuCache> = (0..batch).map(|_| model.new_cache(prompt + gen + 1)).collect();
+    let prompts: Vec<Vec<u32>> = (0..batch).map(|b| tokens(prompt, vocab, 1 + b as u64)).collect();
+    let mut out = Vec::new();
+    let t = Instant::now();
+    // Whole prompts, as many per step as fit in BATCH_PREFILL_ROWS (at least one).
+    if let Some(per_step) = BATCH_PREFILL_ROWS.checked_div(prompt) {
+        let per_step = per_step.max(1);
+        for (cs, ps) in caches.chunks_mut(per_step).zip(prompts.chunks(per_step)) {
+            let mut chunks: Vec<Chunk> = cs
+                .iter_mut()
+                .zip(ps)
+                .map(|(cache, p)| Chunk {
+                    cache,
+                    tokens: p,
+                    kind: RowKind::Prompt,
+                    logits: LogitsFor::Last,
+                })
+                .collect();
+            model.forward_batch(&mut chunks, &mut out)?;
+        }
+    }
+    let prefill = (batch * prompt) as f64 / t.elapsed().as_secs_f64();
+    let mut next: Vec<u32> = (0..batch).map(|b| (b * 7919 % vocab) as u32).collect();
+    let t = Instant::now();
+    for _ in 0..gen {
+        let toks: Vec<[u32; 1]> = next.iter().map(|&x| [x]).collect();
+        let mut chunks: Vec<Chunk> = caches
+            .iter_mut()
+            .zip(&toks)
+            .map(|(cache, tok)| Chunk {
+                cache,
+                tokens: tok,
+                kind: RowKind::Decode,
+                logits: LogitsFor::Last,
+            })
+            .collect();
+        model.forward_batch(&mut chunks, &mut out)?;
+        for (b, row) in out.chunks(vocab).enumerate() {
+            next[b] = crate::sampling::argmax(row);
+        }
+    }
+    let decode = (batch * gen) as f64 / t.elapsed().as_secs_f64();
+    Ok((prefill, decode))
+}
+
+/// `--batch`: llama-batched-bench-shaped figures for every batch size, prompt and length asked.
+fn measure_batches(args: &BenchArgs, model: &CpuLlama, name: &str, threads: usize) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    if !args.json {
+        writeln!(
+            out,
+            "| model | format | kernels | threads | prompt | gen | batch | prefill t/s | decode t/s | per sequence t/s |"
+        )?;
+        writeln!(
+            out,
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        )?;
+    }
+    let mut results = Vec::new();
+    for &p in &args.prompt {
+        for &n in &args.gen {
+            for &b in &args.batch {
+                batched_speed(model, b, p, n.min(4))?; // warm-up
+                let samples: Vec<(f64, f64)> = (0..args.repetitions)
+                    .map(|_| batched_speed(model, b, p, n))
+                    .collect::<Result<_>>()?;
+                let (pp, _) = mean_sd(&samples.iter().map(|s| s.0).collect::<Vec<_>>());
+                let (tg, _) = mean_sd(&samples.iter().map(|s| s.1).collect::<Vec<_>>());
+                let m = BatchMeasurement {
+                    model: name.to_string(),
+                    format: model.format().name().to_string(),
+                    kernels: model.kernels(),
+                    threads,
+                    prompt: p,
+                    gen: n,
+                    batch: b,
+                    prefill_tokens_per_s: pp,
+                    decode_tokens_per_s: tg,
+                    decode_per_sequence: tg / b as f64,
+                    samples,
+                };
+                if !args.json {
+                    writeln!(
+                        out,
+                        "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} |",
+                        m.model, m.format, m.kernels, threads, p, n, b, pp, tg, m.decode_per_sequence
+                    )?;
+                    out.flush()?;
+                }
+                results.push(m);
+            }
+        }
+    }
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &results)?;
+        writeln!(out)?;
+    }
+    Ok(())
+}
+
 /// Runs the requested tests on a loaded network and prints the table or JSON.
 fn measure(args: &BenchArgs, model: Model, name: String, threads: usize) -> Result<()> {
+    if !args.batch.is_empty() {
+        if args.batch.contains(&0) {
+            bail!("--batch 0: every batch needs at least one sequence");
+        }
+        return match &model {
+            Model::Cpu(m) => measure_batches(args, m, &name, threads),
+            Model::Candle(_) => bail!("--batch measures the CPU engine (use --device cpu)"),
+        };
+    }
     let bytes_per_token = match &model {
         Model::Cpu(m) => Some(m.bytes_per_token()),
         Model::Candle(_) => None,

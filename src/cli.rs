@@ -140,6 +140,12 @@ pub struct BenchArgs {
     #[arg(short = 'r', long, value_name = "N", default_value_t = 5)]
     pub repetitions: usize,
 
+    /// Batched decoding instead (llama-batched-bench's figures): for each number of sequences,
+    /// their prompts (-p) prefilled together, then -n tokens each generated in steps of all of
+    /// them; comma-separated, e.g. 1,2,4,8,16
+    #[arg(long, value_name = "N", value_delimiter = ',')]
+    pub batch: Vec<usize>,
+
     /// Weight memory for --random: huge (2 MiB pages) or normal (4 KiB pages)
     #[arg(long, value_name = "KIND")]
     pub placement: Option<String>,

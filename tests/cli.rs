@@ -592,6 +592,52 @@ fn bench_reports_prompt_and_generation_speed() {
 }
 
 #[test]
+fn bench_batch_measures_many_sequences_decoding_together() {
+    let out = run(
+        &[
+            "bench",
+            "-m",
+            &tied(),
+            "-p",
+            "8",
+            "-n",
+            "4",
+            "-r",
+            "2",
+            "--batch",
+            "1,3",
+            "--json",
+        ],
+        b"",
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let j: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let rows = j.as_array().unwrap();
+    let batches: Vec<u64> = rows.iter().map(|m| m["batch"].as_u64().unwrap()).collect();
+    assert_eq!(batches, [1, 3]);
+    for m in rows {
+        let (agg, per) = (
+            m["decode_tokens_per_s"].as_f64().unwrap(),
+            m["decode_per_sequence"].as_f64().unwrap(),
+        );
+        assert!(agg > 0.0 && m["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert!((agg / m["batch"].as_f64().unwrap() - per).abs() < 1e-6 * agg);
+        assert_eq!(m["samples"].as_array().unwrap().len(), 2);
+    }
+    let out = run(
+        &["bench", "-m", &tied(), "-p", "4", "-n", "2", "-r", "1", "--batch", "2"],
+        b"",
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("| batch |") && out.stdout.contains("| 4 | 2 | 2 |"),
+        "{}",
+        out.stdout
+    );
+    assert_clean_error(&run(&["bench", "-m", &tied(), "--batch", "0"], b""), &["--batch"]);
+}
+
+#[test]
 fn check_logits_compares_with_a_transformers_reference() {
     let m = tied();
     let reference = model_dir("tied-bf16").join("reference.json");

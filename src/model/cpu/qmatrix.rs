@@ -22,8 +22,8 @@ use super::arena::{Arena, ArenaWriter, Region};
 use super::gemm::{gemm_panels, Out};
 pub use super::kernels::PANEL;
 use super::kernels::{
-    gemv, gemv_int, octet_index, padded, panel_value, q4_scale_index, quad_index, Level, Panel, GEMV_ROWS, INT_ROWS,
-    QBLOCK,
+    gemv_finish, gemv_int, gemv_int_blocks, gemv_steps, octet_index, padded, panel_value, q4_scale_index, quad_index,
+    Level, Panel, GEMV_ROWS, INT_ROWS, QBLOCK,
 };
 use super::pool::Exec;
 use super::quant::{quantize_row_q4, quantize_row_q8_0, QuantActs};
@@ -417,6 +417,23 @@ fn transpose_bytes<T: Copy, const S: usize>(dst: &mut [T], rows: &[&[u8]], k: us
 thread_local! {
     /// The calling thread's quantized activations (reused: no allocation per product).
     static ACTS: RefCell<QuantActs> = RefCell::new(QuantActs::default());
+    /// The calling thread's step-major activations for the float decode kernels.
+    static STEP_MAJOR: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `m` rows of `k` values, in groups of `group` rows, each group step-major: group `g` starts at
+/// `g * group * k` and holds row `r`'s value of step `t` at `t * rows_in_group + r`.
+fn step_major(x: &[f32], m: usize, k: usize, group: usize, out: &mut Vec<f32>) {
+    out.resize(m * k, 0.0);
+    for r0 in (0..m).step_by(group) {
+        let rows = group.min(m - r0);
+        let dst = &mut out[r0 * k..(r0 + rows) * k];
+        for r in 0..rows {
+            for (t, v) in x[(r0 + r) * k..(r0 + r + 1) * k].iter().enumerate() {
+                dst[t * rows + r] = *v;
+            }
+        }
+    }
 }
 
 /// How a product treats its activation rows. Decoding rows stream every weight panel once for
@@ -492,8 +509,42 @@ fn product(
         if class == RowClass::Prompt {
             gemm_panels(exec, isa, x, m, k, n, out, &|b| w.panel(arena, b));
         } else {
-            stream_panels(exec, w, out, m, GEMV_ROWS, |p, r0, rows, acc| {
-                gemv(isa, w.panel(arena, p), &x[r0 * k..], rows, k, acc)
+            if m == 1 {
+                // One row is its own step-major form.
+                stream_panels(
+                    exec,
+                    w,
+                    out,
+                    1,
+                    1,
+                    |p, _, _, steps, acc| gemv_steps(isa, w.panel(arena, p), x, 1, k, steps, acc),
+                    |p, rows, acc| gemv_finish(isa, w.panel(arena, p), rows, acc),
+                );
+                return;
+            }
+            STEP_MAJOR.with(|xt| {
+                let mut xt = xt.borrow_mut();
+                step_major(x, m, k, GEMV_ROWS, &mut xt);
+                let xt = &*xt;
+                stream_panels(
+                    exec,
+                    w,
+                    out,
+                    m,
+                    GEMV_ROWS,
+                    |p, r0, rows, steps, acc| {
+                        gemv_steps(
+                            isa,
+                            w.panel(arena, p),
+                            &xt[r0 * k..(r0 + rows) * k],
+                            rows,
+                            k,
+                            steps,
+                            acc,
+                        )
+                    },
+                    |p, rows, acc| gemv_finish(isa, w.panel(arena, p), rows, acc),
+                );
             });
         }
         return;
@@ -507,9 +558,18 @@ fn product(
         acts.quantize(x, m, k);
         let acts = &*acts;
         if class == RowClass::Decode {
-            stream_panels(exec, w, out, m, INT_ROWS, |p, r0, rows, acc| {
-                gemv_int(level, w.panel(arena, p), &acts.rows(r0, rows), acc)
-            });
+            stream_panels(
+                exec,
+                w,
+                out,
+                m,
+                INT_ROWS,
+                |p, r0, rows, steps, acc| {
+                    let blocks = steps.start / QBLOCK..steps.end.div_ceil(QBLOCK);
+                    gemv_int_blocks(level, w.panel(arena, p), &acts.rows(r0, rows), blocks, acc)
+                },
+                |_, _, _| {},
+            );
         } else {
             // Prefill: each task takes a panel and runs every tile of rows over it (from cache).
             let out_ptr = Out(out.as_mut_ptr());
@@ -530,34 +590,53 @@ fn product(
     });
 }
 
-/// Streams every panel once for `m` rows (decoding), in parallel chunks of panels;
-/// `kernel(b, r0, rows, acc)` fills `acc` with panel `b`'s outputs for rows `r0..r0 + rows`, in
-/// groups of up to `group` rows (the later groups read the panel from cache).
+/// Steps of a panel taken at a time when more than one group of decoding rows shares it: 256
+/// steps of BF16 are 16 KiB, so every group after the first finds them in L1 while the memory
+/// streams the next piece (the groups' compute overlaps the panel's reading instead of
+/// following it).
+const PIECE: usize = 256;
+
+/// Streams every panel once for `m` rows (decoding), in parallel chunks of panels, the rows in
+/// groups of up to `group`. `kernel(b, r0, rows, steps, acc)` adds steps `steps` of panel `b`
+/// for rows `r0..r0 + rows` to `acc` (from zero at step 0); `finish(b, rows, acc)` completes a
+/// group's outputs. With several groups the panel is taken `PIECE` steps at a time, every group
+/// in turn.
 fn stream_panels(
     exec: Exec,
     w: &QMatrix,
     out: &mut [f32],
     m: usize,
     group: usize,
-    kernel: impl Fn(usize, usize, usize, &mut [[f32; PANEL]]) + Sync,
+    kernel: impl Fn(usize, usize, usize, std::ops::Range<usize>, &mut [[f32; PANEL]]) + Sync,
+    finish: impl Fn(usize, usize, &mut [[f32; PANEL]]) + Sync,
 ) {
-    let n = w.rows;
+    let (n, k) = (w.rows, w.cols);
     let out_ptr = Out(out.as_mut_ptr());
     let panels = w.panels();
+    let groups = m.div_ceil(group);
+    let piece = if groups > 1 { PIECE } else { k.max(1) };
     // A few chunks per thread balances uneven cores without tiny tasks.
     let chunk = panels.div_ceil(exec.threads() * 4).max(1);
     exec.run(panels.div_ceil(chunk), &|c| {
-        let mut acc = [[0f32; PANEL]; INT_ROWS];
+        let mut acc = vec![[0f32; PANEL]; groups * group];
         for b in c * chunk..((c + 1) * chunk).min(panels) {
             let j0 = b * PANEL;
             let live = PANEL.min(n - j0);
-            for r0 in (0..m).step_by(group) {
-                let rows = group.min(m - r0);
-                kernel(b, r0, rows, &mut acc);
-                for (i, row) in acc.iter().enumerate().take(rows) {
-                    // SAFETY: columns of this panel belong to this task alone.
-                    unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out_ptr.at((r0 + i) * n + j0), live) };
+            for t0 in (0..k).step_by(piece) {
+                for g in 0..groups {
+                    let r0 = g * group;
+                    let rows = group.min(m - r0);
+                    kernel(b, r0, rows, t0..(t0 + piece).min(k), &mut acc[r0..r0 + group]);
                 }
+            }
+            for g in 0..groups {
+                let r0 = g * group;
+                let rows = group.min(m - r0);
+                finish(b, rows, &mut acc[r0..r0 + group]);
+            }
+            for (i, row) in acc.iter().enumerate().take(m) {
+                // SAFETY: columns of this panel belong to this task alone.
+                unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out_ptr.at(i * n + j0), live) };
             }
         }
     });

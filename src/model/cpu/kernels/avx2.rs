@@ -35,25 +35,67 @@ unsafe fn store_interleaved(e: __m256, o: __m256, out: *mut f32) {
 
 /// # Safety
 /// AVX2, FMA and F16C; `p` a steps-layout panel checked for input length `k`, `x` holds
-/// `rows * k` values, `1 <= rows <= GEMV_ROWS`, `out` has `rows` rows.
+/// `rows * k` values (step-major), `1 <= rows <= GEMV_ROWS`, `acc` has `rows` rows,
+/// `t0 <= t1 <= k` with `t0` a multiple of `QBLOCK`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn gemv(p: Panel, x: &[f32], rows: usize, k: usize, out: &mut [[f32; PANEL]]) {
+pub unsafe fn gemv(p: Panel, x: &[f32], rows: usize, k: usize, t0: usize, t1: usize, acc: &mut [[f32; PANEL]]) {
     // Two rows at a time fill the registers (8 accumulators and 4 weight vectors); every output
     // is one accumulator chain whatever the number of rows, so a row's result never depends on
     // which rows it was computed with.
+    let _ = k;
     let mut r = 0;
     while r < rows {
         let n = if rows - r >= 2 { 2 } else { 1 };
-        let (xr, or) = (&x[r * k..], &mut out[r..]);
+        // Row r's activation at step t is x[t * rows + r] (step-major).
+        let (xr, ar) = (&x[r..], &mut acc[r..]);
         match (p, n) {
-            (Panel::Bf16(w), 1) => gemv_bf16::<1>(w, xr, k, or),
-            (Panel::Bf16(w), _) => gemv_bf16::<2>(w, xr, k, or),
-            (Panel::Q4 { .. }, 1) => gemv_q4::<1>(p, xr, k, or),
-            (Panel::Q4 { .. }, _) => gemv_q4::<2>(p, xr, k, or),
-            (_, 1) => gemv_wide::<1>(p, xr, k, or),
-            _ => gemv_wide::<2>(p, xr, k, or),
+            (Panel::Bf16(w), 1) => gemv_bf16::<1>(w, xr, rows, t0, t1, ar),
+            (Panel::Bf16(w), _) => gemv_bf16::<2>(w, xr, rows, t0, t1, ar),
+            (Panel::Q4 { .. }, 1) => gemv_q4::<1>(p, xr, rows, t0, t1, ar),
+            (Panel::Q4 { .. }, _) => gemv_q4::<2>(p, xr, rows, t0, t1, ar),
+            (_, 1) => gemv_wide::<1>(p, xr, rows, t0, t1, ar),
+            _ => gemv_wide::<2>(p, xr, rows, t0, t1, ar),
         }
         r += n;
+    }
+}
+
+/// Puts accumulators in column order after the last steps (BF16 and Q4 panels keep, per half,
+/// the even columns then the odd ones).
+///
+/// # Safety
+/// As `gemv`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gemv_finish(p: Panel, rows: usize, acc: &mut [[f32; PANEL]]) {
+    if matches!(p, Panel::Bf16(_) | Panel::Q4 { .. }) {
+        for a in acc.iter_mut().take(rows) {
+            let v: [__m256; 4] = std::array::from_fn(|j| _mm256_loadu_ps(a.as_ptr().add(8 * j)));
+            store_interleaved(v[0], v[1], a.as_mut_ptr());
+            store_interleaved(v[2], v[3], a.as_mut_ptr().add(16));
+        }
+    }
+}
+
+/// The running sums of `acc` (zero at the first step).
+#[inline(always)]
+unsafe fn carried<const R: usize>(t0: usize, acc: &[[f32; PANEL]]) -> [[__m256; 4]; R] {
+    std::array::from_fn(|r| {
+        std::array::from_fn(|j| {
+            if t0 == 0 {
+                _mm256_setzero_ps()
+            } else {
+                _mm256_loadu_ps(acc[r].as_ptr().add(8 * j))
+            }
+        })
+    })
+}
+
+#[inline(always)]
+unsafe fn keep<const R: usize>(tot: &[[__m256; 4]; R], acc: &mut [[f32; PANEL]]) {
+    for r in 0..R {
+        for j in 0..4 {
+            _mm256_storeu_ps(acc[r].as_mut_ptr().add(8 * j), tot[r][j]);
+        }
     }
 }
 
@@ -103,52 +145,56 @@ unsafe fn prefetch_steps(p: Panel, t0: usize, t1: usize) {
 
 /// F32, F16, Q8_0: per step 4 vectors widened once, one FMA per vector and row.
 #[inline(always)]
-unsafe fn gemv_wide<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f32; PANEL]]) {
+unsafe fn gemv_wide<const R: usize>(p: Panel, x: &[f32], xs: usize, t0: usize, t1: usize, acc: &mut [[f32; PANEL]]) {
     let scaled = matches!(p, Panel::Q8_0 { .. });
-    let mut tot = [[_mm256_setzero_ps(); 4]; R];
-    let mut t0 = 0;
-    while t0 < k {
-        let t1 = if scaled { (t0 + QBLOCK).min(k) } else { k };
-        let mut a = [[_mm256_setzero_ps(); 4]; R];
-        for t in t0..t1 {
+    let mut tot = carried::<R>(t0, acc);
+    let mut tb = t0;
+    while tb < t1 {
+        let te = if scaled { (tb + QBLOCK).min(t1) } else { t1 };
+        // Unscaled formats continue the one chain; Q8_0 sums a block, then scales it.
+        let mut a = if scaled { [[_mm256_setzero_ps(); 4]; R] } else { tot };
+        for t in tb..te {
             prefetch_steps(p, t, t + 1);
             let w = load256(p, t);
             for r in 0..R {
-                let xv = _mm256_set1_ps(*x.get_unchecked(r * k + t));
+                let xv = _mm256_set1_ps(*x.get_unchecked(t * xs + r));
                 for j in 0..4 {
                     a[r][j] = _mm256_fmadd_ps(xv, w[j], a[r][j]);
                 }
             }
         }
-        for r in 0..R {
-            for j in 0..4 {
-                tot[r][j] = match p {
-                    Panel::Q8_0 { d, .. } => {
-                        let ds = d.as_ptr().add((t0 / QBLOCK) * PANEL + 8 * j);
-                        _mm256_fmadd_ps(a[r][j], h8(ds), tot[r][j])
+        match p {
+            Panel::Q8_0 { d, .. } => {
+                for r in 0..R {
+                    for j in 0..4 {
+                        let ds = d.as_ptr().add((tb / QBLOCK) * PANEL + 8 * j);
+                        tot[r][j] = _mm256_fmadd_ps(a[r][j], h8(ds), tot[r][j]);
                     }
-                    _ => a[r][j],
-                };
+                }
             }
+            _ => tot = a,
         }
-        t0 = t1;
+        tb = te;
     }
-    for r in 0..R {
-        for j in 0..4 {
-            _mm256_storeu_ps(out[r].as_mut_ptr().add(8 * j), tot[r][j]);
-        }
-    }
+    keep(&tot, acc);
 }
 
 /// BF16 without shuffles: a 32-byte load holds 16 columns; shifting each 32-bit lane left gives
-/// the even columns as f32, masking its low half gives the odd ones. Columns are put back in
-/// order once at the end.
+/// the even columns as f32, masking its low half gives the odd ones (`gemv_finish` puts them
+/// back in order).
 #[inline(always)]
-unsafe fn gemv_bf16<const R: usize>(w: &[half::bf16], x: &[f32], k: usize, out: &mut [[f32; PANEL]]) {
+unsafe fn gemv_bf16<const R: usize>(
+    w: &[half::bf16],
+    x: &[f32],
+    xs: usize,
+    t0: usize,
+    t1: usize,
+    acc: &mut [[f32; PANEL]],
+) {
     let hi = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
     let wp = w.as_ptr();
-    let mut a = [[_mm256_setzero_ps(); 4]; R];
-    for t in 0..k {
+    let mut a = carried::<R>(t0, acc);
+    for t in t0..t1 {
         prefetch(wp.add(t * PANEL));
         let v0 = _mm256_loadu_si256(wp.add(t * PANEL) as *const __m256i);
         let v1 = _mm256_loadu_si256(wp.add(t * PANEL + 16) as *const __m256i);
@@ -159,33 +205,30 @@ unsafe fn gemv_bf16<const R: usize>(w: &[half::bf16], x: &[f32], k: usize, out: 
             _mm256_castsi256_ps(_mm256_and_si256(v1, hi)),
         ];
         for r in 0..R {
-            let xv = _mm256_set1_ps(*x.get_unchecked(r * k + t));
+            let xv = _mm256_set1_ps(*x.get_unchecked(t * xs + r));
             for j in 0..4 {
                 a[r][j] = _mm256_fmadd_ps(xv, v[j], a[r][j]);
             }
         }
     }
-    for r in 0..R {
-        store_interleaved(a[r][0], a[r][1], out[r].as_mut_ptr());
-        store_interleaved(a[r][2], a[r][3], out[r].as_mut_ptr().add(16));
-    }
+    keep(&a, acc);
 }
 
 /// Q4 steps panel: 16 bytes per step widen to two vectors of 8 bytes each; low nibbles are even
 /// columns, high nibbles odd ones (scales are stored in that order: even columns first).
 #[inline(always)]
-unsafe fn gemv_q4<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f32; PANEL]]) {
+unsafe fn gemv_q4<const R: usize>(p: Panel, x: &[f32], xs: usize, t0: usize, t1: usize, acc: &mut [[f32; PANEL]]) {
     let Panel::Q4 { q, d, m } = p else { return };
     let (qp, dp, mp) = (q.as_ptr(), d.as_ptr(), m.as_ptr());
     let low = _mm256_set1_epi32(0xF);
-    let mut tot = [[_mm256_setzero_ps(); 4]; R];
-    let mut t0 = 0;
-    while t0 < k {
-        let t1 = (t0 + QBLOCK).min(k);
+    let mut tot = carried::<R>(t0, acc);
+    let mut tb = t0;
+    while tb < t1 {
+        let te = (tb + QBLOCK).min(t1);
         // Accumulators: even 0..16, odd 0..16, even 16..32, odd 16..32.
-        let mut acc = [[_mm256_setzero_ps(); 4]; R];
+        let mut a = [[_mm256_setzero_ps(); 4]; R];
         let mut xsum = [_mm256_setzero_ps(); R];
-        for t in t0..t1 {
+        for t in tb..te {
             if t % 4 == 0 {
                 prefetch(qp.add(t * 16));
             }
@@ -198,29 +241,26 @@ unsafe fn gemv_q4<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f32
                 _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)),
             ];
             for r in 0..R {
-                let xv = _mm256_set1_ps(*x.get_unchecked(r * k + t));
+                let xv = _mm256_set1_ps(*x.get_unchecked(t * xs + r));
                 for j in 0..4 {
-                    acc[r][j] = _mm256_fmadd_ps(xv, w[j], acc[r][j]);
+                    a[r][j] = _mm256_fmadd_ps(xv, w[j], a[r][j]);
                 }
                 xsum[r] = _mm256_add_ps(xsum[r], xv);
             }
         }
         // Scale index of each accumulator's first column (even columns first).
-        let s = (t0 / QBLOCK) * PANEL;
+        let s = (tb / QBLOCK) * PANEL;
         let at = [0, 16, 8, 24];
         for j in 0..4 {
             let dj = _mm256_cvtph_ps(_mm_loadu_si128(dp.add(s + at[j]) as *const __m128i));
             let mj = _mm256_cvtph_ps(_mm_loadu_si128(mp.add(s + at[j]) as *const __m128i));
             for r in 0..R {
-                tot[r][j] = _mm256_fmadd_ps(acc[r][j], dj, _mm256_fmadd_ps(xsum[r], mj, tot[r][j]));
+                tot[r][j] = _mm256_fmadd_ps(a[r][j], dj, _mm256_fmadd_ps(xsum[r], mj, tot[r][j]));
             }
         }
-        t0 = t1;
+        tb = te;
     }
-    for r in 0..R {
-        store_interleaved(tot[r][0], tot[r][1], out[r].as_mut_ptr());
-        store_interleaved(tot[r][2], tot[r][3], out[r].as_mut_ptr().add(16));
-    }
+    keep(&tot, acc);
 }
 
 /// # Safety
@@ -309,20 +349,20 @@ pub unsafe fn widen(p: Panel, k: usize, dst: &mut [f32]) {
 /// AVX2, FMA, F16C and AVX-VNNI; `p` a quad panel checked for `a.kp`, `a` checked, `out` has
 /// `a.rows <= INT_ROWS` rows.
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-pub unsafe fn gemv_int_vnni(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
-    int_rows::<true>(p, a, out)
+pub unsafe fn gemv_int_vnni(p: Panel, a: &QRows, b0: usize, b1: usize, out: &mut [[f32; PANEL]]) {
+    int_rows::<true>(p, a, b0, b1, out)
 }
 
 /// # Safety
 /// As `gemv_int_vnni`, without AVX-VNNI.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn gemv_int(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
-    int_rows::<false>(p, a, out)
+pub unsafe fn gemv_int(p: Panel, a: &QRows, b0: usize, b1: usize, out: &mut [[f32; PANEL]]) {
+    int_rows::<false>(p, a, b0, b1, out)
 }
 
 /// Rows in groups of at most 4 (8 accumulators for a half panel; 2 rows for `q8x4_madd`).
 #[inline(always)]
-unsafe fn int_rows<const VNNI: bool>(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
+unsafe fn int_rows<const VNNI: bool>(p: Panel, a: &QRows, b0: usize, b1: usize, out: &mut [[f32; PANEL]]) {
     let madd = !VNNI && matches!(p, Panel::Q8x4 { .. });
     let mut r0 = 0;
     while r0 < a.rows {
@@ -330,9 +370,9 @@ unsafe fn int_rows<const VNNI: bool>(p: Panel, a: &QRows, out: &mut [[f32; PANEL
         if madd {
             let (sub, o) = (a.sub(r0, n), &mut out[r0..]);
             if n == 1 {
-                q8x4_madd::<1>(p, &sub, o);
+                q8x4_madd::<1>(p, &sub, b0, b1, o);
             } else {
-                q8x4_madd::<2>(p, &sub, o);
+                q8x4_madd::<2>(p, &sub, b0, b1, o);
             }
             r0 += n;
             continue;
@@ -342,18 +382,18 @@ unsafe fn int_rows<const VNNI: bool>(p: Panel, a: &QRows, out: &mut [[f32; PANEL
         macro_rules! go {
             ($f:ident) => {
                 match n {
-                    1 => $f::<1, VNNI>(p, &sub, o),
-                    2 => $f::<2, VNNI>(p, &sub, o),
-                    3 => $f::<3, VNNI>(p, &sub, o),
-                    _ => $f::<4, VNNI>(p, &sub, o),
+                    1 => $f::<1, VNNI>(p, &sub, b0, b1, o),
+                    2 => $f::<2, VNNI>(p, &sub, b0, b1, o),
+                    3 => $f::<3, VNNI>(p, &sub, b0, b1, o),
+                    _ => $f::<4, VNNI>(p, &sub, b0, b1, o),
                 }
             };
         }
         match (p, n) {
-            (Panel::Q8x4 { .. }, 1) => q8x4_vnni::<1>(p, &sub, o),
-            (Panel::Q8x4 { .. }, 2) => q8x4_vnni::<2>(p, &sub, o),
-            (Panel::Q8x4 { .. }, 3) => q8x4_vnni::<3>(p, &sub, o),
-            (Panel::Q8x4 { .. }, _) => q8x4_vnni::<4>(p, &sub, o),
+            (Panel::Q8x4 { .. }, 1) => q8x4_vnni::<1>(p, &sub, b0, b1, o),
+            (Panel::Q8x4 { .. }, 2) => q8x4_vnni::<2>(p, &sub, b0, b1, o),
+            (Panel::Q8x4 { .. }, 3) => q8x4_vnni::<3>(p, &sub, b0, b1, o),
+            (Panel::Q8x4 { .. }, _) => q8x4_vnni::<4>(p, &sub, b0, b1, o),
             _ => go!(q4x8),
         }
         r0 += n;
@@ -383,15 +423,17 @@ unsafe fn dot<const VNNI: bool>(acc: __m256i, u: __m256i, s: __m256i) -> __m256i
 /// (w + 128, unsigned) and `128 · Σx` taken off per block. Each block is summed over the value
 /// bytes, shifted 8 bits, then summed over the residual bytes (from L1).
 #[inline(always)]
-unsafe fn q8x4_vnni<const R: usize>(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
+unsafe fn q8x4_vnni<const R: usize>(p: Panel, a: &QRows, b0: usize, b1: usize, out: &mut [[f32; PANEL]]) {
     let Panel::Q8x4 { q, d } = p else { return };
     let nb = a.kp / QBLOCK;
     let qp = q.as_ptr();
     let flip = _mm256_set1_epi8(-128);
-    for r in 0..R {
-        out[r] = [0.0; PANEL];
+    if b0 == 0 {
+        for r in 0..R {
+            out[r] = [0.0; PANEL];
+        }
     }
-    for b in 0..nb {
+    for b in b0..b1 {
         for h in 0..2 {
             let mut acc = [[_mm256_setzero_si256(); 2]; R];
             for (pass, x) in [a.q, a.lo].into_iter().enumerate() {
@@ -437,14 +479,16 @@ unsafe fn q8x4_vnni<const R: usize>(p: Panel, a: &QRows, out: &mut [[f32; PANEL]
 /// two instructions per 16 weights and row, where the byte kernels would need two passes of four.
 /// Each 32-bit lane sums two steps of a column; neighbouring lanes are added per block.
 #[inline(always)]
-unsafe fn q8x4_madd<const R: usize>(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
+unsafe fn q8x4_madd<const R: usize>(p: Panel, a: &QRows, b0: usize, b1: usize, out: &mut [[f32; PANEL]]) {
     let Panel::Q8x4 { q, d } = p else { return };
     let nb = a.kp / QBLOCK;
     let qp = q.as_ptr();
-    for r in 0..R {
-        out[r] = [0.0; PANEL];
+    if b0 == 0 {
+        for r in 0..R {
+            out[r] = [0.0; PANEL];
+        }
     }
-    for b in 0..nb {
+    for b in b0..b1 {
         for h in 0..2 {
             // Per row, 4 vectors of (4 columns x 2 half-sums).
             let mut acc = [[_mm256_setzero_si256(); 4]; R];
@@ -484,15 +528,17 @@ unsafe fn q8x4_madd<const R: usize>(p: Panel, a: &QRows, out: &mut [[f32; PANEL]
 /// Q4x8, 16 columns at a time: nibbles are unsigned already; value bytes then residual bytes, as
 /// in `q8x4`.
 #[inline(always)]
-unsafe fn q4x8<const R: usize, const VNNI: bool>(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
+unsafe fn q4x8<const R: usize, const VNNI: bool>(p: Panel, a: &QRows, b0: usize, b1: usize, out: &mut [[f32; PANEL]]) {
     let Panel::Q4x8 { q, d, m } = p else { return };
     let nb = a.kp / QBLOCK;
     let qp = q.as_ptr();
     let nib = _mm256_set1_epi8(0xF);
-    for r in 0..R {
-        out[r] = [0.0; PANEL];
+    if b0 == 0 {
+        for r in 0..R {
+            out[r] = [0.0; PANEL];
+        }
     }
-    for b in 0..nb {
+    for b in b0..b1 {
         for h in 0..2 {
             let mut acc = [[_mm256_setzero_si256(); 2]; R];
             for (pass, x) in [a.q, a.lo].into_iter().enumerate() {

@@ -78,10 +78,11 @@ unsafe fn store_interleaved(e: __m512, o: __m512, out: &mut [f32; PANEL]) {
 }
 
 /// # Safety
-/// AVX-512 F/BW/VL, FMA and F16C; `p` checked for input length `k`, `x` holds `rows * k` values,
-/// `1 <= rows <= GEMV_ROWS`, `out` has `rows` rows; `p` is a steps-layout panel.
+/// AVX-512 F/BW/VL, FMA and F16C; `p` a steps-layout panel checked for input length `k`, `x`
+/// holds `rows * k` values (step-major), `1 <= rows <= GEMV_ROWS`, `acc` has `rows` rows,
+/// `t0 <= t1 <= k` with `t0` a multiple of `QBLOCK`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-pub unsafe fn gemv(p: Panel, x: &[f32], rows: usize, k: usize, out: &mut [[f32; PANEL]]) {
+pub unsafe fn gemv(p: Panel, x: &[f32], rows: usize, k: usize, t0: usize, t1: usize, acc: &mut [[f32; PANEL]]) {
     macro_rules! by_rows {
         ($f:ident, $($a:expr),*) => {
             match rows {
@@ -96,10 +97,49 @@ pub unsafe fn gemv(p: Panel, x: &[f32], rows: usize, k: usize, out: &mut [[f32; 
             }
         };
     }
+    let _ = k;
     match p {
-        Panel::Bf16(w) => by_rows!(gemv_bf16, w, x, k, out),
-        Panel::Q4 { .. } => by_rows!(gemv_q4, p, x, k, out),
-        _ => by_rows!(gemv_wide, p, x, k, out),
+        Panel::Bf16(w) => by_rows!(gemv_bf16, w, x, t0, t1, acc),
+        Panel::Q4 { .. } => by_rows!(gemv_q4, p, x, t0, t1, acc),
+        _ => by_rows!(gemv_wide, p, x, t0, t1, acc),
+    }
+}
+
+/// Puts accumulators in column order after the last steps (BF16 and Q4 panels accumulate even
+/// columns in the first 16 values and odd ones in the last 16).
+///
+/// # Safety
+/// As `gemv`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+pub unsafe fn gemv_finish(p: Panel, rows: usize, acc: &mut [[f32; PANEL]]) {
+    if matches!(p, Panel::Bf16(_) | Panel::Q4 { .. }) {
+        for a in acc.iter_mut().take(rows) {
+            let (e, o) = (_mm512_loadu_ps(a.as_ptr()), _mm512_loadu_ps(a.as_ptr().add(16)));
+            store_interleaved(e, o, a);
+        }
+    }
+}
+
+/// The running sums of `acc` (zero at the first step).
+#[inline(always)]
+unsafe fn carried<const R: usize>(t0: usize, acc: &[[f32; PANEL]]) -> [[__m512; 2]; R] {
+    std::array::from_fn(|r| {
+        if t0 == 0 {
+            [_mm512_setzero_ps(); 2]
+        } else {
+            [
+                _mm512_loadu_ps(acc[r].as_ptr()),
+                _mm512_loadu_ps(acc[r].as_ptr().add(16)),
+            ]
+        }
+    })
+}
+
+#[inline(always)]
+unsafe fn keep<const R: usize>(tot: &[[__m512; 2]; R], acc: &mut [[f32; PANEL]]) {
+    for r in 0..R {
+        _mm512_storeu_ps(acc[r].as_mut_ptr(), tot[r][0]);
+        _mm512_storeu_ps(acc[r].as_mut_ptr().add(16), tot[r][1]);
     }
 }
 
@@ -107,14 +147,15 @@ pub unsafe fn gemv(p: Panel, x: &[f32], rows: usize, k: usize, out: &mut [[f32; 
 /// accumulator chain per output whatever the number of rows (so a row's result never depends on
 /// which rows it was computed with); Q8_0 scales apply once per block.
 #[inline(always)]
-unsafe fn gemv_wide<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f32; PANEL]]) {
+unsafe fn gemv_wide<const R: usize>(p: Panel, x: &[f32], t0: usize, t1: usize, acc: &mut [[f32; PANEL]]) {
     let scaled = matches!(p, Panel::Q8_0 { .. });
-    let mut tot = [[_mm512_setzero_ps(); 2]; R];
-    let mut t0 = 0;
-    while t0 < k {
-        let t1 = if scaled { (t0 + QBLOCK).min(k) } else { k };
-        let mut a = [[_mm512_setzero_ps(); 2]; R];
-        for t in t0..t1 {
+    let mut tot = carried::<R>(t0, acc);
+    let mut tb = t0;
+    while tb < t1 {
+        let te = if scaled { (tb + QBLOCK).min(t1) } else { t1 };
+        // Unscaled formats continue the one chain; Q8_0 sums a block, then scales it.
+        let mut a = if scaled { [[_mm512_setzero_ps(); 2]; R] } else { tot };
+        for t in tb..te {
             // One prefetch per 64-byte line.
             let (s0, s1) = (stream_ptr(p, t), stream_ptr(p, t + 1));
             let mut line = s0;
@@ -124,14 +165,14 @@ unsafe fn gemv_wide<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f
             }
             let (w0, w1) = load512(p, t);
             for r in 0..R {
-                let xa = _mm512_set1_ps(*x.get_unchecked(r * k + t));
+                let xa = _mm512_set1_ps(*x.get_unchecked(t * R + r));
                 a[r][0] = _mm512_fmadd_ps(xa, w0, a[r][0]);
                 a[r][1] = _mm512_fmadd_ps(xa, w1, a[r][1]);
             }
         }
         match p {
             Panel::Q8_0 { d, .. } => {
-                let ds = d.as_ptr().add((t0 / QBLOCK) * PANEL);
+                let ds = d.as_ptr().add((tb / QBLOCK) * PANEL);
                 let (d0, d1) = (h16(ds), h16(ds.add(16)));
                 for r in 0..R {
                     tot[r][0] = _mm512_fmadd_ps(a[r][0], d0, tot[r][0]);
@@ -140,23 +181,20 @@ unsafe fn gemv_wide<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f
             }
             _ => tot = a,
         }
-        t0 = t1;
+        tb = te;
     }
-    for r in 0..R {
-        _mm512_storeu_ps(out[r].as_mut_ptr(), tot[r][0]);
-        _mm512_storeu_ps(out[r].as_mut_ptr().add(16), tot[r][1]);
-    }
+    keep(&tot, acc);
 }
 
 /// BF16: one 64-byte load per step gives the even columns (shift left) and the odd ones
-/// (mask the high halves) as f32 with two cheap integer ops and no shuffles; the columns are
-/// put back in order once at the end. One accumulator chain per output, as in `gemv_wide`.
+/// (mask the high halves) as f32 with two cheap integer ops and no shuffles; `gemv_finish`
+/// puts the columns back in order. One accumulator chain per output, as in `gemv_wide`.
 #[inline(always)]
-unsafe fn gemv_bf16<const R: usize>(w: &[half::bf16], x: &[f32], k: usize, out: &mut [[f32; PANEL]]) {
+unsafe fn gemv_bf16<const R: usize>(w: &[half::bf16], x: &[f32], t0: usize, t1: usize, acc: &mut [[f32; PANEL]]) {
     let hi = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
     let wp = w.as_ptr();
-    let mut a = [[_mm512_setzero_ps(); 2]; R];
-    for t in 0..k {
+    let mut a = carried::<R>(t0, acc);
+    for t in t0..t1 {
         prefetch(wp.add(t * PANEL));
         let v = _mm512_loadu_si512(wp.add(t * PANEL) as *const __m512i);
         let (ve, vo) = (
@@ -164,31 +202,29 @@ unsafe fn gemv_bf16<const R: usize>(w: &[half::bf16], x: &[f32], k: usize, out: 
             _mm512_castsi512_ps(_mm512_and_si512(v, hi)),
         );
         for r in 0..R {
-            let xa = _mm512_set1_ps(*x.get_unchecked(r * k + t));
+            let xa = _mm512_set1_ps(*x.get_unchecked(t * R + r));
             a[r][0] = _mm512_fmadd_ps(xa, ve, a[r][0]);
             a[r][1] = _mm512_fmadd_ps(xa, vo, a[r][1]);
         }
     }
-    for r in 0..R {
-        store_interleaved(a[r][0], a[r][1], &mut out[r]);
-    }
+    keep(&a, acc);
 }
 
 /// Q4 steps panel: per step, 16 bytes widen to 16 lanes whose low nibbles are the even columns
 /// and high nibbles the odd ones. Per block of 32 steps the sums are scaled by `d` and the
-/// block's activation sum is added times `m`; columns are interleaved back at the end.
+/// block's activation sum is added times `m`; `gemv_finish` interleaves the columns back.
 #[inline(always)]
-unsafe fn gemv_q4<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f32; PANEL]]) {
+unsafe fn gemv_q4<const R: usize>(p: Panel, x: &[f32], t0: usize, t1: usize, acc: &mut [[f32; PANEL]]) {
     let Panel::Q4 { q, d, m } = p else { return };
     let (qp, dp, mp) = (q.as_ptr(), d.as_ptr() as *const __m256i, m.as_ptr() as *const __m256i);
     let low = _mm512_set1_epi32(0xF);
-    let mut tot = [[_mm512_setzero_ps(); 2]; R];
-    let mut t0 = 0;
-    while t0 < k {
-        let t1 = (t0 + QBLOCK).min(k);
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    let mut tot = carried::<R>(t0, acc);
+    let mut tb = t0;
+    while tb < t1 {
+        let te = (tb + QBLOCK).min(t1);
+        let mut a = [[_mm512_setzero_ps(); 2]; R];
         let mut xsum = [_mm512_setzero_ps(); R];
-        for t in t0..t1 {
+        for t in tb..te {
             if t % 4 == 0 {
                 prefetch(qp.add(t * 16));
             }
@@ -196,13 +232,13 @@ unsafe fn gemv_q4<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f32
             let e = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));
             let o = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
             for r in 0..R {
-                let xv = _mm512_set1_ps(*x.get_unchecked(r * k + t));
-                acc[r][0] = _mm512_fmadd_ps(xv, e, acc[r][0]);
-                acc[r][1] = _mm512_fmadd_ps(xv, o, acc[r][1]);
+                let xv = _mm512_set1_ps(*x.get_unchecked(t * R + r));
+                a[r][0] = _mm512_fmadd_ps(xv, e, a[r][0]);
+                a[r][1] = _mm512_fmadd_ps(xv, o, a[r][1]);
                 xsum[r] = _mm512_add_ps(xsum[r], xv);
             }
         }
-        let b = (t0 / QBLOCK) * 2;
+        let b = (tb / QBLOCK) * 2;
         let (de, dodd) = (
             _mm512_cvtph_ps(_mm256_loadu_si256(dp.add(b))),
             _mm512_cvtph_ps(_mm256_loadu_si256(dp.add(b + 1))),
@@ -212,14 +248,12 @@ unsafe fn gemv_q4<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f32
             _mm512_cvtph_ps(_mm256_loadu_si256(mp.add(b + 1))),
         );
         for r in 0..R {
-            tot[r][0] = _mm512_fmadd_ps(acc[r][0], de, _mm512_fmadd_ps(xsum[r], me, tot[r][0]));
-            tot[r][1] = _mm512_fmadd_ps(acc[r][1], dodd, _mm512_fmadd_ps(xsum[r], modd, tot[r][1]));
+            tot[r][0] = _mm512_fmadd_ps(a[r][0], de, _mm512_fmadd_ps(xsum[r], me, tot[r][0]));
+            tot[r][1] = _mm512_fmadd_ps(a[r][1], dodd, _mm512_fmadd_ps(xsum[r], modd, tot[r][1]));
         }
-        t0 = t1;
+        tb = te;
     }
-    for r in 0..R {
-        store_interleaved(tot[r][0], tot[r][1], &mut out[r]);
-    }
+    keep(&tot, acc);
 }
 
 /// # Safety
@@ -312,22 +346,23 @@ pub unsafe fn widen(p: Panel, k: usize, dst: &mut [f32]) {
 
 /// # Safety
 /// AVX-512 F/BW/VL/VNNI, FMA and F16C; `p` a quad panel checked for `a.kp`, `a` checked, `out`
-/// has `a.rows <= INT_ROWS` rows.
+/// has `a.rows <= INT_ROWS` rows, `b0 <= b1 <= a.kp / QBLOCK`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
-pub unsafe fn gemv_int_vnni(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
-    int_rows::<true>(p, a, out)
+pub unsafe fn gemv_int_vnni(p: Panel, a: &QRows, b0: usize, b1: usize, out: &mut [[f32; PANEL]]) {
+    int_rows::<true>(p, a, b0, b1, out)
 }
 
 /// # Safety
 /// As `gemv_int_vnni`, without VNNI.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-pub unsafe fn gemv_int(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
-    int_rows::<false>(p, a, out)
+pub unsafe fn gemv_int(p: Panel, a: &QRows, b0: usize, b1: usize, out: &mut [[f32; PANEL]]) {
+    int_rows::<false>(p, a, b0, b1, out)
 }
 
-/// Rows in groups of at most 4 (16 integer accumulators and 8 float totals).
+/// Rows in groups of at most 4 (16 integer accumulators and 8 float totals), blocks `b0..b1`
+/// added to what `out` holds (from zero when `b0` is 0).
 #[inline(always)]
-unsafe fn int_rows<const VNNI: bool>(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
+unsafe fn int_rows<const VNNI: bool>(p: Panel, a: &QRows, b0: usize, b1: usize, out: &mut [[f32; PANEL]]) {
     let mut r0 = 0;
     while r0 < a.rows {
         let n = (a.rows - r0).min(4);
@@ -336,25 +371,25 @@ unsafe fn int_rows<const VNNI: bool>(p: Panel, a: &QRows, out: &mut [[f32; PANEL
         macro_rules! go {
             ($f:ident) => {
                 match n {
-                    1 => $f::<1, VNNI>(p, &sub, o),
-                    2 => $f::<2, VNNI>(p, &sub, o),
-                    3 => $f::<3, VNNI>(p, &sub, o),
-                    _ => $f::<4, VNNI>(p, &sub, o),
+                    1 => $f::<1, VNNI>(p, &sub, b0, b1, o),
+                    2 => $f::<2, VNNI>(p, &sub, b0, b1, o),
+                    3 => $f::<3, VNNI>(p, &sub, b0, b1, o),
+                    _ => $f::<4, VNNI>(p, &sub, b0, b1, o),
                 }
             };
         }
         match p {
             Panel::Q8x4 { .. } if !VNNI => match n {
-                1 => q8x4_madd::<1>(p, &sub, o),
-                2 => q8x4_madd::<2>(p, &sub, o),
-                3 => q8x4_madd::<3>(p, &sub, o),
-                _ => q8x4_madd::<4>(p, &sub, o),
+                1 => q8x4_madd::<1>(p, &sub, b0, b1, o),
+                2 => q8x4_madd::<2>(p, &sub, b0, b1, o),
+                3 => q8x4_madd::<3>(p, &sub, b0, b1, o),
+                _ => q8x4_madd::<4>(p, &sub, b0, b1, o),
             },
             Panel::Q8x4 { .. } => match n {
-                1 => q8x4_vnni::<1>(p, &sub, o),
-                2 => q8x4_vnni::<2>(p, &sub, o),
-                3 => q8x4_vnni::<3>(p, &sub, o),
-                _ => q8x4_vnni::<4>(p, &sub, o),
+                1 => q8x4_vnni::<1>(p, &sub, b0, b1, o),
+                2 => q8x4_vnni::<2>(p, &sub, b0, b1, o),
+                3 => q8x4_vnni::<3>(p, &sub, b0, b1, o),
+                _ => q8x4_vnni::<4>(p, &sub, b0, b1, o),
             },
             _ => go!(q4x8),
         }
@@ -366,14 +401,14 @@ unsafe fn int_rows<const VNNI: bool>(p: Panel, a: &QRows, out: &mut [[f32; PANEL
 /// and `vpmaddwd` multiplies them with the 16-bit activations `256 · q + lo` in one pass. Each
 /// 32-bit lane sums two steps of a column; neighbouring lanes are added per block.
 #[inline(always)]
-unsafe fn q8x4_madd<const R: usize>(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
+unsafe fn q8x4_madd<const R: usize>(p: Panel, a: &QRows, b0: usize, b1: usize, out: &mut [[f32; PANEL]]) {
     let Panel::Q8x4 { q, d } = p else { return };
     let nb = a.kp / QBLOCK;
     let qp = q.as_ptr();
     // Even lanes of two vectors, in order.
     let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    let mut tot = [[_mm512_setzero_ps(); 2]; R];
-    for b in 0..nb {
+    let mut tot = carried::<R>(b0, out);
+    for b in b0..b1 {
         // Per row, 4 vectors of (8 columns x 2 half-sums).
         let mut acc = [[_mm512_setzero_si512(); 4]; R];
         for g in 0..QBLOCK / 4 {
@@ -401,10 +436,7 @@ unsafe fn q8x4_madd<const R: usize>(p: Panel, a: &QRows, out: &mut [[f32; PANEL]
             tot[r][1] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s1), dx), d1, tot[r][1]);
         }
     }
-    for r in 0..R {
-        _mm512_storeu_ps(out[r].as_mut_ptr(), tot[r][0]);
-        _mm512_storeu_ps(out[r].as_mut_ptr().add(16), tot[r][1]);
-    }
+    keep(&tot, out);
 }
 
 /// Four activation bytes of row `r` at step `t` of `x` (value or residual bytes), in every
@@ -424,13 +456,13 @@ unsafe fn dot_unsigned(acc: __m512i, u: __m512i, x: __m512i) -> __m512i {
 /// `vpdpbusd` per 16 columns and row does four steps; `128 · Σx` is taken off per block. Each
 /// block is summed over the value bytes, shifted 8 bits, then summed over the residual bytes.
 #[inline(always)]
-unsafe fn q8x4_vnni<const R: usize>(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
+unsafe fn q8x4_vnni<const R: usize>(p: Panel, a: &QRows, b0: usize, b1: usize, out: &mut [[f32; PANEL]]) {
     let Panel::Q8x4 { q, d } = p else { return };
     let nb = a.kp / QBLOCK;
     let qp = q.as_ptr();
     let flip = _mm512_set1_epi8(-128);
-    let mut tot = [[_mm512_setzero_ps(); 2]; R];
-    for b in 0..nb {
+    let mut tot = carried::<R>(b0, out);
+    for b in b0..b1 {
         let mut acc = [[_mm512_setzero_si512(); 2]; R];
         for (pass, x) in [a.q, a.lo].into_iter().enumerate() {
             if pass == 1 {
@@ -464,21 +496,18 @@ unsafe fn q8x4_vnni<const R: usize>(p: Panel, a: &QRows, out: &mut [[f32; PANEL]
             tot[r][1] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(i1), dx), d1, tot[r][1]);
         }
     }
-    for r in 0..R {
-        _mm512_storeu_ps(out[r].as_mut_ptr(), tot[r][0]);
-        _mm512_storeu_ps(out[r].as_mut_ptr().add(16), tot[r][1]);
-    }
+    keep(&tot, out);
 }
 
 /// Q4x8: nibbles are unsigned already; value bytes then residual bytes, as in `q8x4`.
 #[inline(always)]
-unsafe fn q4x8<const R: usize, const VNNI: bool>(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
+unsafe fn q4x8<const R: usize, const VNNI: bool>(p: Panel, a: &QRows, b0: usize, b1: usize, out: &mut [[f32; PANEL]]) {
     let Panel::Q4x8 { q, d, m } = p else { return };
     let nb = a.kp / QBLOCK;
     let qp = q.as_ptr();
     let nib = _mm512_set1_epi8(0xF);
-    let mut tot = [[_mm512_setzero_ps(); 2]; R];
-    for b in 0..nb {
+    let mut tot = carried::<R>(b0, out);
+    for b in b0..b1 {
         let mut acc = [[_mm512_setzero_si512(); 2]; R];
         for (pass, x) in [a.q, a.lo].into_iter().enumerate() {
             if pass == 1 {
@@ -534,8 +563,5 @@ unsafe fn q4x8<const R: usize, const VNNI: bool>(p: Panel, a: &QRows, out: &mut 
             tot[r][1] = _mm512_fmadd_ps(xs, m1, f1);
         }
     }
-    for r in 0..R {
-        _mm512_storeu_ps(out[r].as_mut_ptr(), tot[r][0]);
-        _mm512_storeu_ps(out[r].as_mut_ptr().add(16), tot[r][1]);
-    }
+    keep(&tot, out);
 }

@@ -171,25 +171,64 @@ fn q4x8_nibble(q: &[u8], t: usize, c: usize) -> u8 {
     }
 }
 
-/// `out[r][c] = Σ_t x[r][t] · P[t][c]` for `rows ≤ GEMV_ROWS` activation rows of length `k`
-/// (row stride `k`), for the steps layouts.
+/// `out[r][c] = Σ_t x[r][t] · P[t][c]` for `rows ≤ GEMV_ROWS` activation rows of length `k`,
+/// given step-major (`x[t * rows + r]`: the rows' values for one step are together, so however
+/// many rows there are, a step reads one cache line of activations), for the steps layouts.
+/// The engine takes panels a piece at a time (`gemv_steps`); this whole-panel form is the
+/// reference the tests hold the pieces to.
+#[cfg(test)]
 pub fn gemv(isa: Isa, p: Panel, x: &[f32], rows: usize, k: usize, out: &mut [[f32; PANEL]]) {
+    gemv_steps(isa, p, x, rows, k, 0..k, out);
+    gemv_finish(isa, p, rows, out);
+}
+
+/// Steps `steps` of `gemv` into `acc`, starting from zero at step 0 and from `acc`'s running sums
+/// otherwise (`steps.start` a multiple of `QBLOCK`): a panel can be taken a piece at a time, with
+/// other rows' pieces in between, while it is in L1. The sums are kept in the kernel's own
+/// column order until `gemv_finish`; the result is the same bits as one call over all steps.
+pub fn gemv_steps(
+    isa: Isa,
+    p: Panel,
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    steps: std::ops::Range<usize>,
+    acc: &mut [[f32; PANEL]],
+) {
     p.check(k);
     assert!(
         !p.is_quads(),
         "kernels: quad panels take quantized activations (gemv_int)"
     );
-    assert!((1..=GEMV_ROWS).contains(&rows) && out.len() >= rows && x.len() >= rows * k);
+    assert!((1..=GEMV_ROWS).contains(&rows) && acc.len() >= rows && x.len() >= rows * k);
+    assert!(
+        steps.start.is_multiple_of(QBLOCK) && steps.start <= steps.end && steps.end <= k,
+        "kernels: steps {steps:?} of {k}"
+    );
+    let (t0, t1) = (steps.start, steps.end);
     match isa {
         // SAFETY: `Isa` levels are only produced for CPUs that report their features (isa.rs),
         // and every length the kernels rely on was checked above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { avx512::gemv(p, x, rows, k, out) },
+        Isa::Avx512 => unsafe { avx512::gemv(p, x, rows, k, t0, t1, acc) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { avx2::gemv(p, x, rows, k, out) },
+        Isa::Avx2 => unsafe { avx2::gemv(p, x, rows, k, t0, t1, acc) },
         #[cfg(target_arch = "aarch64")]
-        Isa::Neon => unsafe { neon::gemv(p, x, rows, k, out) },
-        _ => portable::gemv(p, x, rows, k, out),
+        Isa::Neon => unsafe { neon::gemv(p, x, rows, k, t0, t1, acc) },
+        _ => portable::gemv(p, x, rows, k, t0, t1, acc),
+    }
+}
+
+/// Puts `gemv_steps`' sums in column order, after the last steps.
+pub fn gemv_finish(isa: Isa, p: Panel, rows: usize, acc: &mut [[f32; PANEL]]) {
+    assert!(rows <= acc.len());
+    match isa {
+        // SAFETY: as in `gemv_steps`; only `rows` rows of `acc` are touched.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { avx512::gemv_finish(p, rows, acc) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::gemv_finish(p, rows, acc) },
+        _ => {}
     }
 }
 
@@ -256,23 +295,34 @@ impl<'a> QRows<'a> {
 /// `out[r][c] = Σ_t x[r][t] · P[t][c]` for a quad panel and `rows ≤ INT_ROWS` quantized
 /// activation rows.
 pub fn gemv_int(level: Level, p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
+    gemv_int_blocks(level, p, a, 0..a.kp / QBLOCK, out)
+}
+
+/// Blocks `blocks` of `gemv_int` added to `out` (from zero at block 0), as `gemv_steps`: the
+/// result is the same bits as one call over all blocks.
+pub fn gemv_int_blocks(level: Level, p: Panel, a: &QRows, blocks: std::ops::Range<usize>, out: &mut [[f32; PANEL]]) {
     a.check();
     p.check(a.kp);
     assert!(p.is_quads(), "kernels: gemv_int takes quad panels");
     assert!((1..=INT_ROWS).contains(&a.rows) && out.len() >= a.rows);
+    assert!(
+        blocks.start <= blocks.end && blocks.end <= a.kp / QBLOCK,
+        "kernels: blocks {blocks:?}"
+    );
+    let (b0, b1) = (blocks.start, blocks.end);
     match (level.isa, level.dot) {
-        // SAFETY: as in `gemv`.
+        // SAFETY: as in `gemv_steps`.
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx512, Dot::Vnni) => unsafe { avx512::gemv_int_vnni(p, a, out) },
+        (Isa::Avx512, Dot::Vnni) => unsafe { avx512::gemv_int_vnni(p, a, b0, b1, out) },
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx512, _) => unsafe { avx512::gemv_int(p, a, out) },
+        (Isa::Avx512, _) => unsafe { avx512::gemv_int(p, a, b0, b1, out) },
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2, Dot::Vnni) => unsafe { avx2::gemv_int_vnni(p, a, out) },
+        (Isa::Avx2, Dot::Vnni) => unsafe { avx2::gemv_int_vnni(p, a, b0, b1, out) },
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2, _) => unsafe { avx2::gemv_int(p, a, out) },
+        (Isa::Avx2, _) => unsafe { avx2::gemv_int(p, a, b0, b1, out) },
         #[cfg(target_arch = "aarch64")]
-        (Isa::Neon, Dot::Dotprod) => unsafe { neon::gemv_int_dot(p, a, out) },
-        _ => portable::gemv_int(p, a, out),
+        (Isa::Neon, Dot::Dotprod) => unsafe { neon::gemv_int_dot(p, a, b0, b1, out) },
+        _ => portable::gemv_int(p, a, b0, b1, out),
     }
 }
 
@@ -357,6 +407,17 @@ mod tests {
         (q8x4, q4x8, dn, mn)
     }
 
+    /// Row-major activation rows as the float decode kernels take them.
+    fn step_major(x: &[f32], rows: usize, k: usize) -> Vec<f32> {
+        let mut t = vec![0f32; rows * k];
+        for r in 0..rows {
+            for s in 0..k {
+                t[s * rows + r] = x[r * k + s];
+            }
+        }
+        t
+    }
+
     fn reference(p: Panel, x: &[f32], k: usize, r: usize, c: usize) -> f64 {
         (0..k).map(|t| x[r * k + t] as f64 * panel_value(p, t, c) as f64).sum()
     }
@@ -379,9 +440,10 @@ mod tests {
             for p in panels {
                 for rows in 1..=GEMV_ROWS {
                     let x = rand_vec(rows * k, 9);
+                    let xt = step_major(&x, rows, k);
                     for isa in Isa::supported() {
                         let mut out = [[0f32; PANEL]; GEMV_ROWS];
-                        gemv(isa, p, &x, rows, k, &mut out);
+                        gemv(isa, p, &xt, rows, k, &mut out);
                         for c in 0..PANEL {
                             for r in 0..rows {
                                 let want = reference(p, &x, k, r, c);
@@ -418,10 +480,10 @@ mod tests {
         for isa in Isa::supported() {
             for p in float {
                 let mut all = [[0f32; PANEL]; GEMV_ROWS];
-                gemv(isa, p, &x, GEMV_ROWS, k, &mut all);
+                gemv(isa, p, &step_major(&x, GEMV_ROWS, k), GEMV_ROWS, k, &mut all);
                 for rows in 1..GEMV_ROWS {
                     let mut some = [[0f32; PANEL]; GEMV_ROWS];
-                    gemv(isa, p, &x, rows, k, &mut some);
+                    gemv(isa, p, &step_major(&x, rows, k), rows, k, &mut some);
                     assert_eq!(some[..rows], all[..rows], "{isa:?} rows={rows}");
                 }
             }
@@ -447,6 +509,56 @@ mod tests {
                         assert_eq!(some[..rows], all[r0..r0 + rows], "{} r0={r0} rows={rows}", level.name());
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_panel_taken_a_piece_at_a_time_gives_the_same_bits() {
+        let k = 160;
+        let f = formats(k);
+        let float = [
+            Panel::Q4 {
+                q: &f.q4,
+                d: &f.d4,
+                m: &f.m4,
+            },
+            Panel::F32(&f.wf),
+            Panel::Bf16(&f.bf),
+            Panel::Q8_0 { q: &f.q, d: &f.d },
+        ];
+        let rows = 3;
+        let x = step_major(&rand_vec(rows * k, 12), rows, k);
+        for isa in Isa::supported() {
+            for p in float {
+                let mut whole = [[0f32; PANEL]; GEMV_ROWS];
+                gemv(isa, p, &x, rows, k, &mut whole);
+                let mut pieces = [[f32::NAN; PANEL]; GEMV_ROWS];
+                for steps in [0..64, 64..96, 96..160] {
+                    gemv_steps(isa, p, &x, rows, k, steps, &mut pieces);
+                }
+                gemv_finish(isa, p, rows, &mut pieces);
+                assert_eq!(pieces[..rows], whole[..rows], "{isa:?}");
+            }
+        }
+        let mut acts = QuantActs::default();
+        acts.quantize(&rand_vec(rows * k, 13), rows, k);
+        for level in Level::supported() {
+            for p in [
+                Panel::Q8x4 { q: &f.q8x4, d: &f.d },
+                Panel::Q4x8 {
+                    q: &f.q4x8,
+                    d: &f.d4n,
+                    m: &f.m4n,
+                },
+            ] {
+                let mut whole = [[0f32; PANEL]; INT_ROWS];
+                gemv_int(level, p, &acts.rows(0, rows), &mut whole);
+                let mut pieces = [[f32::NAN; PANEL]; INT_ROWS];
+                for blocks in [0..2, 2..3, 3..5] {
+                    gemv_int_blocks(level, p, &acts.rows(0, rows), blocks, &mut pieces);
+                }
+                assert_eq!(pieces[..rows], whole[..rows], "{}", level.name());
             }
         }
     }

@@ -64,19 +64,20 @@ unsafe fn load8(p: Panel, t: usize) -> [float32x4_t; 8] {
 
 /// # Safety
 /// NEON (always present on AArch64); `p` a steps-layout panel checked for input length `k`, `x`
-/// holds `rows * k` values, `1 <= rows <= GEMV_ROWS`, `out` has `rows` rows.
+/// holds `rows * k` values (step-major), `1 <= rows <= GEMV_ROWS`, `out` has `rows` rows.
 #[target_feature(enable = "neon")]
-pub unsafe fn gemv(p: Panel, x: &[f32], rows: usize, k: usize, out: &mut [[f32; PANEL]]) {
+pub unsafe fn gemv(p: Panel, x: &[f32], rows: usize, k: usize, t0: usize, t1: usize, acc: &mut [[f32; PANEL]]) {
     if !matches!(p, Panel::F32(_) | Panel::Bf16(_) | Panel::Q8_0 { .. }) {
-        return portable::gemv(p, x, rows, k, out);
+        return portable::gemv(p, x, rows, k, t0, t1, acc);
     }
     let mut r = 0;
     while r < rows {
         let n = if rows - r >= 2 { 2 } else { 1 };
+        // Row r's activation at step t is x[t * rows + r] (step-major).
         if n == 1 {
-            gemv_rows::<1>(p, &x[r * k..], k, &mut out[r..]);
+            gemv_rows::<1>(p, &x[r..], rows, t0, t1, &mut acc[r..]);
         } else {
-            gemv_rows::<2>(p, &x[r * k..], k, &mut out[r..]);
+            gemv_rows::<2>(p, &x[r..], rows, t0, t1, &mut acc[r..]);
         }
         r += n;
     }
@@ -85,7 +86,7 @@ pub unsafe fn gemv(p: Panel, x: &[f32], rows: usize, k: usize, out: &mut [[f32; 
 /// Per step, 8 vectors widened once and one FMA per vector and row: one accumulator chain per
 /// output whatever the number of rows (a row's result never depends on its neighbours).
 #[inline(always)]
-unsafe fn gemv_rows<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f32; PANEL]]) {
+unsafe fn gemv_rows<const R: usize>(p: Panel, x: &[f32], xs: usize, t0: usize, t1: usize, acc: &mut [[f32; PANEL]]) {
     let scaled = matches!(p, Panel::Q8_0 { .. });
     let bytes = match p {
         Panel::F32(_) => 128,
@@ -98,16 +99,26 @@ unsafe fn gemv_rows<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f
         Panel::Q8_0 { q, .. } => q.as_ptr() as *const u8,
         _ => unreachable!(),
     };
-    let mut tot = [[vdupq_n_f32(0.0); 8]; R];
-    let mut t0 = 0;
-    while t0 < k {
-        let t1 = if scaled { (t0 + QBLOCK).min(k) } else { k };
-        let mut a = [[vdupq_n_f32(0.0); 8]; R];
-        for t in t0..t1 {
+    // The running sums (zero at the first step).
+    let mut tot: [[float32x4_t; 8]; R] = std::array::from_fn(|r| {
+        std::array::from_fn(|j| {
+            if t0 == 0 {
+                vdupq_n_f32(0.0)
+            } else {
+                vld1q_f32(acc[r].as_ptr().add(4 * j))
+            }
+        })
+    });
+    let mut tb = t0;
+    while tb < t1 {
+        let te = if scaled { (tb + QBLOCK).min(t1) } else { t1 };
+        // Unscaled formats continue the one chain; Q8_0 sums a block, then scales it.
+        let mut a = if scaled { [[vdupq_n_f32(0.0); 8]; R] } else { tot };
+        for t in tb..te {
             prefetch(base.add(t * bytes));
             let w = load8(p, t);
             for r in 0..R {
-                let xv = *x.get_unchecked(r * k + t);
+                let xv = *x.get_unchecked(t * xs + r);
                 for j in 0..8 {
                     a[r][j] = vfmaq_n_f32(a[r][j], w[j], xv);
                 }
@@ -117,21 +128,27 @@ unsafe fn gemv_rows<const R: usize>(p: Panel, x: &[f32], k: usize, out: &mut [[f
             for j in 0..8 {
                 tot[r][j] = match p {
                     Panel::Q8_0 { d, .. } => {
-                        let ds = f16x4(&d[(t0 / QBLOCK) * PANEL + 4 * j..]);
+                        let ds = f16x4(&d[(tb / QBLOCK) * PANEL + 4 * j..]);
                         vfmaq_f32(tot[r][j], a[r][j], ds)
                     }
                     _ => a[r][j],
                 };
             }
         }
-        t0 = t1;
+        tb = te;
     }
     for r in 0..R {
         for j in 0..8 {
-            vst1q_f32(out[r].as_mut_ptr().add(4 * j), tot[r][j]);
+            vst1q_f32(acc[r].as_mut_ptr().add(4 * j), tot[r][j]);
         }
     }
 }
+
+/// The accumulators are in column order already.
+///
+/// # Safety
+/// None beyond Rust's: nothing to reorder.
+pub unsafe fn gemv_finish(_p: Panel, _rows: usize, _acc: &mut [[f32; PANEL]]) {}
 
 /// # Safety
 /// As `gemv`, with `dst` holding `k * 32` values.
@@ -190,17 +207,17 @@ unsafe fn shift8(acc: &mut [int32x4_t; 8]) {
 /// NEON with dotprod; `p` a quad panel checked for `a.kp`, `a` checked, `out` has
 /// `a.rows <= INT_ROWS` rows.
 #[target_feature(enable = "neon,dotprod")]
-pub unsafe fn gemv_int_dot(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
+pub unsafe fn gemv_int_dot(p: Panel, a: &QRows, b0: usize, b1: usize, out: &mut [[f32; PANEL]]) {
     let mut r0 = 0;
     while r0 < a.rows {
         let n = (a.rows - r0).min(2);
         let sub = a.sub(r0, n);
         let o = &mut out[r0..];
         match (p, n) {
-            (Panel::Q8x4 { .. }, 1) => q8x4::<1>(p, &sub, o),
-            (Panel::Q8x4 { .. }, _) => q8x4::<2>(p, &sub, o),
-            (_, 1) => q4x8::<1>(p, &sub, o),
-            _ => q4x8::<2>(p, &sub, o),
+            (Panel::Q8x4 { .. }, 1) => q8x4::<1>(p, &sub, b0, b1, o),
+            (Panel::Q8x4 { .. }, _) => q8x4::<2>(p, &sub, b0, b1, o),
+            (_, 1) => q4x8::<1>(p, &sub, b0, b1, o),
+            _ => q4x8::<2>(p, &sub, b0, b1, o),
         }
         r0 += n;
     }
@@ -217,14 +234,16 @@ unsafe fn add_block(acc: &[int32x4_t; 8], dx: f32, d: &[f32; PANEL], out: &mut [
 }
 
 #[target_feature(enable = "neon,dotprod")]
-unsafe fn q8x4<const R: usize>(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
+unsafe fn q8x4<const R: usize>(p: Panel, a: &QRows, b0: usize, b1: usize, out: &mut [[f32; PANEL]]) {
     let Panel::Q8x4 { q, d } = p else { return };
     let nb = a.kp / QBLOCK;
     let qp = q.as_ptr();
-    for r in 0..R {
-        out[r] = [0.0; PANEL];
+    if b0 == 0 {
+        for r in 0..R {
+            out[r] = [0.0; PANEL];
+        }
     }
-    for b in 0..nb {
+    for b in b0..b1 {
         let mut acc = [[vdupq_n_s32(0); 8]; R];
         for (pass, x) in [a.q, a.lo].into_iter().enumerate() {
             if pass == 1 {
@@ -254,17 +273,19 @@ unsafe fn q8x4<const R: usize>(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
 }
 
 #[target_feature(enable = "neon,dotprod")]
-unsafe fn q4x8<const R: usize>(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
+unsafe fn q4x8<const R: usize>(p: Panel, a: &QRows, b0: usize, b1: usize, out: &mut [[f32; PANEL]]) {
     let Panel::Q4x8 { q, d, m } = p else { return };
     let nb = a.kp / QBLOCK;
     let qp = q.as_ptr();
     let nib = vdupq_n_u8(0xF);
-    for r in 0..R {
-        out[r] = [0.0; PANEL];
+    if b0 == 0 {
+        for r in 0..R {
+            out[r] = [0.0; PANEL];
+        }
     }
     let mut dw = [0f32; PANEL];
     let mut mw = [0f32; PANEL];
-    for b in 0..nb {
+    for b in b0..b1 {
         let mut acc = [[vdupq_n_s32(0); 8]; R];
         for (pass, x) in [a.q, a.lo].into_iter().enumerate() {
             if pass == 1 {

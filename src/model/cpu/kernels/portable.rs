@@ -11,13 +11,17 @@ pub fn widen(p: Panel, k: usize, dst: &mut [f32]) {
     }
 }
 
-pub fn gemv(p: Panel, x: &[f32], rows: usize, k: usize, out: &mut [[f32; PANEL]]) {
+/// Steps `t0..t1` added to `out` (from zero when `t0` is 0); the block partial sums restart at
+/// every block, whose starts `t0` falls on.
+pub fn gemv(p: Panel, x: &[f32], rows: usize, k: usize, t0: usize, t1: usize, out: &mut [[f32; PANEL]]) {
     let mut w = [0f32; PANEL];
     let mut blk = [[0f32; PANEL]; super::GEMV_ROWS];
-    for o in out.iter_mut().take(rows) {
-        *o = [0.0; PANEL];
+    if t0 == 0 {
+        for o in out.iter_mut().take(rows) {
+            *o = [0.0; PANEL];
+        }
     }
-    for t in 0..k {
+    for t in t0..t1 {
         for (c, wc) in w.iter_mut().enumerate() {
             // Q8_0 scales are applied per block below.
             *wc = match p {
@@ -27,12 +31,12 @@ pub fn gemv(p: Panel, x: &[f32], rows: usize, k: usize, out: &mut [[f32; PANEL]]
             };
         }
         for r in 0..rows {
-            let xv = x[r * k + t];
+            let xv = x[t * rows + r];
             for c in 0..PANEL {
                 blk[r][c] += xv * w[c];
             }
         }
-        let block_end = (t + 1) % QBLOCK == 0 || t + 1 == k;
+        let block_end = (t + 1) % QBLOCK == 0 || t + 1 == k || t + 1 == t1;
         if block_end {
             for r in 0..rows {
                 for c in 0..PANEL {
@@ -49,12 +53,14 @@ pub fn gemv(p: Panel, x: &[f32], rows: usize, k: usize, out: &mut [[f32; PANEL]]
 }
 
 /// Integer sums per block, then both scales in f32 (the order the SIMD kernels use).
-pub fn gemv_int(p: Panel, a: &QRows, out: &mut [[f32; PANEL]]) {
+pub fn gemv_int(p: Panel, a: &QRows, b0: usize, b1: usize, out: &mut [[f32; PANEL]]) {
     let nb = a.kp / QBLOCK;
-    for o in out.iter_mut().take(a.rows) {
-        *o = [0.0; PANEL];
+    if b0 == 0 {
+        for o in out.iter_mut().take(a.rows) {
+            *o = [0.0; PANEL];
+        }
     }
-    for b in 0..nb {
+    for b in b0..b1 {
         for r in 0..a.rows {
             let at = r * a.kp + b * QBLOCK..r * a.kp + (b + 1) * QBLOCK;
             let xq: Vec<i32> = a.q[at.clone()]
