@@ -99,12 +99,10 @@ fn decode_speed(model: &Model, n: usize, depth: usize) -> Result<f64> {
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     let threads = crate::device::set_threads(args.model.threads)?;
-    if args.repetitions == 0 {
-        bail!("--repetitions 0: use at least 1");
-    }
     let (model, name) = match &args.random {
         Some(shape) => {
             let cfg = named_shape(shape)?;
+            check_lengths(args, cfg.max_position_embeddings)?;
             let device = args.model.device.open()?;
             if !device.is_cpu() {
                 if args.model.quantize.is_some() {
@@ -139,8 +137,25 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     measure(args, model, name, threads)
 }
 
+/// Refuses tests longer than the model's context before any cache is allocated for them.
+fn check_lengths(args: &BenchArgs, context: usize) -> Result<()> {
+    if let Some(p) = args.prompt.iter().find(|p| **p > context) {
+        bail!("-p {p}: more tokens than the model's context of {context}");
+    }
+    for &n in &args.gen {
+        if let Some(d) = args.depth.iter().find(|d| n + **d > context) {
+            bail!(
+                "-n {n} with -d {d}: {} tokens, more than the model's context of {context}",
+                n + d
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Runs the requested tests on a loaded network and prints the table or JSON.
 fn measure(args: &BenchArgs, model: Model, name: String, threads: usize) -> Result<()> {
+    check_lengths(args, model.max_positions())?;
     let bytes_per_token = match &model {
         Model::Cpu(m) => Some(m.bytes_per_token()),
         Model::Candle(_) => None,
@@ -202,8 +217,8 @@ fn measure(args: &BenchArgs, model: Model, name: String, threads: usize) -> Resu
         results.push(m);
     }
     if args.json {
-        serde_json::to_writer_pretty(&mut out, &results)?;
-        writeln!(out)?;
+        let text = serde_json::to_string_pretty(&results)?;
+        writeln!(out, "{text}")?;
     }
     Ok(())
 }

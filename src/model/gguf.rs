@@ -283,9 +283,21 @@ impl<'a> Cursor<'a> {
 impl GgufFile {
     /// Maps and parses a GGUF file; any inconsistency is an error naming the file.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let file = crate::bounded::open_regular(path, "the GGUF file")?;
         // SAFETY: mapped read-only; model files are not modified in place while we run.
         let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+        Self::from_map(map, path)
+    }
+
+    /// Parses a GGUF file held in memory (`name` for messages): for tests and fuzzing.
+    pub fn from_bytes(bytes: &[u8], name: &str) -> Result<Self> {
+        if bytes.is_empty() {
+            bail!("{name} is not a valid GGUF file: it is empty");
+        }
+        Self::from_map(crate::model::weights::anonymous_copy(bytes)?, Path::new(name))
+    }
+
+    fn from_map(map: memmap2::Mmap, path: &Path) -> Result<Self> {
         let (version, metadata, tensors) =
             Self::parse(&map).with_context(|| format!("{} is not a valid GGUF file", path.display()))?;
         Ok(Self {
@@ -497,14 +509,24 @@ pub struct GgufLlama {
     pub config: LlamaConfig,
 }
 
-use crate::model::config::{LlamaConfig, RopeScaling};
+use crate::model::config::{ConfigSource, LlamaConfig, RopeScaling};
+
+/// A token id from the metadata; one too large for 32 bits becomes `u32::MAX`, which validation
+/// then reports as outside the vocabulary (instead of silently wrapping to a small id).
+fn id32(v: u64) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
+}
 use crate::model::cpu::qmatrix::Format;
 use crate::model::cpu::source::{Rows, Tensors};
 
 impl GgufLlama {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = GgufFile::open(path)?;
-        let config = Self::config(&file).with_context(|| format!("{}", path.display()))?;
+        Self::from_file(GgufFile::open(path)?)
+    }
+
+    /// A parsed file seen as a Llama checkpoint: its configuration derived and validated.
+    pub fn from_file(file: GgufFile) -> Result<Self> {
+        let config = Self::config(&file).with_context(|| format!("{}", file.path.display()))?;
         Ok(Self { file, config })
     }
 
@@ -560,9 +582,9 @@ impl GgufLlama {
             "tokenizer.ggml.eom_token_id",
         ]
         .iter()
-        .filter_map(|k| f.u64(k).map(|v| v as u32))
+        .filter_map(|k| f.u64(k).map(id32))
         .collect();
-        Ok(LlamaConfig {
+        let config = LlamaConfig {
             vocab_size: vocab,
             hidden_size: hidden,
             intermediate_size: need("feed_forward_length")?,
@@ -574,11 +596,13 @@ impl GgufLlama {
             rms_norm_eps: f.f64("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
             rope_theta: f.f64("llama.rope.freq_base").unwrap_or(10000.0),
             rope_scaling,
-            tie_word_embeddings: !f.tensors.contains_key("output.weight"),
+            tie_word_embeddings: Some(!f.tensors.contains_key("output.weight")),
             stored_dtype: None,
-            bos_token_id: f.u64("tokenizer.ggml.bos_token_id").map(|v| v as u32),
+            bos_token_id: f.u64("tokenizer.ggml.bos_token_id").map(id32),
             eos_token_ids: eos,
-        })
+        };
+        config.validate(ConfigSource::Gguf)?;
+        Ok(config)
     }
 
     /// The GGUF tensor holding transformers tensor `name`, and the heads whose Q/K rows llama.cpp
