@@ -53,6 +53,10 @@ pub const MAX_LAYERS: usize = 1024;
 pub const MAX_HEADS: usize = 1024;
 pub const MAX_HEAD_DIM: usize = 1024;
 pub const MAX_POSITIONS: usize = 1 << 24;
+/// Bounds on rotary settings (real ones: bases of 1e4 to 1e7, factors of 1 to 64).
+pub const MAX_ROPE_THETA: f64 = 1e12;
+pub const MIN_ROPE_FACTOR: f64 = 1e-3;
+pub const MAX_ROPE_FACTOR: f64 = 1e6;
 
 /// Where a configuration was read from, for naming its fields in errors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -301,15 +305,20 @@ impl LlamaConfig {
             );
         }
         let theta = self.rope_theta;
-        if !(theta.is_finite() && theta > 1.0) {
+        if !(theta > 1.0 && theta <= MAX_ROPE_THETA) {
             bail!(
-                "`{}` is {theta}: it must be a finite number above 1 (10000, 500000)",
+                "`{}` is {theta}: it must be above 1 and at most {MAX_ROPE_THETA:e} (10000, 500000)",
                 name("rope_theta")
             );
         }
+        // Frequencies are computed in f32 as transformers does: keep every factor where its
+        // quotients stay finite there.
         let positive = |field: &str, v: f64| -> Result<()> {
-            if !(v.is_finite() && v > 0.0) {
-                bail!("`{}` is {v}: it must be a finite positive number", name(field));
+            if !(MIN_ROPE_FACTOR..=MAX_ROPE_FACTOR).contains(&v) {
+                bail!(
+                    "`{}` is {v}: it must be between {MIN_ROPE_FACTOR} and {MAX_ROPE_FACTOR:e}",
+                    name(field)
+                );
             }
             Ok(())
         };
@@ -349,13 +358,26 @@ impl LlamaConfig {
                         self.head_dim / 2
                     );
                 }
-                if let Some(bad) = f.iter().find(|v| !(v.is_finite() && **v > 0.0)) {
+                if let Some(bad) = f
+                    .iter()
+                    .find(|v| !(MIN_ROPE_FACTOR..=MAX_ROPE_FACTOR).contains(&(**v as f64)))
+                {
                     bail!(
-                        "`{}` holds {bad}: every factor must be a finite positive number",
+                        "`{}` holds {bad}: every factor must be between {MIN_ROPE_FACTOR} and {MAX_ROPE_FACTOR:e}",
                         name("rope_scaling.factors")
                     );
                 }
             }
+        }
+        if let Some(bad) = crate::model::rope::inv_freq(self)
+            .into_iter()
+            .find(|f| !(f.is_finite() && *f > 0.0))
+        {
+            bail!(
+                "`{}` and `{}` give a rotary frequency of {bad}",
+                name("rope_theta"),
+                name("rope_scaling")
+            );
         }
         if let Some(bos) = self.bos_token_id {
             if bos as usize >= self.vocab_size {
@@ -478,6 +500,29 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("yarn"), "{err}");
         assert!(LlamaConfig::from_json(&V4.replace(r#""hidden_size":960,"#, "")).is_err());
+    }
+
+    #[test]
+    fn rotary_settings_must_keep_frequencies_finite_in_f32() {
+        // Found by fuzzing the GGUF reader: a subnormal rope_freqs factor is positive, yet its
+        // quotient overflows f32.
+        let mut c = LlamaConfig::from_json(V4).unwrap();
+        c.rope_scaling = RopeScaling::Factors(vec![6.2e-41; c.head_dim / 2]);
+        let err = c.validate(ConfigSource::Gguf).unwrap_err().to_string();
+        assert!(err.contains("rope_freqs.weight"), "{err}");
+        let mut c = LlamaConfig::from_json(V4).unwrap();
+        c.rope_theta = 1e300;
+        assert!(c
+            .validate(ConfigSource::ConfigJson)
+            .unwrap_err()
+            .to_string()
+            .contains("rope_theta"));
+        let tiny = V4.replace(
+            r#""rope_scaling":null"#,
+            r#""rope_scaling":{"rope_type":"linear","factor":1e-300}"#,
+        );
+        let err = LlamaConfig::from_json(&tiny).unwrap_err().to_string();
+        assert!(err.contains("rope_scaling.factor"), "{err}");
     }
 
     #[test]
