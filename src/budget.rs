@@ -1,9 +1,9 @@
 //! Budgets for running what a model's own files control: a chat template is a program (minijinja
 //! gives it fuel, but a few steps that each double a string exhaust memory long before the fuel
-//! runs out, and one `'x'.center(10**12)` asks for a terabyte at once), and a tokenizer's
+//! runs out, and one `indent(10**12)` asks for a terabyte at once), and a tokenizer's
 //! pre-tokenizer regex can backtrack for a long time or panic inside the regex engine.
 //!
-//! [`run`] executes such work on its own thread under a memory and a time budget. The memory is
+//! [`run`] executes such work on a worker thread under a memory and a time budget. The memory is
 //! counted by this crate's global allocator for that thread only (one thread-local check per
 //! allocation elsewhere). An allocation that would exceed the budget is never made: the worker
 //! thread stops there for good, holding at most the budget, and the caller gets
@@ -13,7 +13,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How much a budgeted task may use.
@@ -170,7 +170,39 @@ unsafe impl GlobalAlloc for Accounting {
 #[global_allocator]
 static GLOBAL: Accounting = Accounting;
 
-/// Runs `task` on a thread of its own under `limits`. Its result, or why it was stopped; a task
+/// The worker threads' stack: deep but legal recursion (minijinja allows 500 nested calls) needs
+/// more than a thread's default 2 MiB. Reserved, committed only as used.
+const WORKER_STACK: usize = 64 << 20;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A thread that runs budgeted tasks one after another.
+struct Worker {
+    jobs: mpsc::Sender<Job>,
+}
+
+/// Workers waiting for a task: one is reused rather than a thread started per task (a template
+/// is rendered and a prompt tokenized many times in a chat). A worker stopped by its budget never
+/// comes back here.
+static IDLE: Mutex<Vec<Worker>> = Mutex::new(Vec::new());
+
+fn take_worker() -> std::io::Result<Worker> {
+    if let Some(w) = IDLE.lock().ok().and_then(|mut idle| idle.pop()) {
+        return Ok(w);
+    }
+    let (tx, rx) = mpsc::channel::<Job>();
+    std::thread::Builder::new()
+        .name("zagreus-budgeted".into())
+        .stack_size(WORKER_STACK)
+        .spawn(move || {
+            for job in rx {
+                job();
+            }
+        })?;
+    Ok(Worker { jobs: tx })
+}
+
+/// Runs `task` on a worker thread under `limits`. Its result, or why it was stopped; a task
 /// stopped for memory or time is abandoned (its thread waits forever, holding at most
 /// `limits.memory`), so a caller should not run the same task again.
 pub fn run<T, F>(limits: Limits, task: F) -> Result<T, Exceeded>
@@ -188,31 +220,31 @@ where
     });
     let slot: Arc<Mutex<Option<Result<T, String>>>> = Arc::new(Mutex::new(None));
     let done = Arc::new(AtomicBool::new(false));
-    let worker = {
+    let job: Job = {
         let (account, slot, done) = (account.clone(), slot.clone(), done.clone());
-        std::thread::Builder::new()
-            .name("zagreus-budgeted".into())
-            // Deep but legal recursion (minijinja allows 500 nested calls) needs more than the
-            // default 2 MiB; the stack is only reserved, not committed.
-            .stack_size(64 << 20)
-            .spawn(move || {
-                ACCOUNT.with(|a| a.set(Arc::as_ptr(&account)));
-                let out = catch_panic(task);
-                ACCOUNT.with(|a| a.set(std::ptr::null()));
-                if let Ok(mut s) = slot.lock() {
-                    *s = Some(out);
-                }
-                done.store(true, Ordering::SeqCst);
-                account.caller.unpark();
-            })
+        Box::new(move || {
+            ACCOUNT.with(|a| a.set(Arc::as_ptr(&account)));
+            let out = catch_panic(task);
+            ACCOUNT.with(|a| a.set(std::ptr::null()));
+            if let Ok(mut s) = slot.lock() {
+                *s = Some(out);
+            }
+            done.store(true, Ordering::SeqCst);
+            account.caller.unpark();
+        })
     };
-    let worker = match worker {
+    let worker = match take_worker() {
         Ok(w) => w,
         Err(e) => return Err(Exceeded::Panic(format!("cannot start a thread: {e}"))),
     };
+    if worker.jobs.send(job).is_err() {
+        return Err(Exceeded::Panic("the worker thread is gone".into()));
+    }
     loop {
         if done.load(Ordering::SeqCst) {
-            let _ = worker.join();
+            if let Ok(mut idle) = IDLE.lock() {
+                idle.push(worker);
+            }
             let out = slot.lock().ok().and_then(|mut s| s.take());
             return match out {
                 Some(Ok(v)) => Ok(v),
@@ -298,6 +330,20 @@ mod tests {
         });
         assert_eq!(out, Err::<(), _>(Exceeded::Time(limits.time)));
         assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn workers_are_reused_and_a_stopped_one_is_replaced() {
+        // Tests run in parallel: other tasks may take the idle worker, so look for any reuse.
+        let ids: Vec<_> = (0..20)
+            .map(|_| run(SMALL, || std::thread::current().id()).unwrap())
+            .collect();
+        assert!(
+            ids.iter().any(|id| ids.iter().filter(|j| *j == id).count() > 1),
+            "{ids:?}"
+        );
+        assert_eq!(run(SMALL, || vec![0u8; 1 << 40].len()), Err(Exceeded::Memory(64 << 20)));
+        assert_eq!(run(SMALL, || 7), Ok(7));
     }
 
     #[test]
