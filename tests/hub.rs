@@ -312,3 +312,16 @@ fn a_gguf_file_in_a_hub_repo_by_its_quantization() {
     );
     assert_eq!(out.code, 0, "{}", out.stderr);
 }
+
+#[test]
+fn a_renamed_repository_is_followed() {
+    // The hub answers an old id with a relative redirect, as huggingface_hub follows.
+    let home = tempfile::tempdir().unwrap();
+    let mut repo = MockRepo::from_dir(REPO, &model_dir("tied-bf16"));
+    repo.renamed_from = vec!["old-org/old-name".into()];
+    let hub = MockHub::start(vec![repo], None);
+    let out = zagreus(home.path(), &hub.url, &[], &greedy("old-org/old-name"));
+    assert_eq!(answer_ids(&out), reference_ids());
+    let requests = hub.requests.lock().unwrap();
+    assert!(requests.iter().any(|r| r.starts_with("HEAD /old-org/old-name/resolve/")), "{requests:?}");
+}

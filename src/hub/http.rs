@@ -128,15 +128,35 @@ impl HubClient {
 
     /// The commit, hash and size of `name` at `commit`, from a `HEAD` request.
     pub fn meta(&self, repo: &str, commit: &str, name: &str) -> Result<FileMeta, Failure> {
-        let url = self.file_url(repo, commit, name);
-        let resp = self
-            .auth(self.head_agent.head(&url))
-            .call()
-            .map_err(|e| Failure::Transport(e.to_string()))?;
+        let mut target = self.file_url(repo, commit, name);
+        let mut hops = 0;
+        let resp = loop {
+            let resp = self
+                .auth(self.head_agent.head(&target))
+                .call()
+                .map_err(|e| Failure::Transport(e.to_string()))?;
+            let status = resp.status().as_u16();
+            if !(200..400).contains(&status) {
+                return Err(Failure::Status(status));
+            }
+            // A renamed repository answers with a redirect on the hub itself (a relative one,
+            // without the file's headers), which huggingface_hub follows; a redirect to the CDN
+            // carries the headers already.
+            let relative = resp
+                .headers()
+                .get("location")
+                .and_then(|v| v.to_str().ok())
+                .filter(|l| l.starts_with('/') && !l.starts_with("//"))
+                .map(String::from);
+            match relative {
+                Some(loc) if resp.headers().get("x-repo-commit").is_none() && hops < 5 => {
+                    hops += 1;
+                    target = format!("{}{loc}", self.endpoint);
+                }
+                _ => break resp,
+            }
+        };
         let status = resp.status().as_u16();
-        if !(200..400).contains(&status) {
-            return Err(Failure::Status(status));
-        }
         let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::trim);
         let invalid = |e: anyhow::Error| Failure::Invalid(e.to_string());
         let commit = names::commit(
@@ -162,7 +182,7 @@ impl HubClient {
             commit,
             digest,
             size,
-            url,
+            url: target,
         })
     }
 

@@ -19,6 +19,8 @@ pub struct MockRepo {
     /// When set, requests need `Authorization: Bearer <token>`.
     pub token: Option<String>,
     pub lies: Lies,
+    /// Former ids of the repo: the hub redirects them here (as after a rename).
+    pub renamed_from: Vec<String>,
 }
 
 /// Ways the hub lies about a repo (a hostile hub or mirror).
@@ -56,6 +58,7 @@ impl MockRepo {
             files,
             token: None,
             lies: Lies::default(),
+            renamed_from: Vec::new(),
         }
     }
 }
@@ -181,6 +184,7 @@ fn respond_as(
     let reason = match code {
         200 => "OK",
         206 => "Partial Content",
+        307 => "Temporary Redirect",
         401 => "Unauthorized",
         403 => "Forbidden",
         _ => "Not Found",
@@ -229,6 +233,11 @@ fn handle(mut conn: TcpStream, state: &State) -> std::io::Result<()> {
             ("file", p.to_string()),
         )
     };
+    if let Some(r) = state.repos.iter().find(|r| r.renamed_from.contains(&repo)) {
+        // A relative redirect on the hub itself, without the file's headers.
+        let location = path.replacen(&repo, &r.id, 1);
+        return respond(&mut conn, 307, &[("Location".into(), location)], b"");
+    }
     let Some(r) = state.repos.iter().find(|r| r.id == repo) else {
         return not_found(&mut conn, "RepoNotFound");
     };
