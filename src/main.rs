@@ -9,6 +9,17 @@ use zagreus::cli::{ChatArgs, Cli, Command};
 use zagreus::oneshot::Interrupted;
 use zagreus::{commands, interrupt, note, oneshot, repl};
 
+// Runs before Rust's runtime reopens a closed stdout on /dev/null (see output.rs).
+#[cfg(target_os = "linux")]
+#[used]
+#[link_section = ".init_array"]
+static RECORD_STDOUT: extern "C" fn() = zagreus::output::record_stdout_at_start;
+
+#[cfg(target_os = "macos")]
+#[used]
+#[link_section = "__DATA,__mod_init_func"]
+static RECORD_STDOUT: extern "C" fn() = zagreus::output::record_stdout_at_start;
+
 fn main() -> ExitCode {
     zagreus::output::install_panic_hook();
     let cli = Cli::parse();

@@ -2,11 +2,13 @@
 //!
 //! stdout carries the answer: a reader that closes the pipe early (`| head`) ends zagreus quietly
 //! and successfully, any other write failure (`>/dev/full`) is an error, and a stdout that was
-//! closed before zagreus started (`>&-`) is refused up front instead of silently losing the answer.
+//! closed before zagreus started (`>&-`, which Rust's runtime silently replaces with `/dev/null`)
+//! is refused up front instead of losing the answer.
 //! stderr carries logs: a failure to write them (`2>/dev/full`) never stops or aborts the program
 //! ([`note!`] instead of `eprintln!`, which panics).
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Writes one line to stderr; a failure to write it is ignored (logs are not worth dying for).
 #[macro_export]
@@ -35,37 +37,25 @@ pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
-/// Whether stdout was closed when the program started (`>&-`).
-///
-/// Rust's runtime reopens a closed standard descriptor on `/dev/null` (read-write) before `main`,
-/// so such a stdout swallows the answer and every write "succeeds". A shell's `>/dev/null` opens
-/// it write-only, which is how the two are told apart.
-#[cfg(unix)]
-pub fn stdout_was_closed() -> bool {
-    // SAFETY: fcntl and fstat on descriptor 1 only read its state.
-    unsafe {
-        let flags = libc::fcntl(1, libc::F_GETFL);
-        if flags == -1 {
-            return true;
-        }
-        if flags & libc::O_ACCMODE != libc::O_RDWR {
-            return false;
-        }
-        let mut st: libc::stat = std::mem::zeroed();
-        if libc::fstat(1, &mut st) != 0 {
-            return true;
-        }
-        let mut null: libc::stat = std::mem::zeroed();
-        let dev_null = c"/dev/null";
-        libc::stat(dev_null.as_ptr(), &mut null) == 0
-            && (st.st_mode & libc::S_IFMT) == libc::S_IFCHR
-            && st.st_rdev == null.st_rdev
+/// Whether descriptor 1 was open when the process started, recorded by
+/// [`record_stdout_at_start`] before Rust's runtime replaces a closed one with `/dev/null`.
+static STDOUT_OPEN_AT_START: AtomicBool = AtomicBool::new(true);
+
+/// Records whether stdout is open. The binary runs it as a constructor (`.init_array`), before
+/// Rust's runtime starts: afterwards a stdout closed with `>&-` cannot be told from a
+/// `/dev/null` someone chose.
+pub extern "C" fn record_stdout_at_start() {
+    #[cfg(unix)]
+    {
+        // SAFETY: F_GETFD only reads the descriptor's flags.
+        let open = unsafe { libc::fcntl(1, libc::F_GETFD) } != -1;
+        STDOUT_OPEN_AT_START.store(open, Ordering::Relaxed);
     }
 }
 
-#[cfg(not(unix))]
+/// Whether stdout was closed when the program started (`>&-`): the answer would be lost.
 pub fn stdout_was_closed() -> bool {
-    false
+    !STDOUT_OPEN_AT_START.load(Ordering::Relaxed)
 }
 
 /// The panic hook of the binary: one line on stderr (never a second panic if stderr is gone),

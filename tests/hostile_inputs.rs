@@ -204,11 +204,18 @@ fn a_closed_stdout_is_an_error_and_a_full_one_too() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.starts_with("zagreus: error: stdout is closed"), "{err}");
-    // `>/dev/null` is a choice, not an accident: fine.
-    let mut c = zagreus();
-    c.args(["-m", &tied(), "-n", "2", "Ciao"])
-        .stdout(std::fs::OpenOptions::new().write(true).open("/dev/null").unwrap());
-    assert_eq!(c.stdin(Stdio::null()).output().unwrap().status.code(), Some(0));
+    // `>/dev/null` is a choice, not an accident: fine, also opened read-write as Python's
+    // subprocess.DEVNULL does (which looks exactly like what the runtime puts in place of `>&-`).
+    for read in [false, true] {
+        let mut c = zagreus();
+        let null = std::fs::OpenOptions::new()
+            .read(read)
+            .write(true)
+            .open("/dev/null")
+            .unwrap();
+        c.args(["-m", &tied(), "-n", "2", "Ciao"]).stdout(null);
+        assert_eq!(c.stdin(Stdio::null()).output().unwrap().status.code(), Some(0));
+    }
     // `>/dev/full`: the answer cannot be written.
     let mut c = zagreus();
     c.args(["-m", &tied(), "-n", "2", "Ciao"])
