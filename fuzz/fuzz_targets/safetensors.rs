@@ -17,7 +17,8 @@ fuzz_target!(|data: &[u8]| {
                 let v = Tensors::vector(&w, &name, *len).expect("a 1-D tensor reads as a vector");
                 assert_eq!(v.len(), *len);
             }
-            Some([rows, cols]) => {
+            // An empty tensor may have any other dimension: nothing to read.
+            Some([rows, cols]) if *rows > 0 && *cols > 0 => {
                 let m = Tensors::matrix(&w, &name, *rows, *cols).expect("a 2-D tensor reads as a matrix");
                 let mut row = vec![0f32; *cols];
                 for r in 0..m.rows() {

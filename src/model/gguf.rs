@@ -341,6 +341,11 @@ impl GgufFile {
             for _ in 0..n_dims {
                 dims.push(c.u64("tensor dimension")?);
             }
+            // A zero dimension would let any other dimension be absurd while the tensor still
+            // "fits" the file (zero bytes), and readers size buffers by dimension.
+            if dims.contains(&0) {
+                bail!("tensor `{name}` has a zero dimension {dims:?}");
+            }
             let ty_id = c.u32("tensor type")?;
             let offset = c.u64("tensor offset")?;
             if offset % 2 != 0 {
@@ -755,5 +760,45 @@ impl Tensors for GgufLlama {
         let mut v = vec![0f32; len];
         self.file.read_row(t, 0, &mut v);
         Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GGUF with no metadata and one F32 tensor of `dims` whose data is `data_len` bytes.
+    fn one_tensor(dims: &[u64], data_len: usize) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(1u64.to_le_bytes()); // tensors
+        b.extend(0u64.to_le_bytes()); // metadata
+        let name = b"rope_freqs.weight";
+        b.extend((name.len() as u64).to_le_bytes());
+        b.extend(name);
+        b.extend((dims.len() as u32).to_le_bytes());
+        for d in dims {
+            b.extend(d.to_le_bytes());
+        }
+        b.extend(0u32.to_le_bytes()); // F32
+        b.extend(0u64.to_le_bytes()); // offset
+        b.resize(b.len().div_ceil(32) * 32 + data_len, 0);
+        b
+    }
+
+    #[test]
+    fn a_zero_dimension_cannot_hide_an_absurd_one() {
+        // Found by fuzzing: [2^40, 0] holds no bytes, so it "fits" any file, yet a reader sizes
+        // its row buffer by the first dimension.
+        let err = GgufFile::from_bytes(&one_tensor(&[1 << 40, 0], 0), "t.gguf")
+            .err()
+            .unwrap();
+        assert!(format!("{err:#}").contains("zero dimension"), "{err:#}");
+        let f = GgufFile::from_bytes(&one_tensor(&[4], 16), "t.gguf").unwrap();
+        assert_eq!(f.tensors["rope_freqs.weight"].dims, [4]);
+        let err = GgufFile::from_bytes(&one_tensor(&[1 << 40], 16), "t.gguf")
+            .err()
+            .unwrap();
+        assert!(format!("{err:#}").contains("past the end"), "{err:#}");
     }
 }
