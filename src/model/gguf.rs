@@ -373,10 +373,14 @@ impl GgufFile {
             let Some(n) = n.and_then(|n| usize::try_from(n).ok()) else {
                 bail!("tensor `{name}` has an absurd shape {dims:?}");
             };
-            let len = ty.bytes(n).with_context(|| {
+            // Rows are read one by one: each (the first dimension) must be whole blocks, not
+            // only the tensor as a whole.
+            let row_len = usize::try_from(dims[0]).unwrap_or(usize::MAX);
+            let len = ty.bytes(row_len).and(ty.bytes(n)).with_context(|| {
                 format!(
-                    "tensor `{name}` ({} of shape {dims:?}) is not a whole number of blocks",
-                    ty.name()
+                    "tensor `{name}` ({} of shape {dims:?}) does not have rows of whole {}-value blocks",
+                    ty.name(),
+                    ty.block().0
                 )
             })?;
             let start = usize::try_from(offset).ok().and_then(|o| o.checked_add(data_start));
@@ -767,8 +771,9 @@ impl Tensors for GgufLlama {
 mod tests {
     use super::*;
 
-    /// A GGUF with no metadata and one F32 tensor of `dims` whose data is `data_len` bytes.
-    fn one_tensor(dims: &[u64], data_len: usize) -> Vec<u8> {
+    /// A GGUF with no metadata and one tensor of type `ty` and `dims` whose data is `data_len`
+    /// bytes.
+    fn tensor_of(ty: u32, dims: &[u64], data_len: usize) -> Vec<u8> {
         let mut b = b"GGUF".to_vec();
         b.extend(3u32.to_le_bytes());
         b.extend(1u64.to_le_bytes()); // tensors
@@ -780,10 +785,25 @@ mod tests {
         for d in dims {
             b.extend(d.to_le_bytes());
         }
-        b.extend(0u32.to_le_bytes()); // F32
+        b.extend(ty.to_le_bytes());
         b.extend(0u64.to_le_bytes()); // offset
         b.resize(b.len().div_ceil(32) * 32 + data_len, 0);
         b
+    }
+
+    fn one_tensor(dims: &[u64], data_len: usize) -> Vec<u8> {
+        tensor_of(0, dims, data_len)
+    }
+
+    #[test]
+    fn quantized_rows_must_be_whole_blocks() {
+        // Found by fuzzing: Q8_0 of shape [16, 2] is 32 values, one whole block, but each row
+        // is half a block, and decoding a row panicked inside candle's block decoder.
+        let err = GgufFile::from_bytes(&tensor_of(8, &[16, 2], 34), "t.gguf")
+            .err()
+            .unwrap();
+        assert!(format!("{err:#}").contains("whole 32-value blocks"), "{err:#}");
+        assert!(GgufFile::from_bytes(&tensor_of(8, &[32, 2], 68), "t.gguf").is_ok());
     }
 
     #[test]
@@ -795,6 +815,7 @@ mod tests {
             .unwrap();
         assert!(format!("{err:#}").contains("zero dimension"), "{err:#}");
         let f = GgufFile::from_bytes(&one_tensor(&[4], 16), "t.gguf").unwrap();
+        assert_eq!(f.tensors["rope_freqs.weight"].len, 16);
         assert_eq!(f.tensors["rope_freqs.weight"].dims, [4]);
         let err = GgufFile::from_bytes(&one_tensor(&[1 << 40], 16), "t.gguf")
             .err()
