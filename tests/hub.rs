@@ -323,5 +323,10 @@ fn a_renamed_repository_is_followed() {
     let out = zagreus(home.path(), &hub.url, &[], &greedy("old-org/old-name"));
     assert_eq!(answer_ids(&out), reference_ids());
     let requests = hub.requests.lock().unwrap();
-    assert!(requests.iter().any(|r| r.starts_with("HEAD /old-org/old-name/resolve/")), "{requests:?}");
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.starts_with("HEAD /old-org/old-name/resolve/")),
+        "{requests:?}"
+    );
 }
