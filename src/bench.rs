@@ -101,12 +101,10 @@ fn decode_speed(model: &Model, n: usize, depth: usize) -> Result<f64> {
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     let threads = crate::device::set_threads(args.model.threads)?;
-    if args.repetitions == 0 {
-        bail!("--repetitions 0: use at least 1");
-    }
     let (model, name) = match &args.random {
         Some(shape) => {
             let cfg = named_shape(shape)?;
+            check_lengths(args, cfg.max_position_embeddings)?;
             let device = args.model.device.open()?;
             if !device.is_cpu() {
                 if args.model.quantize.is_some() {
@@ -159,6 +157,19 @@ pub struct BatchMeasurement {
     /// Generated tokens per second of one sequence.
     pub decode_per_sequence: f64,
     pub samples: Vec<(f64, f64)>,
+}
+
+/// Keys and values all the sequences of one batched test may hold.
+const MAX_BATCH_KV_BYTES: usize = 16 << 30;
+
+/// Every (prompt, gen, batch) combination asked for.
+fn iproduct<'a>(
+    p: &'a [usize],
+    n: &'a [usize],
+    b: &'a [usize],
+) -> impl Iterator<Item = (&'a usize, &'a usize, &'a usize)> {
+    p.iter()
+        .flat_map(move |p| n.iter().flat_map(move |n| b.iter().map(move |b| (p, n, b))))
 }
 
 /// Prompt rows per step at most when prefilling a batch.
@@ -215,6 +226,18 @@ fn batched_speed(model: &CpuLlama, batch: usize, prompt: usize, gen: usize) -> R
 /// `--batch`: llama-batched-bench-shaped figures for every batch size, prompt and length asked.
 fn measure_batches(args: &BenchArgs, model: &CpuLlama, name: &str, threads: usize) -> Result<()> {
     let mut out = std::io::stdout().lock();
+    let c = model.config();
+    for (&p, &n, &b) in iproduct(&args.prompt, &args.gen, &args.batch) {
+        let bytes = CpuCache::bytes_for(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, p + n + 1);
+        if bytes.saturating_mul(b) > MAX_BATCH_KV_BYTES {
+            bail!(
+                "{b} sequences of {} tokens need {} GiB of keys and values, more than the {} GiB a benchmark may take",
+                p + n,
+                bytes.saturating_mul(b) >> 30,
+                MAX_BATCH_KV_BYTES >> 30
+            );
+        }
+    }
     if !args.json {
         writeln!(
             out,
@@ -267,12 +290,26 @@ fn measure_batches(args: &BenchArgs, model: &CpuLlama, name: &str, threads: usiz
     Ok(())
 }
 
+/// Refuses tests longer than the model's context before any cache is allocated for them.
+fn check_lengths(args: &BenchArgs, context: usize) -> Result<()> {
+    if let Some(p) = args.prompt.iter().find(|p| **p > context) {
+        bail!("-p {p}: more tokens than the model's context of {context}");
+    }
+    for &n in &args.gen {
+        if let Some(d) = args.depth.iter().find(|d| n + **d > context) {
+            bail!(
+                "-n {n} with -d {d}: {} tokens, more than the model's context of {context}",
+                n + d
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Runs the requested tests on a loaded network and prints the table or JSON.
 fn measure(args: &BenchArgs, model: Model, name: String, threads: usize) -> Result<()> {
+    check_lengths(args, model.max_positions())?;
     if !args.batch.is_empty() {
-        if args.batch.contains(&0) {
-            bail!("--batch 0: every batch needs at least one sequence");
-        }
         return match &model {
             Model::Cpu(m) => measure_batches(args, m, &name, threads),
             Model::Candle(_) => bail!("--batch measures the CPU engine (use --device cpu)"),
@@ -347,8 +384,8 @@ fn measure(args: &BenchArgs, model: Model, name: String, threads: usize) -> Resu
         results.push(m);
     }
     if args.json {
-        serde_json::to_writer_pretty(&mut out, &results)?;
-        writeln!(out)?;
+        let text = serde_json::to_string_pretty(&results)?;
+        writeln!(out, "{text}")?;
     }
     Ok(())
 }

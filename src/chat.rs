@@ -144,6 +144,19 @@ impl<'m> Chat<'m> {
         self.lm.tokenizer.encode_chat(&rendered, self.add_bos)
     }
 
+    /// [`Self::prompt_ids`], or `None` without tokenizing when the rendered conversation is
+    /// certainly longer than the context (see [`crate::tokenizer::Tokenizer::max_text_bytes`]).
+    fn prompt_ids_within_context(&self) -> Result<Option<Vec<u32>>> {
+        let rendered = self
+            .lm
+            .template
+            .render(&self.messages(), None, true, &self.lm.template_tokens)?;
+        if rendered.len() > self.lm.tokenizer.max_text_bytes(self.context_size()) {
+            return Ok(None);
+        }
+        self.lm.tokenizer.encode_chat(&rendered, self.add_bos).map(Some)
+    }
+
     /// Sends a user message and streams the answer through `on_text`.
     pub fn send(&mut self, text: &str, on_text: &mut dyn FnMut(&str) -> Result<()>) -> Result<Turn> {
         self.messages.push(Message::new("user", text));
@@ -208,9 +221,9 @@ impl<'m> Chat<'m> {
         let room = self.settings.max_tokens.clamp(1, (ctx / 4).max(1));
         let mut dropped = 0;
         loop {
-            let ids = self.prompt_ids()?;
-            if ids.len() + room <= ctx {
-                return Ok((ids, dropped));
+            let ids = self.prompt_ids_within_context()?;
+            if let Some(ids) = ids.as_ref().filter(|ids| ids.len() + room <= ctx) {
+                return Ok((ids.clone(), dropped));
             }
             // The oldest exchange: from the first message up to (not including) the next user message.
             let users: Vec<usize> = self
@@ -221,14 +234,17 @@ impl<'m> Chat<'m> {
                 .map(|(i, _)| i)
                 .collect();
             if users.len() < 2 {
-                if ids.len() < ctx {
+                match ids {
                     // It fits, only with less room for the answer than usual.
-                    return Ok((ids, dropped));
+                    Some(ids) if ids.len() < ctx => return Ok((ids, dropped)),
+                    Some(ids) => bail!(
+                        "the message is too long: the conversation needs {} tokens, more than the context of {ctx} (system prompt included); shorten it or raise --ctx-size",
+                        ids.len()
+                    ),
+                    None => bail!(
+                        "the message is too long: the conversation is more text than a context of {ctx} tokens can hold (system prompt included); shorten it or raise --ctx-size"
+                    ),
                 }
-                bail!(
-                    "the message is too long: the conversation needs {} tokens, more than the context of {ctx} (system prompt included); shorten it or raise --ctx-size",
-                    ids.len()
-                );
             }
             self.messages.drain(..users[1]);
             dropped += 1;

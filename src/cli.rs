@@ -28,6 +28,40 @@ impl QuantizeArg {
 }
 use crate::source::DEFAULT_MODEL;
 
+/// Most threads `--threads` accepts (more than any machine zagreus runs on has cores).
+pub const MAX_THREADS: usize = 1024;
+/// Most tokens any length flag accepts (`--ctx-size`, `-n`, bench's `-p/-n/-d`): the largest
+/// context a configuration may state.
+pub const MAX_TOKENS: usize = crate::model::config::MAX_POSITIONS;
+/// Most alternatives `--logprobs` reports per token.
+pub const MAX_LOGPROBS: usize = 100;
+/// Most repetitions of a bench test.
+pub const MAX_REPETITIONS: usize = 1000;
+/// Most sequences `bench --batch` runs at once.
+pub const MAX_BATCH: usize = 1024;
+
+/// A whole number in `MIN..=MAX` (clap names the flag and the value in its error).
+fn count<const MIN: usize, const MAX: usize>(s: &str) -> Result<usize, String> {
+    let n: usize = s.trim().parse().map_err(|_| format!("`{s}` is not a whole number"))?;
+    if !(MIN..=MAX).contains(&n) {
+        return Err(format!("{n} is out of range: use {MIN} to {MAX}"));
+    }
+    Ok(n)
+}
+
+/// A finite number (clap's f64 parser accepts `NaN` and `inf`).
+fn finite(s: &str) -> Result<f64, String> {
+    let x: f64 = s.trim().parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if !x.is_finite() {
+        return Err(format!("{s} is not a finite number"));
+    }
+    Ok(x)
+}
+
+fn finite_f32(s: &str) -> Result<f32, String> {
+    finite(s).map(|x| x as f32)
+}
+
 const AFTER_HELP: &str = "\
 Examples:
   zagreus -m ./open-zagreus-0.4B \"Raccontami qualcosa di interessante sull'Italia.\"
@@ -93,7 +127,7 @@ pub struct CheckLogitsArgs {
     pub reference: PathBuf,
 
     /// Largest allowed |Δlogit|
-    #[arg(long, value_name = "X", default_value_t = 1e-3)]
+    #[arg(long, value_name = "X", default_value_t = 1e-3, value_parser = finite_f32)]
     pub tolerance: f32,
 
     #[command(flatten)]
@@ -112,7 +146,8 @@ pub struct BenchArgs {
         long = "prompt",
         value_name = "N",
         value_delimiter = ',',
-        default_value = "128"
+        default_value = "128",
+        value_parser = count::<0, MAX_TOKENS>
     )]
     pub prompt: Vec<usize>,
 
@@ -122,7 +157,8 @@ pub struct BenchArgs {
         long = "gen",
         value_name = "N",
         value_delimiter = ',',
-        default_value = "64"
+        default_value = "64",
+        value_parser = count::<0, MAX_TOKENS>
     )]
     pub gen: Vec<usize>,
 
@@ -132,18 +168,19 @@ pub struct BenchArgs {
         long = "depth",
         value_name = "N",
         value_delimiter = ',',
-        default_value = "0"
+        default_value = "0",
+        value_parser = count::<0, MAX_TOKENS>
     )]
     pub depth: Vec<usize>,
 
     /// Repetitions of each test (after one warm-up run)
-    #[arg(short = 'r', long, value_name = "N", default_value_t = 5)]
+    #[arg(short = 'r', long, value_name = "N", default_value_t = 5, value_parser = count::<1, MAX_REPETITIONS>)]
     pub repetitions: usize,
 
     /// Batched decoding instead (llama-batched-bench's figures): for each number of sequences,
     /// their prompts (-p) prefilled together, then -n tokens each generated in steps of all of
     /// them; comma-separated, e.g. 1,2,4,8,16
-    #[arg(long, value_name = "N", value_delimiter = ',')]
+    #[arg(long, value_name = "N", value_delimiter = ',', value_parser = count::<1, MAX_BATCH>)]
     pub batch: Vec<usize>,
 
     /// Weight memory for --random: huge (2 MiB pages) or normal (4 KiB pages)
@@ -214,7 +251,7 @@ pub struct RunArgs {
     pub json: bool,
 
     /// With --json: the log-probability of each generated token and its N most likely alternatives
-    #[arg(long, value_name = "N", requires = "json", help_heading = "Output")]
+    #[arg(long, value_name = "N", requires = "json", help_heading = "Output", value_parser = count::<0, MAX_LOGPROBS>)]
     pub logprobs: Option<usize>,
 
     /// Print load time, token counts, speeds and the seed on stderr
@@ -253,11 +290,11 @@ pub struct ModelArgs {
     pub quantize: Option<QuantizeArg>,
 
     /// CPU threads [default: all cores]
-    #[arg(short, long, value_name = "N", help_heading = "Model")]
+    #[arg(short, long, value_name = "N", help_heading = "Model", value_parser = count::<1, MAX_THREADS>)]
     pub threads: Option<usize>,
 
     /// Context size in tokens [default: the model's max_position_embeddings]
-    #[arg(short = 'c', long, value_name = "N", help_heading = "Model")]
+    #[arg(short = 'c', long, value_name = "N", help_heading = "Model", value_parser = count::<1, MAX_TOKENS>)]
     pub ctx_size: Option<usize>,
 
     /// Use this Jinja chat template instead of the model's
@@ -282,7 +319,7 @@ pub struct ModelArgs {
 #[derive(Args, Debug, Clone, Default)]
 pub struct SamplingArgs {
     /// Randomness; 0 always picks the most likely token [default: 0.7]
-    #[arg(long, value_name = "T", allow_negative_numbers = true, help_heading = "Sampling")]
+    #[arg(long, value_name = "T", allow_negative_numbers = true, help_heading = "Sampling", value_parser = finite)]
     pub temperature: Option<f64>,
 
     /// Sample from the K most likely tokens only; 0 = off [default: 40]
@@ -290,16 +327,16 @@ pub struct SamplingArgs {
     pub top_k: Option<usize>,
 
     /// Sample from the smallest set of tokens whose probability reaches P; 1 = off [default: 0.9]
-    #[arg(long, value_name = "P", help_heading = "Sampling")]
+    #[arg(long, value_name = "P", help_heading = "Sampling", value_parser = finite)]
     pub top_p: Option<f64>,
 
     /// Drop tokens less likely than P times the most likely one; 0 = off [default: 0.05]
-    #[arg(long, value_name = "P", help_heading = "Sampling")]
+    #[arg(long, value_name = "P", help_heading = "Sampling", value_parser = finite)]
     pub min_p: Option<f64>,
 
     /// Penalise tokens seen in the last --repeat-last-n tokens (transformers' repetition_penalty);
     /// 1 = off [default: 1.1]
-    #[arg(long, value_name = "X", help_heading = "Sampling")]
+    #[arg(long, value_name = "X", help_heading = "Sampling", value_parser = finite)]
     pub repeat_penalty: Option<f64>,
 
     /// How many recent tokens (prompt included) the penalties look at; -1 = the whole context
@@ -308,11 +345,11 @@ pub struct SamplingArgs {
     pub repeat_last_n: Option<i64>,
 
     /// Subtract X from the logit of every token already seen [default: 0]
-    #[arg(long, value_name = "X", allow_negative_numbers = true, help_heading = "Sampling")]
+    #[arg(long, value_name = "X", allow_negative_numbers = true, help_heading = "Sampling", value_parser = finite)]
     pub presence_penalty: Option<f64>,
 
     /// Subtract X times its count from the logit of every token already seen [default: 0]
-    #[arg(long, value_name = "X", allow_negative_numbers = true, help_heading = "Sampling")]
+    #[arg(long, value_name = "X", allow_negative_numbers = true, help_heading = "Sampling", value_parser = finite)]
     pub frequency_penalty: Option<f64>,
 
     /// Random seed; the same seed and settings give the same answer [default: random]
@@ -320,7 +357,7 @@ pub struct SamplingArgs {
     pub seed: Option<u64>,
 
     /// Stop after N generated tokens [default: 256]
-    #[arg(short = 'n', long, value_name = "N", help_heading = "Sampling")]
+    #[arg(short = 'n', long, value_name = "N", help_heading = "Sampling", value_parser = count::<0, MAX_TOKENS>)]
     pub max_tokens: Option<usize>,
 
     /// Stop when this text appears (not printed); repeatable

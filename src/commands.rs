@@ -17,7 +17,11 @@ pub fn pull(args: &PullArgs) -> Result<()> {
             revision,
             gguf: Some(tag),
         } => {
-            let path = hub::resolve_gguf(&repo, revision.as_deref(), &tag, &HubConfig::from_env(false))?;
+            let cfg = HubConfig::from_env(false);
+            if cfg.offline {
+                bail!("`pull` needs the network, but HF_HUB_OFFLINE is set");
+            }
+            let path = hub::resolve_gguf(&repo, revision.as_deref(), &tag, &cfg, true)?;
             writeln!(std::io::stdout(), "{}", path.display())?;
             return Ok(());
         }
@@ -37,7 +41,7 @@ pub fn pull(args: &PullArgs) -> Result<()> {
     if cfg.offline {
         bail!("`pull` needs the network, but HF_HUB_OFFLINE is set");
     }
-    let files = hub::resolve(&repo, revision.as_deref(), &cfg)?;
+    let files = hub::pull(&repo, revision.as_deref(), &cfg)?;
     let dir = files
         .config
         .parent()
@@ -53,22 +57,19 @@ pub fn list(args: &ListArgs) -> Result<()> {
     let models = hub::list_cached(&cfg)?;
     let mut out = std::io::stdout().lock();
     if args.json {
-        serde_json::to_writer_pretty(&mut out, &models)?;
-        writeln!(out)?;
+        let text = serde_json::to_string_pretty(&models)?;
+        writeln!(out, "{text}")?;
         return Ok(());
     }
     if models.is_empty() {
-        eprintln!("zagreus: no models in {}", cfg.cache_dir.display());
+        crate::note!("zagreus: no models in {}", cfg.cache_dir.display());
         return Ok(());
     }
     let width = models.iter().map(|m| m.model.len()).max().unwrap_or(5).max(5);
     writeln!(out, "{:<width$}  {:<10}  {:>9}  STATUS", "MODEL", "REVISION", "SIZE")?;
     for m in &models {
-        let rev = if m.revision.len() > 10 {
-            &m.revision[..10]
-        } else {
-            &m.revision
-        };
+        // Branch names may be any UTF-8: cut by characters, not bytes.
+        let rev: String = m.revision.chars().take(10).collect();
         let status = if m.complete { "ready" } else { "partial" };
         writeln!(
             out,
@@ -82,45 +83,88 @@ pub fn list(args: &ListArgs) -> Result<()> {
 }
 
 /// `zagreus check-logits`: the largest logit difference from a transformers reference, over the
-/// prompt (one forward pass) and every KV-cached greedy step; fails above the tolerance.
+/// prompt (one forward pass) and every KV-cached greedy step; fails above the tolerance. A
+/// reference that could not fail (empty, short rows, NaN values) is refused.
 pub fn check_logits(args: &CheckLogitsArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&args.reference)
-        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.reference.display()))?;
+    let path = &args.reference;
+    let text = crate::bounded::read_text(path, crate::bounded::REFERENCE_LIMIT, "the reference")?;
     let r: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("invalid {}: {e}", args.reference.display()))?;
-    let ids = |key: &str| -> Result<Vec<u32>> {
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("invalid {}: {e}", path.display()))?;
+    let field = |key: &str| -> Result<&Vec<serde_json::Value>> {
         r[key]
             .as_array()
-            .ok_or_else(|| anyhow::anyhow!("{}: no `{key}`", args.reference.display()))?
+            .filter(|a| !a.is_empty())
+            .ok_or_else(|| anyhow::anyhow!("{}: `{key}` is missing or empty", path.display()))
+    };
+    let ids = |key: &str| -> Result<Vec<u32>> {
+        field(key)?
             .iter()
             .map(|v| {
                 v.as_u64()
-                    .map(|x| x as u32)
-                    .ok_or_else(|| anyhow::anyhow!("bad id in `{key}`"))
+                    .and_then(|x| u32::try_from(x).ok())
+                    .ok_or_else(|| anyhow::anyhow!("{}: `{key}` holds {v}, not a token id", path.display()))
             })
             .collect()
     };
     let rows = |key: &str| -> Result<Vec<Vec<f32>>> {
-        let a = r[key]
-            .as_array()
-            .ok_or_else(|| anyhow::anyhow!("{}: no `{key}`", args.reference.display()))?;
-        Ok(a.iter()
-            .map(|row| {
+        field(key)?
+            .iter()
+            .enumerate()
+            .map(|(i, row)| {
                 row.as_array()
-                    .map(|v| v.iter().map(|x| x.as_f64().unwrap_or(f64::NAN) as f32).collect())
-                    .unwrap_or_default()
+                    .ok_or_else(|| anyhow::anyhow!("{}: `{key}` row {i} is not a list", path.display()))?
+                    .iter()
+                    .map(|x| {
+                        x.as_f64().map(|x| x as f32).filter(|x| x.is_finite()).ok_or_else(|| {
+                            anyhow::anyhow!("{}: `{key}` row {i} holds {x}, not a finite number", path.display())
+                        })
+                    })
+                    .collect()
             })
-            .collect())
+            .collect()
     };
     let (prompt, greedy) = (ids("prompt_ids")?, ids("greedy_ids")?);
     let (want_prompt, want_steps) = (rows("prompt_logits")?, rows("step_logits")?);
     let (loaded, _) = crate::loader::load_for(&args.model)?;
     let model = &loaded.model;
     let vocab = model.vocab_size();
+    if let Some(bad) = prompt.iter().chain(&greedy).find(|id| **id as usize >= vocab) {
+        bail!(
+            "{}: token id {bad} is outside the model's vocabulary of {vocab}",
+            path.display()
+        );
+    }
+    for (key, want, n) in [
+        ("prompt_logits", &want_prompt, prompt.len()),
+        ("step_logits", &want_steps, greedy.len()),
+    ] {
+        if want.len() != n {
+            bail!("{}: `{key}` has {} rows for {n} tokens", path.display(), want.len());
+        }
+        if let Some((i, row)) = want.iter().enumerate().find(|(_, row)| row.len() != vocab) {
+            bail!(
+                "{}: `{key}` row {i} has {} logits, but the model's vocabulary has {vocab}",
+                path.display(),
+                row.len()
+            );
+        }
+    }
+    if prompt.len() + greedy.len() > model.max_positions() {
+        bail!(
+            "{}: the prompt and greedy tokens are longer than the model's context",
+            path.display()
+        );
+    }
     let mut cache = model.new_cache(model.max_positions());
     let mut logits = Vec::new();
     model.forward(&prompt, &mut cache, LogitsFor::All, &mut logits)?;
-    let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    // NaN compares as "no difference" under max: count it as infinitely far instead.
+    let diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| if x.is_finite() { (x - y).abs() } else { f32::INFINITY })
+            .fold(0f32, f32::max)
+    };
     let worst_prompt = logits
         .chunks(vocab)
         .zip(&want_prompt)
@@ -136,12 +180,13 @@ pub fn check_logits(args: &CheckLogitsArgs) -> Result<()> {
         worst_steps = worst_steps.max(diff(&last, want));
     }
     let device = crate::device::device_name(&model.device());
-    println!(
+    writeln!(
+        std::io::stdout(),
         "{} on {device} ({}): max |Δlogit| prompt {worst_prompt:.3e}, cached steps {worst_steps:.3e}; greedy tokens {agree}/{} agree",
         loaded.name,
         model.precision(),
         greedy.len()
-    );
+    )?;
     if worst_prompt.max(worst_steps) > args.tolerance {
         bail!("logits differ from the reference by more than {}", args.tolerance);
     }

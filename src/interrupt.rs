@@ -13,7 +13,7 @@ pub fn install() {
             return;
         }
         // Leave the terminal on a fresh line, as shells do.
-        eprintln!();
+        crate::note!();
         std::process::exit(130);
     });
 }

@@ -5,6 +5,8 @@
 //! prompt, and a [`session::Session`] generates with a [`sampling::Sampler`], streaming text.
 
 pub mod bench;
+pub mod bounded;
+pub mod budget;
 pub mod chat;
 pub mod cli;
 pub mod commands;
@@ -14,6 +16,7 @@ pub mod interrupt;
 pub mod loader;
 pub mod model;
 pub mod oneshot;
+pub mod output;
 pub mod repl;
 pub mod sampling;
 pub mod session;

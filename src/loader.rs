@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 
 use crate::model::cpu::arena::Placement;
+use crate::model::cpu::source::Tensors;
 use crate::model::gguf::GgufLlama;
 use crate::model::weights::Weights;
 use crate::model::{CpuLlama, Format, GenerationConfig, Llama, LlamaConfig, Model};
@@ -137,9 +138,32 @@ impl LoadedModel {
     }
 }
 
+/// Checks what the configuration alone cannot: that an untied model has its LM head, and that
+/// the norm weights (a few thousand numbers, read in microseconds) are finite. NaN or Inf
+/// elsewhere shows up as a non-finite logit, which generation refuses.
+pub fn check_weights(config: &LlamaConfig, w: &dyn Tensors, origin: &str) -> Result<()> {
+    if config.tie_word_embeddings == Some(false) && !w.contains("lm_head.weight") {
+        bail!("{origin}: config.json's `tie_word_embeddings` is false, but the weights have no `lm_head.weight`");
+    }
+    let h = config.hidden_size;
+    let mut norms = vec!["model.norm.weight".to_string()];
+    for i in 0..config.num_hidden_layers {
+        norms.push(format!("model.layers.{i}.input_layernorm.weight"));
+        norms.push(format!("model.layers.{i}.post_attention_layernorm.weight"));
+    }
+    for name in norms {
+        let v = w.vector(&name, h)?;
+        if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+            bail!("{origin}: tensor `{name}` holds {x} at index {i}: the checkpoint is corrupt");
+        }
+    }
+    Ok(())
+}
+
 /// The network from the safetensors files, on the engine and in the precision asked for.
 fn load_network(config: &LlamaConfig, files: &ModelFiles, opts: &LoadOptions) -> Result<Model> {
     let weights = Weights::open(&files.weights)?;
+    check_weights(config, &weights, &files.name)?;
     let stored = weights.dtype("model.embed_tokens.weight");
     let dtype = opts.dtype.unwrap_or_else(|| default_dtype(stored, &opts.device));
     Ok(match (opts.engine, &opts.device) {
@@ -218,11 +242,11 @@ pub fn load_gguf(path: &Path, name: &str, opts: &LoadOptions) -> Result<LoadedMo
         bail!("GGUF models run on the CPU engine; use --device cpu");
     }
     let gguf = GgufLlama::open(path)?;
+    check_weights(&gguf.config, &gguf, &path.display().to_string())?;
     let (mut tokenizer_raw, tcfg) = crate::tokenizer::from_gguf(&gguf.file)?;
     let mut tokenizer_origin = path.display().to_string();
     if let Some(p) = opts.tokenizer {
-        tokenizer_raw = tokenizers::Tokenizer::from_file(p)
-            .map_err(|e| anyhow::anyhow!("{} is not a valid tokenizer.json: {e}", p.display()))?;
+        tokenizer_raw = crate::tokenizer::read_tokenizer_json(p)?;
         tokenizer_origin = p.display().to_string();
     }
     let tokenizer = Tokenizer::new(tokenizer_raw, &tcfg, gguf.config.bos_token_id)
@@ -299,6 +323,21 @@ fn assemble(p: Parts) -> Result<LoadedModel> {
         );
     }
     let mut stop_ids: BTreeSet<u32> = config.eos_token_ids.iter().copied().collect();
+    for (field, ids) in [
+        ("eos_token_id", &generation.eos_token_id),
+        ("bos_token_id", &generation.bos_token_id),
+    ] {
+        if let Some(bad) = ids
+            .iter()
+            .flat_map(|e| e.to_vec())
+            .find(|id| *id as usize >= model.vocab_size())
+        {
+            bail!(
+                "{name}: generation_config.json's `{field}` holds {bad}, outside the vocabulary of {} tokens",
+                model.vocab_size()
+            );
+        }
+    }
     if let Some(e) = &generation.eos_token_id {
         stop_ids.extend(e.to_vec());
     }

@@ -7,23 +7,26 @@ use std::io::IsTerminal;
 
 use zagreus::cli::{ChatArgs, Cli, Command};
 use zagreus::oneshot::Interrupted;
-use zagreus::{commands, interrupt, oneshot, repl};
+use zagreus::{commands, interrupt, note, oneshot, repl};
+
+// Runs before Rust's runtime reopens a closed stdout on /dev/null (see output.rs).
+#[cfg(target_os = "linux")]
+#[used]
+#[link_section = ".init_array"]
+static RECORD_STDOUT: extern "C" fn() = zagreus::output::record_stdout_at_start;
+
+#[cfg(target_os = "macos")]
+#[used]
+#[link_section = "__DATA,__mod_init_func"]
+static RECORD_STDOUT: extern "C" fn() = zagreus::output::record_stdout_at_start;
 
 fn main() -> ExitCode {
-    std::panic::set_hook(Box::new(|info| {
-        let msg = info
-            .payload()
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| info.payload().downcast_ref::<String>().cloned())
-            .unwrap_or_default();
-        let at = info
-            .location()
-            .map(|l| format!(" at {}:{}", l.file(), l.line()))
-            .unwrap_or_default();
-        eprintln!("zagreus: internal error: {msg}{at} (please report this)");
-    }));
+    zagreus::output::install_panic_hook();
     let cli = Cli::parse();
+    if zagreus::output::stdout_was_closed() {
+        note!("zagreus: error: stdout is closed, so the answer would be lost; redirect it to a file or to /dev/null");
+        return ExitCode::from(1);
+    }
     interrupt::install();
     let result = match cli.command {
         Some(Command::Pull(args)) => commands::pull(&args),
@@ -55,13 +58,10 @@ fn report(e: anyhow::Error) -> ExitCode {
         return ExitCode::from(130);
     }
     // A closed stdout (`| head`) is how a reader says it has enough: end quietly.
-    if e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-    }) {
+    if zagreus::output::is_broken_pipe(&e) {
         return ExitCode::SUCCESS;
     }
     let msg = format!("{e:#}").split_whitespace().collect::<Vec<_>>().join(" ");
-    eprintln!("zagreus: error: {msg}");
+    note!("zagreus: error: {msg}");
     ExitCode::from(1)
 }

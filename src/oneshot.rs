@@ -1,6 +1,6 @@
 //! The one-shot and pipe front end: one prompt (argument, stdin, or both) in, one answer out.
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -12,6 +12,8 @@ use crate::sampling::Sampler;
 use crate::session::{generate, Completion, GenerateOptions, Session, TokenLogprob};
 use crate::settings::Settings;
 use crate::template::Message;
+
+const STDOUT: &str = "cannot write the answer to stdout";
 
 /// Joins stdin (when it is not a terminal) and the prompt argument: stdin first, a blank line,
 /// then the argument.
@@ -40,19 +42,21 @@ fn read_stdin_if_piped() -> Result<Option<Vec<u8>>> {
     if stdin.is_terminal() {
         return Ok(None);
     }
-    let mut buf = Vec::new();
-    stdin.lock().read_to_end(&mut buf).context("cannot read stdin")?;
+    let buf = crate::bounded::read_limited(stdin.lock(), crate::bounded::STDIN_LIMIT, "stdin")?;
     Ok(Some(buf))
 }
 
-/// Renders and tokenizes one request.
+/// Renders and tokenizes one request for a context of `context` tokens. Text that certainly
+/// cannot fit is refused before it is rendered or tokenized (a gigabyte of input costs nothing).
 pub fn build_prompt(
     m: &LoadedModel,
     text: &str,
     system: Option<&str>,
     raw: bool,
     add_bos: bool,
+    context: usize,
 ) -> Result<(String, Vec<u32>)> {
+    m.tokenizer.check_fits(text, context, "the prompt")?;
     if raw {
         if system.is_some() {
             bail!("--system has no effect with --raw (there is no template to put it in)");
@@ -65,6 +69,8 @@ pub fn build_prompt(
     }
     messages.push(Message::new("user", text));
     let rendered = m.template.render(&messages, None, true, &m.template_tokens)?;
+    m.tokenizer
+        .check_fits(&rendered, context, "the prompt rendered by the chat template")?;
     let ids = m.tokenizer.encode_chat(&rendered, add_bos)?;
     Ok((rendered, ids))
 }
@@ -75,24 +81,31 @@ pub fn run(args: RunArgs) -> Result<()> {
     let (loaded, threads) = loader::load_for(&args.model)?;
     let model = &loaded.model;
     if args.verbose {
-        eprintln!(
+        crate::note!(
             "zagreus: loaded {} in {:.2} s",
             loaded.describe(threads),
             loaded.load_time.as_secs_f64()
         );
     }
     if !args.raw && loaded.lacks_chat_format() {
-        eprintln!("zagreus: warning: the model has no chat template and no ChatML tokens (a base model?); use --raw to send the prompt as is");
+        crate::note!("zagreus: warning: the model has no chat template and no ChatML tokens (a base model?); use --raw to send the prompt as is");
     }
     let settings = Settings::resolve(&args.sampling, &loaded.generation)?;
-    let (rendered, ids) = build_prompt(&loaded, &text, args.system.as_deref(), args.raw, !args.model.no_bos)?;
+    let context = loader::context_size(&args.model, model)?;
+    let (rendered, ids) = build_prompt(
+        &loaded,
+        &text,
+        args.system.as_deref(),
+        args.raw,
+        !args.model.no_bos,
+        context,
+    )?;
     if args.verbose_prompt {
-        eprintln!(
+        crate::note!(
             "zagreus: prompt ({} tokens):\n{rendered}\nzagreus: token ids: {ids:?}",
             ids.len()
         );
     }
-    let context = loader::context_size(&args.model, model)?;
     if ids.len() > context {
         bail!(
             "the prompt is {} tokens, more than the context of {context} tokens{}; shorten it",
@@ -126,8 +139,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         crate::interrupt::cancel_flag(),
         &mut |piece| {
             if stream_text {
-                out.write_all(piece.as_bytes())?;
-                out.flush()?;
+                out.write_all(piece.as_bytes())
+                    .and_then(|_| out.flush())
+                    .context(STDOUT)?;
             }
             Ok(())
         },
@@ -135,14 +149,15 @@ pub fn run(args: RunArgs) -> Result<()> {
     drop(generating);
     if args.json {
         let record = JsonRecord::new(&loaded, &settings, &ids, &completion, args.logprobs.is_some());
-        serde_json::to_writer(&mut out, &record)?;
-        out.write_all(b"\n")?;
+        let mut line = serde_json::to_vec(&record)?;
+        line.push(b'\n');
+        out.write_all(&line).context(STDOUT)?;
     } else if !completion.text.is_empty() && !completion.text.ends_with('\n') {
-        out.write_all(b"\n")?;
+        out.write_all(b"\n").context(STDOUT)?;
     }
-    out.flush()?;
+    out.flush().context(STDOUT)?;
     if completion.stats.context_full {
-        eprintln!("zagreus: the context of {context} tokens is full; the answer was cut short (--ctx-size)");
+        crate::note!("zagreus: the context of {context} tokens is full; the answer was cut short (--ctx-size)");
     }
     if args.verbose {
         print_stats(&completion, settings.sampling.seed);
@@ -171,21 +186,21 @@ impl std::error::Error for Interrupted {}
 
 fn print_stats(c: &Completion, seed: u64) {
     let s = &c.stats;
-    eprintln!(
+    crate::note!(
         "zagreus: prompt: {} tokens ({} processed) in {:.2} s, {:.1} t/s",
         s.prompt_tokens,
         s.prompt_processed,
         s.prompt_time.as_secs_f64(),
         s.prompt_tps()
     );
-    eprintln!(
+    crate::note!(
         "zagreus: generated: {} tokens in {:.2} s, {:.1} t/s; time to first token {:.2} s",
         s.generated,
         s.decode_time.as_secs_f64(),
         s.decode_tps(),
         s.time_to_first_token.as_secs_f64()
     );
-    eprintln!(
+    crate::note!(
         "zagreus: finish: {}; seed: {seed}; context used: {}",
         c.finish.as_str(),
         s.context_used

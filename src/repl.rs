@@ -54,14 +54,14 @@ pub fn run(args: ChatArgs) -> Result<()> {
     }
     let (loaded, threads) = loader::load_for(&args.model)?;
     if loaded.lacks_chat_format() {
-        eprintln!("zagreus: warning: the model has no chat template and no ChatML tokens (a base model?); answers may be poor");
+        crate::note!("zagreus: warning: the model has no chat template and no ChatML tokens (a base model?); answers may be poor");
     }
     let settings = Settings::resolve(&args.sampling, &loaded.generation)?;
     let context = loader::context_size(&args.model, &loaded.model)?;
     let chat = Chat::new(&loaded, context, args.system.clone(), settings, !args.model.no_bos);
     let history = history_path(args.no_history);
     let mut repl = Repl::new(chat, args.verbose, history)?;
-    eprintln!(
+    crate::note!(
         "zagreus {}: {}. /help for commands, /bye or Ctrl+D to quit.",
         env!("CARGO_PKG_VERSION"),
         loaded.describe(threads)
@@ -117,11 +117,22 @@ impl<'m> Repl<'m> {
             .max_history_size(10_000)?
             .build();
         let mut editor = DefaultEditor::with_config(config).context("cannot set up the terminal")?;
+        let mut history = history;
+        if let Some(h) = history
+            .as_ref()
+            .filter(|h| std::fs::metadata(h).is_ok_and(|m| !m.is_file()))
+        {
+            crate::note!(
+                "zagreus: warning: the history {} is not a regular file; history is off",
+                h.display()
+            );
+            history = None;
+        }
         if let Some(h) = &history {
             match editor.load_history(h) {
                 Ok(()) => {}
                 Err(ReadlineError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => eprintln!("zagreus: warning: cannot read the history {}: {e}", h.display()),
+                Err(e) => crate::note!("zagreus: warning: cannot read the history {}: {e}", h.display()),
             }
         }
         let color = std::io::stdout().is_terminal()
@@ -151,7 +162,7 @@ impl<'m> Repl<'m> {
             let line = match self.read(">>> ")? {
                 Input::Line(l) => l,
                 Input::Interrupted => {
-                    eprintln!("(Ctrl+D or /bye to quit)");
+                    crate::note!("(Ctrl+D or /bye to quit)");
                     continue;
                 }
                 Input::Eof => return Ok(None),
@@ -192,7 +203,7 @@ impl<'m> Repl<'m> {
                 let _ = std::fs::create_dir_all(dir);
             }
             if let Err(e) = self.editor.append_history(h) {
-                eprintln!("zagreus: warning: cannot write the history {}: {e}", h.display());
+                crate::note!("zagreus: warning: cannot write the history {}: {e}", h.display());
                 self.history = None;
             }
         }
@@ -224,7 +235,7 @@ impl<'m> Repl<'m> {
                 if is_broken_pipe(&e) {
                     return Err(e);
                 }
-                eprintln!("zagreus: error: {}", one_line(&e));
+                crate::note!("zagreus: error: {}", one_line(&e));
             }
         }
         Ok(())
@@ -272,9 +283,9 @@ impl<'m> Repl<'m> {
 
     fn note(&self, text: &str) {
         if self.color {
-            eprintln!("\x1b[2m{text}\x1b[0m");
+            crate::note!("\x1b[2m{text}\x1b[0m");
         } else {
-            eprintln!("{text}");
+            crate::note!("{text}");
         }
     }
 
@@ -331,7 +342,8 @@ impl<'m> Repl<'m> {
                 if arg.is_empty() {
                     bail!("/load needs a file name");
                 }
-                let text = std::fs::read_to_string(arg).with_context(|| format!("cannot read {arg}"))?;
+                let text =
+                    crate::bounded::read_text(Path::new(arg), crate::bounded::CONVERSATION_LIMIT, "the conversation")?;
                 let messages: Vec<Message> = serde_json::from_str(&text).with_context(|| {
                     format!("{arg} is not a JSON list of chat messages ({{\"role\": ..., \"content\": ...}})")
                 })?;

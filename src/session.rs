@@ -287,6 +287,12 @@ pub fn generate(
         if cancel.load(Ordering::Relaxed) {
             break FinishReason::Cancelled;
         }
+        if let Some(bad) = session.logits().iter().find(|x| !x.is_finite()) {
+            bail!(
+                "the model computed a logit of {bad} after {} tokens: its weights hold NaN or overflowing values (a corrupt checkpoint?)",
+                history.len()
+            );
+        }
         let raw = opts.logprobs.map(|_| session.logits().to_vec());
         let token = sampler.sample(session.logits_mut(), &history);
         if first_token_at.is_none() {

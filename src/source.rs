@@ -33,13 +33,13 @@ pub enum Resolved {
     Gguf { path: PathBuf, name: String },
 }
 
-/// Whether a file is a GGUF (by its magic bytes).
+/// Whether a file is a GGUF (by its magic bytes). Never blocks: a FIFO or device is no GGUF.
 pub fn is_gguf(path: &Path) -> bool {
     use std::io::Read;
     let mut magic = [0u8; 4];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
+    crate::bounded::open_regular(path, "the model file")
+        .ok()
+        .is_some_and(|mut f| f.read_exact(&mut magic).is_ok())
         && &magic == b"GGUF"
 }
 
@@ -48,9 +48,12 @@ impl ModelSource {
     /// a hub id.
     pub fn parse(spec: &str) -> Result<Self> {
         let path = Path::new(spec);
-        if path.exists() {
-            if path.is_dir() {
+        if let Ok(meta) = std::fs::metadata(path) {
+            if meta.is_dir() {
                 return Ok(Self::Dir(path.to_path_buf()));
+            }
+            if !meta.is_file() {
+                bail!("{spec} is not a regular file or a directory (a FIFO, socket or device?)");
             }
             if spec.ends_with(".gguf") || is_gguf(path) {
                 return Ok(Self::Gguf(path.to_path_buf()));
@@ -155,7 +158,7 @@ pub fn resolve(spec: &str, offline: bool) -> Result<Resolved> {
             gguf: Some(tag),
         } => {
             let cfg = crate::hub::HubConfig::from_env(offline);
-            let path = crate::hub::resolve_gguf(&repo, revision.as_deref(), &tag, &cfg)?;
+            let path = crate::hub::resolve_gguf(&repo, revision.as_deref(), &tag, &cfg, false)?;
             Resolved::Gguf {
                 path,
                 name: format!("{repo}:{tag}"),

@@ -3,11 +3,25 @@
 //! what Python's `json.dumps` writes, `raise_exception` and `strftime_now`.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use minijinja::value::{Kwargs, Rest, ValueKind};
 use minijinja::{AutoEscape, Environment, Error, ErrorKind, Value};
 use serde::{Deserialize, Serialize};
+
+use crate::budget::{self, Exceeded, Limits};
+
+/// Steps (minijinja instructions) one rendering may take. Real templates take a few hundred per
+/// message; a template that loops without end runs out here in a second or two.
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+/// What one rendering may hold in memory and how long it may run, whatever the template does
+/// (strings that double at every step exhaust memory long before the fuel runs out).
+pub const TEMPLATE_LIMITS: Limits = Limits {
+    memory: 512 << 20,
+    time: Duration::from_secs(20),
+};
 
 /// A built-in ChatML template for models that ship none.
 pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
@@ -41,9 +55,12 @@ pub struct TemplateTokens {
 }
 
 pub struct ChatTemplate {
-    env: Environment<'static>,
+    env: Arc<Environment<'static>>,
     source: String,
     origin: String,
+    /// Set when a rendering was stopped for exceeding its budget: the template is not run again.
+    refused: Mutex<Option<String>>,
+    fuel: u64,
 }
 
 const NAME: &str = "chat_template";
@@ -51,9 +68,22 @@ const NAME: &str = "chat_template";
 impl ChatTemplate {
     /// Compiles a template; `origin` names where it came from in error messages.
     pub fn new(source: impl Into<String>, origin: impl Into<String>) -> Result<Self> {
+        Self::with_fuel(source, origin, TEMPLATE_FUEL)
+    }
+
+    /// [`Self::new`] with another step limit (fuzzing uses a small one).
+    pub fn with_fuel(source: impl Into<String>, origin: impl Into<String>, fuel: u64) -> Result<Self> {
         let source = source.into();
         let origin = origin.into();
+        if source.len() as u64 > crate::bounded::TEMPLATE_LIMIT {
+            bail!(
+                "the chat template from {origin} is {} bytes, more than the {} zagreus accepts",
+                source.len(),
+                crate::bounded::size_name(crate::bounded::TEMPLATE_LIMIT)
+            );
+        }
         let mut env = Environment::new();
+        env.set_fuel(Some(fuel));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
@@ -64,13 +94,18 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_template_owned(NAME, source.clone())
             .map_err(|e| anyhow!("the chat template from {origin} does not compile: {}", one_line(&e)))?;
-        Ok(Self { env, source, origin })
+        Ok(Self {
+            env: Arc::new(env),
+            source,
+            origin,
+            refused: Mutex::new(None),
+            fuel,
+        })
     }
 
     /// Reads and compiles a template file (`--chat-template`, `chat_template.jinja`).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let source =
-            std::fs::read_to_string(path).with_context(|| format!("cannot read chat template {}", path.display()))?;
+        let source = crate::bounded::read_text(path, crate::bounded::TEMPLATE_LIMIT, "the chat template")?;
         Self::new(source, path.display().to_string())
     }
 
@@ -86,7 +121,8 @@ impl ChatTemplate {
         &self.origin
     }
 
-    /// Renders `messages` as transformers' `apply_chat_template(..., tokenize=False)` would.
+    /// Renders `messages` as transformers' `apply_chat_template(..., tokenize=False)` would, within
+    /// its fuel ([`TEMPLATE_FUEL`] steps) and [`TEMPLATE_LIMITS`].
     pub fn render<M: Serialize>(
         &self,
         messages: &[M],
@@ -94,7 +130,21 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         tokens: &TemplateTokens,
     ) -> Result<String> {
-        let tmpl = self.env.get_template(NAME).expect("template was added");
+        self.render_within(messages, tools, add_generation_prompt, tokens, TEMPLATE_LIMITS)
+    }
+
+    /// [`Self::render`] under other limits (tests and fuzzing use smaller ones).
+    pub fn render_within<M: Serialize>(
+        &self,
+        messages: &[M],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+        tokens: &TemplateTokens,
+        limits: Limits,
+    ) -> Result<String> {
+        if let Some(why) = self.refused.lock().map(|r| r.clone()).unwrap_or(None) {
+            bail!("the chat template from {} was stopped before: {why}", self.origin);
+        }
         let opt = |s: &Option<String>| s.as_deref().map(Value::from).unwrap_or(Value::from(()));
         let ctx = minijinja::context! {
             messages => Value::from_serialize(messages),
@@ -106,8 +156,26 @@ impl ChatTemplate {
             pad_token => opt(&tokens.pad_token),
             unk_token => opt(&tokens.unk_token),
         };
-        tmpl.render(ctx)
-            .map_err(|e| anyhow!("the chat template from {} failed: {}", self.origin, one_line(&e)))
+        let env = self.env.clone();
+        let fuel = self.fuel;
+        let rendered = budget::run(limits, move || {
+            let tmpl = env.get_template(NAME).map_err(|e| one_line(&e))?;
+            tmpl.render(ctx).map_err(|e| match e.kind() {
+                ErrorKind::OutOfFuel => format!("it ran more than {fuel} steps (a loop that does not end?)"),
+                _ => one_line(&e),
+            })
+        });
+        match rendered {
+            Ok(Ok(text)) => Ok(text),
+            Ok(Err(msg)) => bail!("the chat template from {} failed: {msg}", self.origin),
+            Err(e @ (Exceeded::Memory(_) | Exceeded::Time(_))) => {
+                if let Ok(mut r) = self.refused.lock() {
+                    *r = Some(e.to_string());
+                }
+                bail!("the chat template from {} was stopped: {e}", self.origin)
+            }
+            Err(e) => bail!("the chat template from {} failed: {e}", self.origin),
+        }
     }
 }
 

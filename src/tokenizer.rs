@@ -2,9 +2,33 @@
 //! rules these models expect, and a UTF-8-safe streaming detokenizer.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
+
+use crate::budget::{self, Limits};
+
+/// How long one encoding may run: a pre-tokenizer regex that backtracks badly is stopped here.
+const ENCODE_TIME: Duration = Duration::from_secs(60);
+/// Memory one encoding may hold: tokenizers use about 200 bytes per input byte, so a fixed
+/// allowance plus 512 bytes per byte of text.
+fn encode_limits(text_len: usize) -> Limits {
+    Limits {
+        memory: (256usize << 20).saturating_add(text_len.saturating_mul(512)),
+        time: ENCODE_TIME,
+    }
+}
+
+/// Parses a tokenizer.json held in memory; the tokenizers library's panics become errors.
+pub fn parse_tokenizer_json(bytes: &[u8]) -> Result<tokenizers::Tokenizer> {
+    match budget::catch_panic(|| tokenizers::Tokenizer::from_bytes(bytes)) {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => bail!("{e}"),
+        Err(panic) => bail!("the tokenizers library failed on it: {panic}"),
+    }
+}
 
 /// What `tokenizer_config.json` says about special tokens and templates.
 #[derive(Debug, Clone, Default)]
@@ -73,7 +97,7 @@ impl TokenizerConfig {
         if !path.exists() {
             return Ok(Self::default());
         }
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let text = crate::bounded::read_text(path, crate::bounded::TOKENIZER_CONFIG_LIMIT, "the tokenizer config")?;
         Self::from_json(&text).with_context(|| format!("invalid {}", path.display()))
     }
 
@@ -102,18 +126,24 @@ impl TokenizerConfig {
 
 /// A tokenizer with the model's BOS token resolved to an id.
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    inner: Arc<tokenizers::Tokenizer>,
     bos: Option<(u32, String)>,
     add_bos_token: Option<bool>,
+    /// Bytes of the longest token's text (an upper bound on the text one token covers).
+    max_token_bytes: usize,
+}
+
+/// Reads and parses a tokenizer.json of at most [`crate::bounded::TOKENIZER_LIMIT`] bytes.
+pub fn read_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
+    let bytes = crate::bounded::read_file(path, crate::bounded::TOKENIZER_LIMIT, "the tokenizer")?;
+    parse_tokenizer_json(&bytes).with_context(|| format!("{} is not a valid tokenizer.json", path.display()))
 }
 
 impl Tokenizer {
     /// Loads `tokenizer.json`. The BOS token comes from tokenizer_config.json when it names one
     /// (or says null), else from config.json's `bos_token_id`.
     pub fn from_file(path: &Path, tcfg: &TokenizerConfig, config_bos_id: Option<u32>) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| anyhow!("{} is not a valid tokenizer.json: {e}", path.display()))?;
-        Self::new(inner, tcfg, config_bos_id)
+        Self::new(read_tokenizer_json(path)?, tcfg, config_bos_id)
     }
 
     pub fn new(inner: tokenizers::Tokenizer, tcfg: &TokenizerConfig, config_bos_id: Option<u32>) -> Result<Self> {
@@ -130,11 +160,33 @@ impl Tokenizer {
         } else {
             config_bos_id.and_then(|id| inner.id_to_token(id).map(|t| (id, t)))
         };
+        let max_token_bytes = inner.get_vocab(true).keys().map(|t| t.len()).max().unwrap_or(1).max(1);
         Ok(Self {
-            inner,
+            inner: Arc::new(inner),
             bos,
             add_bos_token: tcfg.add_bos_token,
+            max_token_bytes,
         })
+    }
+
+    /// The most bytes of text `tokens` tokens can cover (each token covers at most the bytes of
+    /// the vocabulary's longest token): text longer than this cannot fit, without tokenizing it.
+    pub fn max_text_bytes(&self, tokens: usize) -> usize {
+        tokens.saturating_mul(self.max_token_bytes)
+    }
+
+    /// Refuses `text` (named `what`) when it is certainly more than `tokens` tokens, before
+    /// spending time and memory on tokenizing it.
+    pub fn check_fits(&self, text: &str, tokens: usize, what: &str) -> Result<()> {
+        let most = self.max_text_bytes(tokens);
+        if text.len() > most {
+            bail!(
+                "{what} is {} bytes, more than a context of {tokens} tokens can hold (at most {most} bytes: {} per token, the longest token of this vocabulary); shorten it (--ctx-size sets the context, up to the model's maximum)",
+                text.len(),
+                self.max_token_bytes
+            );
+        }
+        Ok(())
     }
 
     /// The BOS token (id, text), if the model has one.
@@ -183,25 +235,36 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// Encodes under a time and memory budget, with the tokenizers library's panics (a regex
+    /// engine that gives up on a backtracking pattern) turned into errors.
     fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
-        Ok(self
-            .inner
-            .encode_fast(text, special)
-            .map_err(|e| anyhow!("cannot tokenize the prompt: {e}"))?
-            .get_ids()
-            .to_vec())
+        let inner = self.inner.clone();
+        let owned = text.to_string();
+        let out = budget::run(encode_limits(text.len()), move || {
+            inner
+                .encode_fast(owned.as_str(), special)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| e.to_string())
+        });
+        match out {
+            Ok(Ok(ids)) => Ok(ids),
+            Ok(Err(e)) => bail!("cannot tokenize the prompt: {e}"),
+            Err(e) => bail!("cannot tokenize the prompt: the tokenizer was stopped: {e}"),
+        }
     }
 
     /// Text of `ids` with special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| anyhow!("cannot decode tokens: {e}"))
+        match budget::catch_panic(|| self.inner.decode(ids, true)) {
+            Ok(Ok(text)) => Ok(text),
+            Ok(Err(e)) => bail!("cannot decode tokens: {e}"),
+            Err(panic) => bail!("cannot decode tokens: the tokenizer failed: {panic}"),
+        }
     }
 
     /// Text of one token, special tokens included (for log-probabilities and diagnostics).
     pub fn token_text(&self, id: u32) -> String {
-        self.inner.decode(&[id], false).unwrap_or_default()
+        budget::catch_panic(|| self.inner.decode(&[id], false).unwrap_or_default()).unwrap_or_default()
     }
 
     pub fn stream(&self) -> TextStream<'_> {
@@ -375,7 +438,7 @@ pub fn from_gguf(f: &crate::model::gguf::GgufFile) -> Result<(tokenizers::Tokeni
             "vocab": vocab, "merges": merges,
         },
     });
-    let tok = tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes()).map_err(|e| {
+    let tok = parse_tokenizer_json(json.to_string().as_bytes()).map_err(|e| {
         anyhow!(
             "{}: cannot build the tokenizer from the GGUF metadata: {e}",
             f.path.display()

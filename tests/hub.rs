@@ -4,78 +4,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
 
-use assert_cmd::cargo::cargo_bin;
+use common::cli::assert_failed;
+use common::hub_cli::{answer_ids, greedy, reference_ids, repo_dir, zagreus};
 use common::mock_hub::{Cut, MockHub, MockRepo};
-use common::{ids, model_dir, read_json, GREEDY};
+use common::{ids, model_dir, read_json};
 
 const REPO: &str = "test-org/tiny-zagreus";
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn zagreus(home: &Path, endpoint: &str, envs: &[(&str, &str)], args: &[&str]) -> Out {
-    let mut c = Command::new(cargo_bin("zagreus"));
-    c.env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", home)
-        .env("HF_HOME", home.join("hf"))
-        .env("HF_ENDPOINT", endpoint)
-        .args(args)
-        .stdin(Stdio::null());
-    for (k, v) in envs {
-        c.env(k, v);
-    }
-    let out = c.output().unwrap();
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-fn greedy(model: &str) -> Vec<&str> {
-    let mut v = vec!["-m", model];
-    v.extend_from_slice(&GREEDY);
-    v.extend_from_slice(&[
-        "-n",
-        "12",
-        "--json",
-        "-s",
-        "Sei un assistente utile.",
-        "Ciao! Come stai? 😀",
-    ]);
-    v
-}
-
-fn reference_ids() -> Vec<u32> {
-    ids(&read_json(&model_dir("tied-bf16").join("reference.json"))["greedy_ids"])
-}
-
-fn answer_ids(out: &Out) -> Vec<u32> {
-    assert_eq!(out.code, 0, "stderr: {}", out.stderr);
-    ids(&serde_json::from_str::<serde_json::Value>(&out.stdout).unwrap()["generated_token_ids"])
-}
-
-fn repo_dir(home: &Path, repo: &str) -> PathBuf {
-    home.join("hf/hub").join(format!("models--{}", repo.replace('/', "--")))
-}
-
-fn assert_error(out: &Out, needles: &[&str]) {
-    assert_ne!(out.code, 0, "expected failure: {}", out.stdout);
-    assert!(out.stdout.is_empty(), "{}", out.stdout);
-    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
-    let last = out.stderr.trim_end().lines().last().unwrap_or("");
-    assert!(last.starts_with("zagreus: error: "), "{}", out.stderr);
-    for n in needles {
-        assert!(last.contains(n), "missing {n:?} in: {}", out.stderr);
-    }
-}
 
 #[test]
 fn first_run_downloads_and_later_runs_need_no_network() {
@@ -126,14 +62,14 @@ fn offline_with_an_empty_cache_fails_at_once_and_says_how_to_fix_it() {
     let home = tempfile::tempdir().unwrap();
     let hub = MockHub::start(vec![MockRepo::from_dir(REPO, &model_dir("tied-bf16"))], None);
     let out = zagreus(home.path(), &hub.url, &[("HF_HUB_OFFLINE", "1")], &greedy(REPO));
-    assert_error(&out, &["offline", "not in the cache", "zagreus pull"]);
+    assert_failed(&out, &["offline", "not in the cache", "zagreus pull"]);
     let out = zagreus(
         home.path(),
         &hub.url,
         &[],
         &[&["--offline"][..], &greedy(REPO)].concat(),
     );
-    assert_error(&out, &["offline"]);
+    assert_failed(&out, &["offline"]);
     assert_eq!(hub.request_count(), 0, "offline must never touch the network");
 }
 
@@ -146,19 +82,19 @@ fn unknown_repos_and_missing_weights_are_clear_errors() {
     gguf_only.id = "test-org/gguf-only".into();
     gguf_only.files.insert("model-Q8_0.gguf".into(), b"GGUF".to_vec());
     let hub = MockHub::start(vec![no_weights, gguf_only], None);
-    assert_error(
+    assert_failed(
         &zagreus(home.path(), &hub.url, &[], &greedy("test-org/missing")),
         &["test-org/missing", "404"],
     );
-    assert_error(
+    assert_failed(
         &zagreus(home.path(), &hub.url, &[], &greedy("test-org/no-weights@nope")),
         &["404"],
     );
-    assert_error(
+    assert_failed(
         &zagreus(home.path(), &hub.url, &[], &greedy("test-org/no-weights")),
         &["no safetensors weights"],
     );
-    assert_error(
+    assert_failed(
         &zagreus(home.path(), &hub.url, &[], &greedy("test-org/gguf-only")),
         &["GGUF"],
     );
@@ -167,7 +103,7 @@ fn unknown_repos_and_missing_weights_are_clear_errors() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         format!("http://{}", l.local_addr().unwrap())
     };
-    assert_error(
+    assert_failed(
         &zagreus(home.path(), &closed, &[], &greedy(REPO)),
         &["cannot download", "HF_HUB_OFFLINE"],
     );
@@ -179,11 +115,11 @@ fn gated_repos_need_a_token() {
     let mut gated = MockRepo::from_dir("test-org/gated", &model_dir("tied-bf16"));
     gated.token = Some("hf_secret".into());
     let hub = MockHub::start(vec![gated], None);
-    assert_error(
+    assert_failed(
         &zagreus(home.path(), &hub.url, &[], &greedy("test-org/gated")),
         &["401", "HF_TOKEN"],
     );
-    assert_error(
+    assert_failed(
         &zagreus(
             home.path(),
             &hub.url,
@@ -223,14 +159,14 @@ fn a_cut_download_leaves_nothing_loadable_and_the_next_run_completes_it() {
         }),
     );
     let out = zagreus(home.path(), &hub.url, &[], &greedy(REPO));
-    assert_error(&out, &["model.safetensors"]);
+    assert_failed(&out, &["model.safetensors"]);
     let snap = repo_dir(home.path(), REPO).join("snapshots").join(&sha);
     assert!(
         !snap.join("model.safetensors").exists(),
         "an incomplete file must not be in the snapshot"
     );
     // Offline, the partial model is refused rather than loaded.
-    assert_error(
+    assert_failed(
         &zagreus(home.path(), &hub.url, &[("HF_HUB_OFFLINE", "1")], &greedy(REPO)),
         &["partly cached", "model.safetensors"],
     );
@@ -286,7 +222,7 @@ fn pull_downloads_without_running_and_list_shows_the_cache() {
     assert_eq!(json[0]["complete"], true);
     assert!(json[0]["size_bytes"].as_u64().unwrap() > 300_000);
     // pull of something that is not a hub id
-    assert_error(
+    assert_failed(
         &zagreus(home.path(), &hub.url, &[], &["pull", "not-an-id"]),
         &["owner/name"],
     );
@@ -359,7 +295,7 @@ fn a_gguf_file_in_a_hub_repo_by_its_quantization() {
         1,
         "only the requested file is fetched: {downloaded:?}"
     );
-    assert_error(
+    assert_failed(
         &zagreus(home.path(), &hub.url, &[], &greedy("test-org/tiny-gguf:Q5_K_M")),
         &["Q5_K_M", "tiny-Q8_0.gguf"],
     );
@@ -375,4 +311,22 @@ fn a_gguf_file_in_a_hub_repo_by_its_quantization() {
         &["-m", "test-org/tiny-gguf:Q8_0", "-n", "2", "--json", "Ciao"],
     );
     assert_eq!(out.code, 0, "{}", out.stderr);
+}
+
+#[test]
+fn a_renamed_repository_is_followed() {
+    // The hub answers an old id with a relative redirect, as huggingface_hub follows.
+    let home = tempfile::tempdir().unwrap();
+    let mut repo = MockRepo::from_dir(REPO, &model_dir("tied-bf16"));
+    repo.renamed_from = vec!["old-org/old-name".into()];
+    let hub = MockHub::start(vec![repo], None);
+    let out = zagreus(home.path(), &hub.url, &[], &greedy("old-org/old-name"));
+    assert_eq!(answer_ids(&out), reference_ids());
+    let requests = hub.requests.lock().unwrap();
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.starts_with("HEAD /old-org/old-name/resolve/")),
+        "{requests:?}"
+    );
 }

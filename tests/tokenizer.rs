@@ -27,12 +27,17 @@ fn stream_all(t: &Tokenizer, ids: &[u32]) -> Vec<String> {
 fn fixture_tokenizer_matches_transformers_cases() {
     let cases = read_json(&fixtures().join("tokenizer_cases.json"));
     let t = tokenizer(&model_dir("tied-bf16").join("tokenizer.json"), "<|begin_of_text|>");
+    // The fixture's BOS, as its config.json states it (scripts/make_fixtures.py).
+    let bos = read_json(&model_dir("tied-bf16").join("config.json"))["bos_token_id"]
+        .as_u64()
+        .unwrap() as u32;
+    assert_eq!(t.token_to_id("<|begin_of_text|>"), Some(bos));
     for case in cases["cases"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
         let plain = ids(&case["ids_no_special"]);
         let mut want = ids(&case["ids_with_special"]);
         // transformers adds a second BOS to a text that spells one out; zagreus never doubles it.
-        if want.starts_with(&[300, 300]) {
+        if want.starts_with(&[bos, bos]) {
             want.remove(0);
         }
         assert_eq!(t.encode_raw(text, true).unwrap(), want, "{text:?}");
@@ -56,9 +61,17 @@ fn open_zagreus() -> Tokenizer {
     tokenizer(&asset("open-zagreus-tokenizer/tokenizer.json"), "<|begin_of_text|>")
 }
 
+/// The ids of the Open-Zagreus-like tokenizer's special tokens: Llama 3's BOS, and the two
+/// tokens scripts/fetch-test-assets.sh adds after Llama 3's 128256 (as the SFT models do).
+const BOS: u32 = 128000;
+const IM_END: u32 = 128256;
+const IM_START: u32 = 128257;
+
 #[test]
 fn real_llama32_tokenizer_gives_the_reference_ids() {
     let t = llama_text();
+    // transformers' ids for this text with Meta's tokenizer (recorded in ../shared/TESTING.md §3:
+    // `AutoTokenizer(...)("Ciao! Come posso imparare l'italiano?").input_ids`).
     assert_eq!(
         t.encode_raw("Ciao! Come posso imparare l'italiano?", true).unwrap(),
         [128000, 34, 23332, 0, 15936, 1153, 708, 737, 1768, 548, 326, 6, 2223, 13389, 30]
@@ -71,18 +84,20 @@ fn real_llama32_tokenizer_gives_the_reference_ids() {
 fn chat_prompts_get_exactly_one_bos() {
     let t = open_zagreus();
     assert_eq!(t.vocab_size(), 128258);
+    assert_eq!(t.token_to_id("<|im_start|>"), Some(IM_START));
+    assert_eq!(t.token_to_id("<|im_end|>"), Some(IM_END));
     let rendered = "<|im_start|>user\nCiao<|im_end|>\n<|im_start|>assistant\n";
     let ids = t.encode_chat(rendered, true).unwrap();
-    assert_eq!(ids[..2], [128000, 128257], "BOS, then <|im_start|> as one token");
-    assert_eq!(ids.iter().filter(|&&i| i == 128000).count(), 1);
-    assert!(ids.contains(&128256));
+    assert_eq!(ids[..2], [BOS, IM_START], "BOS, then <|im_start|> as one token");
+    assert_eq!(ids.iter().filter(|&&i| i == BOS).count(), 1);
+    assert!(ids.contains(&IM_END));
     // A template that already starts with BOS (Llama-3 style) does not get a second one.
     let with_bos = format!("<|begin_of_text|>{rendered}");
     let ids2 = t.encode_chat(&with_bos, true).unwrap();
-    assert_eq!(ids2.iter().filter(|&&i| i == 128000).count(), 1);
+    assert_eq!(ids2.iter().filter(|&&i| i == BOS).count(), 1);
     assert_eq!(ids2, ids);
     // --no-bos
-    assert_eq!(t.encode_chat(rendered, false).unwrap()[0], 128257);
+    assert_eq!(t.encode_chat(rendered, false).unwrap()[0], IM_START);
 }
 
 #[test]
@@ -90,8 +105,8 @@ fn a_model_whose_bos_starts_the_template_gets_none_added() {
     // SmolLM2's BOS is <|im_start|>: a ChatML prompt already begins with it.
     let t = tokenizer(&asset("open-zagreus-tokenizer/tokenizer.json"), "<|im_start|>");
     let ids = t.encode_chat("<|im_start|>user\nCiao<|im_end|>\n", true).unwrap();
-    assert_eq!(ids[0], 128257);
-    assert_eq!(ids.iter().filter(|&&i| i == 128257).count(), 1);
+    assert_eq!(ids[0], IM_START);
+    assert_eq!(ids.iter().filter(|&&i| i == IM_START).count(), 1);
 }
 
 #[test]
@@ -135,5 +150,5 @@ fn special_tokens_are_never_printed() {
     let t = open_zagreus();
     let ids = t.encode_chat("<|im_start|>assistant\nSì<|im_end|>", false).unwrap();
     assert_eq!(stream_all(&t, &ids).concat(), "assistant\nSì");
-    assert_eq!(t.token_text(128256), "<|im_end|>");
+    assert_eq!(t.token_text(IM_END), "<|im_end|>");
 }

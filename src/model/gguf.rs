@@ -283,9 +283,21 @@ impl<'a> Cursor<'a> {
 impl GgufFile {
     /// Maps and parses a GGUF file; any inconsistency is an error naming the file.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let file = crate::bounded::open_regular(path, "the GGUF file")?;
         // SAFETY: mapped read-only; model files are not modified in place while we run.
         let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+        Self::from_map(map, path)
+    }
+
+    /// Parses a GGUF file held in memory (`name` for messages): for tests and fuzzing.
+    pub fn from_bytes(bytes: &[u8], name: &str) -> Result<Self> {
+        if bytes.is_empty() {
+            bail!("{name} is not a valid GGUF file: it is empty");
+        }
+        Self::from_map(crate::model::weights::anonymous_copy(bytes)?, Path::new(name))
+    }
+
+    fn from_map(map: memmap2::Mmap, path: &Path) -> Result<Self> {
         let (version, metadata, tensors) =
             Self::parse(&map).with_context(|| format!("{} is not a valid GGUF file", path.display()))?;
         Ok(Self {
@@ -329,6 +341,11 @@ impl GgufFile {
             for _ in 0..n_dims {
                 dims.push(c.u64("tensor dimension")?);
             }
+            // A zero dimension would let any other dimension be absurd while the tensor still
+            // "fits" the file (zero bytes), and readers size buffers by dimension.
+            if dims.contains(&0) {
+                bail!("tensor `{name}` has a zero dimension {dims:?}");
+            }
             let ty_id = c.u32("tensor type")?;
             let offset = c.u64("tensor offset")?;
             if offset % 2 != 0 {
@@ -356,10 +373,14 @@ impl GgufFile {
             let Some(n) = n.and_then(|n| usize::try_from(n).ok()) else {
                 bail!("tensor `{name}` has an absurd shape {dims:?}");
             };
-            let len = ty.bytes(n).with_context(|| {
+            // Rows are read one by one: each (the first dimension) must be whole blocks, not
+            // only the tensor as a whole.
+            let row_len = usize::try_from(dims[0]).unwrap_or(usize::MAX);
+            let len = ty.bytes(row_len).and(ty.bytes(n)).with_context(|| {
                 format!(
-                    "tensor `{name}` ({} of shape {dims:?}) is not a whole number of blocks",
-                    ty.name()
+                    "tensor `{name}` ({} of shape {dims:?}) does not have rows of whole {}-value blocks",
+                    ty.name(),
+                    ty.block().0
                 )
             })?;
             let start = usize::try_from(offset).ok().and_then(|o| o.checked_add(data_start));
@@ -497,14 +518,24 @@ pub struct GgufLlama {
     pub config: LlamaConfig,
 }
 
-use crate::model::config::{LlamaConfig, RopeScaling};
+use crate::model::config::{ConfigSource, LlamaConfig, RopeScaling};
+
+/// A token id from the metadata; one too large for 32 bits becomes `u32::MAX`, which validation
+/// then reports as outside the vocabulary (instead of silently wrapping to a small id).
+fn id32(v: u64) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
+}
 use crate::model::cpu::qmatrix::Format;
 use crate::model::cpu::source::{Rows, Tensors};
 
 impl GgufLlama {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = GgufFile::open(path)?;
-        let config = Self::config(&file).with_context(|| format!("{}", path.display()))?;
+        Self::from_file(GgufFile::open(path)?)
+    }
+
+    /// A parsed file seen as a Llama checkpoint: its configuration derived and validated.
+    pub fn from_file(file: GgufFile) -> Result<Self> {
+        let config = Self::config(&file).with_context(|| format!("{}", file.path.display()))?;
         Ok(Self { file, config })
     }
 
@@ -560,9 +591,9 @@ impl GgufLlama {
             "tokenizer.ggml.eom_token_id",
         ]
         .iter()
-        .filter_map(|k| f.u64(k).map(|v| v as u32))
+        .filter_map(|k| f.u64(k).map(id32))
         .collect();
-        Ok(LlamaConfig {
+        let config = LlamaConfig {
             vocab_size: vocab,
             hidden_size: hidden,
             intermediate_size: need("feed_forward_length")?,
@@ -574,11 +605,13 @@ impl GgufLlama {
             rms_norm_eps: f.f64("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
             rope_theta: f.f64("llama.rope.freq_base").unwrap_or(10000.0),
             rope_scaling,
-            tie_word_embeddings: !f.tensors.contains_key("output.weight"),
+            tie_word_embeddings: Some(!f.tensors.contains_key("output.weight")),
             stored_dtype: None,
-            bos_token_id: f.u64("tokenizer.ggml.bos_token_id").map(|v| v as u32),
+            bos_token_id: f.u64("tokenizer.ggml.bos_token_id").map(id32),
             eos_token_ids: eos,
-        })
+        };
+        config.validate(ConfigSource::Gguf)?;
+        Ok(config)
     }
 
     /// The GGUF tensor holding transformers tensor `name`, and the heads whose Q/K rows llama.cpp
@@ -731,5 +764,62 @@ impl Tensors for GgufLlama {
         let mut v = vec![0f32; len];
         self.file.read_row(t, 0, &mut v);
         Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GGUF with no metadata and one tensor of type `ty` and `dims` whose data is `data_len`
+    /// bytes.
+    fn tensor_of(ty: u32, dims: &[u64], data_len: usize) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(1u64.to_le_bytes()); // tensors
+        b.extend(0u64.to_le_bytes()); // metadata
+        let name = b"rope_freqs.weight";
+        b.extend((name.len() as u64).to_le_bytes());
+        b.extend(name);
+        b.extend((dims.len() as u32).to_le_bytes());
+        for d in dims {
+            b.extend(d.to_le_bytes());
+        }
+        b.extend(ty.to_le_bytes());
+        b.extend(0u64.to_le_bytes()); // offset
+        b.resize(b.len().div_ceil(32) * 32 + data_len, 0);
+        b
+    }
+
+    fn one_tensor(dims: &[u64], data_len: usize) -> Vec<u8> {
+        tensor_of(0, dims, data_len)
+    }
+
+    #[test]
+    fn quantized_rows_must_be_whole_blocks() {
+        // Found by fuzzing: Q8_0 of shape [16, 2] is 32 values, one whole block, but each row
+        // is half a block, and decoding a row panicked inside candle's block decoder.
+        let err = GgufFile::from_bytes(&tensor_of(8, &[16, 2], 34), "t.gguf")
+            .err()
+            .unwrap();
+        assert!(format!("{err:#}").contains("whole 32-value blocks"), "{err:#}");
+        assert!(GgufFile::from_bytes(&tensor_of(8, &[32, 2], 68), "t.gguf").is_ok());
+    }
+
+    #[test]
+    fn a_zero_dimension_cannot_hide_an_absurd_one() {
+        // Found by fuzzing: [2^40, 0] holds no bytes, so it "fits" any file, yet a reader sizes
+        // its row buffer by the first dimension.
+        let err = GgufFile::from_bytes(&one_tensor(&[1 << 40, 0], 0), "t.gguf")
+            .err()
+            .unwrap();
+        assert!(format!("{err:#}").contains("zero dimension"), "{err:#}");
+        let f = GgufFile::from_bytes(&one_tensor(&[4], 16), "t.gguf").unwrap();
+        assert_eq!(f.tensors["rope_freqs.weight"].len, 16);
+        assert_eq!(f.tensors["rope_freqs.weight"].dims, [4]);
+        let err = GgufFile::from_bytes(&one_tensor(&[1 << 40], 16), "t.gguf")
+            .err()
+            .unwrap();
+        assert!(format!("{err:#}").contains("past the end"), "{err:#}");
     }
 }

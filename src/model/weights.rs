@@ -26,27 +26,43 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     )
 }
 
-/// The shard files an index names, each checked to exist.
-pub fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index).with_context(|| format!("cannot read {}", index.display()))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("invalid {}", index.display()))?;
+/// The shard file names a `model.safetensors.index.json` lists (its `weight_map` values), each
+/// a plain file name of the same directory.
+pub fn parse_index(text: &str) -> Result<BTreeSet<String>> {
+    let json: serde_json::Value = serde_json::from_str(text)?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
-        .with_context(|| format!("{}: no `weight_map` object", index.display()))?;
-    let names: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
-    if names.is_empty() {
-        bail!("{}: `weight_map` names no files", index.display());
+        .context("no `weight_map` object")?;
+    let mut names = BTreeSet::new();
+    for (tensor, v) in map {
+        let Some(name) = v.as_str() else {
+            bail!("`weight_map` gives tensor `{tensor}` the file {v}, not a file name");
+        };
+        let plain = !name.is_empty()
+            && name.len() <= 255
+            && !name.starts_with('.')
+            && !name.chars().any(|c| c == '/' || c == '\\' || c.is_control());
+        if !plain {
+            bail!("shard name `{}` is not a plain file name", name.escape_debug());
+        }
+        names.insert(name.to_string());
     }
+    if names.is_empty() {
+        bail!("`weight_map` names no files");
+    }
+    Ok(names)
+}
+
+/// The shard files an index names, each checked to exist.
+pub fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = crate::bounded::read_text(index, crate::bounded::JSON_CONFIG_LIMIT, "the safetensors index")?;
+    let names = parse_index(&text).with_context(|| format!("invalid {}", index.display()))?;
     let dir = index.parent().unwrap_or(Path::new("."));
     names
         .into_iter()
         .map(|name| {
-            if name.contains('/') || name.contains('\\') || name.starts_with('.') {
-                bail!("{}: shard name `{name}` is not a plain file name", index.display());
-            }
-            let path = dir.join(name);
+            let path = dir.join(&name);
             if !path.is_file() {
                 bail!(
                     "{} lists {name}, which is missing from {}",
@@ -106,10 +122,13 @@ pub struct Weights {
 impl Weights {
     /// Maps the safetensors files and parses their headers (a truncated or corrupt file fails here).
     pub fn open(files: &[PathBuf]) -> Result<Self> {
-        let mut maps = Vec::with_capacity(files.len());
-        let mut tensors = HashMap::new();
-        for (i, f) in files.iter().enumerate() {
-            let file = std::fs::File::open(f).with_context(|| format!("cannot open {}", f.display()))?;
+        let mut w = Self {
+            maps: Vec::with_capacity(files.len()),
+            tensors: HashMap::new(),
+            origin: String::new(),
+        };
+        for f in files {
+            let file = crate::bounded::open_regular(f, "the weights file")?;
             let len = file
                 .metadata()
                 .with_context(|| format!("cannot read {}", f.display()))?
@@ -120,36 +139,9 @@ impl Weights {
             // SAFETY: mapped read-only; as with any mmap, a file truncated by another process
             // while we run could fault. Model files are not modified in place in practice.
             let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", f.display()))?;
-            let st = safetensors::SafeTensors::deserialize(&map)
-                .map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file: {e}", f.display()))?;
-            let base = map.as_ptr() as usize;
-            for (name, view) in st.tensors() {
-                let dtype = match view.dtype() {
-                    safetensors::Dtype::F32 => StoredDtype::F32,
-                    safetensors::Dtype::F16 => StoredDtype::F16,
-                    safetensors::Dtype::BF16 => StoredDtype::Bf16,
-                    other => bail!(
-                        "{}: tensor `{name}` has dtype {other:?}; zagreus reads F32, F16 and BF16",
-                        f.display()
-                    ),
-                };
-                let data = view.data();
-                let start = data.as_ptr() as usize - base;
-                tensors.insert(
-                    name.clone(),
-                    TensorEntry {
-                        name,
-                        file: i,
-                        dtype,
-                        shape: view.shape().to_vec(),
-                        start,
-                        end: start + data.len(),
-                    },
-                );
-            }
-            maps.push(map);
+            w.add(map, &f.display().to_string())?;
         }
-        let origin = match files {
+        w.origin = match files {
             [one] => one.display().to_string(),
             many => format!(
                 "{} shards in {}",
@@ -157,7 +149,57 @@ impl Weights {
                 many[0].parent().unwrap_or(Path::new(".")).display()
             ),
         };
-        Ok(Self { maps, tensors, origin })
+        Ok(w)
+    }
+
+    /// Parses a safetensors file held in memory (`name` for messages): for tests and fuzzing.
+    pub fn from_bytes(bytes: &[u8], name: &str) -> Result<Self> {
+        let mut w = Self {
+            maps: Vec::new(),
+            tensors: HashMap::new(),
+            origin: name.to_string(),
+        };
+        if bytes.len() < 8 {
+            bail!("{name} is not a safetensors file ({} bytes)", bytes.len());
+        }
+        w.add(anonymous_copy(bytes)?, name)?;
+        Ok(w)
+    }
+
+    /// Parses the header of one mapped file and records its tensors.
+    fn add(&mut self, map: memmap2::Mmap, name: &str) -> Result<()> {
+        let i = self.maps.len();
+        let st = safetensors::SafeTensors::deserialize(&map)
+            .map_err(|e| anyhow::anyhow!("{name} is not a valid safetensors file: {e}"))?;
+        let base = map.as_ptr() as usize;
+        for (tensor, view) in st.tensors() {
+            let dtype = match view.dtype() {
+                safetensors::Dtype::F32 => StoredDtype::F32,
+                safetensors::Dtype::F16 => StoredDtype::F16,
+                safetensors::Dtype::BF16 => StoredDtype::Bf16,
+                other => bail!("{name}: tensor `{tensor}` has dtype {other:?}; zagreus reads F32, F16 and BF16"),
+            };
+            let data = view.data();
+            let start = data.as_ptr() as usize - base;
+            self.tensors.insert(
+                tensor.clone(),
+                TensorEntry {
+                    name: tensor,
+                    file: i,
+                    dtype,
+                    shape: view.shape().to_vec(),
+                    start,
+                    end: start + data.len(),
+                },
+            );
+        }
+        self.maps.push(map);
+        Ok(())
+    }
+
+    /// The names of every tensor.
+    pub fn names(&self) -> Vec<&str> {
+        self.tensors.keys().map(|k| k.as_str()).collect()
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -252,6 +294,21 @@ impl Weights {
         };
         Ok(tensor.to_device(device)?)
     }
+}
+
+/// A read-only anonymous mapping holding a copy of `bytes` (exactly as long), so that data held
+/// in memory is read through the same code as a mapped file.
+pub fn anonymous_copy(bytes: &[u8]) -> Result<memmap2::Mmap> {
+    let mut m = memmap2::MmapOptions::new()
+        .len(bytes.len().max(1))
+        .map_anon()
+        .context("cannot allocate memory for the file")?;
+    m[..bytes.len()].copy_from_slice(bytes);
+    let m = m.make_read_only().context("cannot protect the copy")?;
+    if m.len() != bytes.len() {
+        bail!("an empty file");
+    }
+    Ok(m)
 }
 
 /// candle errors carry backtraces and multi-line context; keep one line for the user.

@@ -144,6 +144,12 @@ fn read_tensor(st: &safetensors::SafeTensors, name: &str) -> (Vec<usize>, Vec<f3
 
 /// Writes `out` from fixture model `dir` (single-file safetensors), matrices in `ty`.
 pub fn write_fixture_gguf(dir: &Path, out: &Path, ty: Ty) {
+    write_fixture_gguf_with(dir, out, ty, |_| {});
+}
+
+/// [`write_fixture_gguf`] with the metadata changed by `edit` before it is written (hostile
+/// files: a template that never ends, a NaN rope base, a zero width).
+pub fn write_fixture_gguf_with(dir: &Path, out: &Path, ty: Ty, edit: impl FnOnce(&mut BTreeMap<String, Meta>)) {
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
@@ -337,6 +343,7 @@ pub fn write_fixture_gguf(dir: &Path, out: &Path, ty: Ty) {
         ));
     }
 
+    edit(&mut meta);
     let mut out_bytes = Vec::new();
     out_bytes.extend(b"GGUF");
     out_bytes.extend(3u32.to_le_bytes());

@@ -1,7 +1,9 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod gguf_writer;
+pub mod hub_cli;
 pub mod mock_hub;
 
 use std::path::PathBuf;
