@@ -131,7 +131,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             )
         }
         None => {
-            let (loaded, _) = crate::loader::load_for(&args.model)?;
+            let (loaded, _) = crate::loader::load_for(&args.model.spec())?;
             let name = loaded.name.clone();
             (loaded.model, name)
         }

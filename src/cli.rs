@@ -2,10 +2,13 @@
 
 use std::path::PathBuf;
 
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 
 use crate::device::{DeviceArg, DtypeArg};
+use crate::loader::ModelSpec;
 use crate::model::Format;
+use crate::settings::SamplingRequest;
 
 /// `--quantize`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -281,8 +284,9 @@ pub struct ModelArgs {
     #[arg(long, value_name = "DEVICE", default_value = "auto", help_heading = "Model")]
     pub device: DeviceArg,
 
-    /// Weight precision
-    #[arg(long, value_enum, default_value_t = DtypeArg::Auto, help_heading = "Model")]
+    /// Weight precision: the checkpoint's own type on the CPU, bf16 on a GPU (auto), or f32, f16, bf16
+    #[arg(long, value_name = "TYPE", default_value = "auto", help_heading = "Model",
+          value_parser = PossibleValuesParser::new(DtypeArg::NAMES).map(|s| s.parse::<DtypeArg>().unwrap_or_default()))]
     pub dtype: DtypeArg,
 
     /// Quantize the weights at load (CPU): q8_0 reads about half the bytes of bf16 per token
@@ -313,6 +317,24 @@ pub struct ModelArgs {
     /// HF_HUB_OFFLINE=1)
     #[arg(long, help_heading = "Model")]
     pub offline: bool,
+}
+
+impl ModelArgs {
+    /// The flags as the library's model specification.
+    pub fn spec(&self) -> ModelSpec {
+        ModelSpec {
+            model: self.model.clone(),
+            device: self.device,
+            dtype: self.dtype,
+            quantize: self.quantize.map(QuantizeArg::format),
+            threads: self.threads,
+            ctx_size: self.ctx_size,
+            chat_template: self.chat_template.clone(),
+            tokenizer: self.tokenizer.clone(),
+            no_bos: self.no_bos,
+            offline: self.offline,
+        }
+    }
 }
 
 /// How tokens are chosen and when generation stops. `None` means "the default".
@@ -367,4 +389,24 @@ pub struct SamplingArgs {
     /// Keep going past end-of-generation tokens (for benchmarks)
     #[arg(long, help_heading = "Sampling")]
     pub ignore_eos: bool,
+}
+
+impl SamplingArgs {
+    /// The flags as the library's request.
+    pub fn request(&self) -> SamplingRequest {
+        SamplingRequest {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed,
+            max_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+            ignore_eos: self.ignore_eos,
+        }
+    }
 }

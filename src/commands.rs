@@ -125,7 +125,7 @@ pub fn check_logits(args: &CheckLogitsArgs) -> Result<()> {
     };
     let (prompt, greedy) = (ids("prompt_ids")?, ids("greedy_ids")?);
     let (want_prompt, want_steps) = (rows("prompt_logits")?, rows("step_logits")?);
-    let (loaded, _) = crate::loader::load_for(&args.model)?;
+    let (loaded, _) = crate::loader::load_for(&args.model.spec())?;
     let model = &loaded.model;
     let vocab = model.vocab_size();
     if let Some(bad) = prompt.iter().chain(&greedy).find(|id| **id as usize >= vocab) {

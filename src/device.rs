@@ -1,13 +1,15 @@
-//! `--device`, `--dtype` and `--threads`: where and how the model runs.
+//! Devices, weight precisions and threads: where and how the model runs.
 
 use std::str::FromStr;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 
-/// `--device cpu|cuda|cuda:N|auto`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A device by name: `cpu`, `cuda`, `cuda:N` or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub enum DeviceArg {
+    #[default]
     Auto,
     Cpu,
     Cuda(usize),
@@ -27,6 +29,14 @@ impl FromStr for DeviceArg {
                 .map(Self::Cuda)
                 .ok_or_else(|| "use cpu, cuda, cuda:N or auto".to_string()),
         }
+    }
+}
+
+impl TryFrom<String> for DeviceArg {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse().map_err(|e| format!("device {s:?}: {e}"))
     }
 }
 
@@ -59,27 +69,29 @@ fn open_cuda(ordinal: usize) -> Result<Device> {
                 .find(|w| w.starts_with("CUDA_ERROR_"));
             match code {
                 Some("CUDA_ERROR_STUB_LIBRARY") => bail!(
-                    "--device cuda:{ordinal}: no NVIDIA driver here (only the CUDA stub library): no GPU can be used"
+                    "device cuda:{ordinal}: no NVIDIA driver here (only the CUDA stub library): no GPU can be used"
                 ),
-                Some(code) => bail!("--device cuda:{ordinal}: cannot open the GPU: the driver says {code}"),
-                None => bail!("--device cuda:{ordinal}: cannot open the GPU: {msg}"),
+                Some(code) => bail!("device cuda:{ordinal}: cannot open the GPU: the driver says {code}"),
+                None => bail!("device cuda:{ordinal}: cannot open the GPU: {msg}"),
             }
         }
         Err(_) => {
-            bail!("--device cuda:{ordinal}: cannot open the GPU: the NVIDIA driver (libcuda) is missing or unusable")
+            bail!("device cuda:{ordinal}: cannot open the GPU: the NVIDIA driver (libcuda) is missing or unusable")
         }
     }
 }
 
 #[cfg(not(feature = "cuda"))]
 fn open_cuda(ordinal: usize) -> Result<Device> {
-    bail!("--device cuda:{ordinal}: this zagreus was built without CUDA support; rebuild it with `--features cuda`")
+    bail!("device cuda:{ordinal}: this zagreus was built without CUDA support; rebuild it with `--features cuda`")
 }
 
-/// `--dtype`: the precision weights are kept in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// The precision weights are kept in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DtypeArg {
     /// The checkpoint's own type on the CPU, bf16 on a GPU
+    #[default]
     Auto,
     F32,
     F16,
@@ -87,6 +99,9 @@ pub enum DtypeArg {
 }
 
 impl DtypeArg {
+    /// The names, as `FromStr` takes them.
+    pub const NAMES: [&'static str; 4] = ["auto", "f32", "f16", "bf16"];
+
     pub fn to_dtype(self) -> Option<DType> {
         match self {
             Self::Auto => None,
@@ -94,6 +109,20 @@ impl DtypeArg {
             Self::F16 => Some(DType::F16),
             Self::Bf16 => Some(DType::BF16),
         }
+    }
+}
+
+impl FromStr for DtypeArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "auto" => Self::Auto,
+            "f32" => Self::F32,
+            "f16" => Self::F16,
+            "bf16" => Self::Bf16,
+            _ => return Err(format!("dtype {s:?}: use one of {}", Self::NAMES.join(", "))),
+        })
     }
 }
 
@@ -114,7 +143,7 @@ pub fn device_name(d: &Device) -> String {
 /// Sets the worker threads used by zagreus' kernels and candle's. Call before any computation.
 pub fn set_threads(threads: Option<usize>) -> Result<usize> {
     let n = match threads {
-        Some(0) => bail!("--threads 0: use at least 1"),
+        Some(0) => bail!("threads 0: use at least 1"),
         Some(n) => n,
         None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     };

@@ -2,12 +2,13 @@
 //! template, decoding defaults and the set of end-of-generation tokens.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 
+use crate::device::{DeviceArg, DtypeArg};
 use crate::model::cpu::arena::Placement;
 use crate::model::cpu::source::Tensors;
 use crate::model::gguf::GgufLlama;
@@ -76,16 +77,42 @@ pub fn default_dtype(stored: Option<DType>, device: &Device) -> DType {
     }
 }
 
-/// Sets the threads, opens the device, resolves `--model` and loads it: what every front end
+/// Which model to run, where, and how its prompts are built: what a front end asks for
+/// (command-line flags or a configuration file fill it the same way).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSpec {
+    /// A model directory, GGUF file or hub id.
+    pub model: String,
+    pub device: DeviceArg,
+    pub dtype: DtypeArg,
+    /// Quantize the weights at load (CPU engine).
+    pub quantize: Option<Format>,
+    /// CPU threads (all cores when `None`).
+    pub threads: Option<usize>,
+    /// Context size in tokens (the model's own when `None`).
+    pub ctx_size: Option<usize>,
+    /// A Jinja chat template to use instead of the model's.
+    pub chat_template: Option<PathBuf>,
+    /// A tokenizer.json to use instead of the model's.
+    pub tokenizer: Option<PathBuf>,
+    /// Do not put the BOS token in front of prompts.
+    pub no_bos: bool,
+    /// Use only models already in the cache.
+    pub offline: bool,
+}
+
+/// Sets the threads, opens the device, resolves the model and loads it: what every front end
 /// does first. Returns the model and the number of threads in use.
-pub fn load_for(args: &crate::cli::ModelArgs) -> Result<(LoadedModel, usize)> {
+pub fn load_for(args: &ModelSpec) -> Result<(LoadedModel, usize)> {
     let threads = crate::device::set_threads(args.threads)?;
     let device = args.device.open()?;
-    let resolved = crate::source::resolve(&args.model, args.offline).context("--model")?;
+    let resolved =
+        crate::source::resolve(&args.model, args.offline).with_context(|| format!("model {}", args.model))?;
     let opts = LoadOptions {
         device,
         dtype: args.dtype.to_dtype(),
-        quantize: args.quantize.map(|q| q.format()),
+        quantize: args.quantize,
         chat_template: args.chat_template.as_deref(),
         tokenizer: args.tokenizer.as_deref(),
         engine: Engine::Auto,
@@ -97,10 +124,10 @@ pub fn load_for(args: &crate::cli::ModelArgs) -> Result<(LoadedModel, usize)> {
     Ok((loaded, threads))
 }
 
-/// The context size for `--ctx-size` (the model's own when not given).
-pub fn context_size(args: &crate::cli::ModelArgs, model: &Model) -> Result<usize> {
+/// The context size asked for, at most the model's own (which is used when none is asked for).
+pub fn context_size(args: &ModelSpec, model: &Model) -> Result<usize> {
     Ok(match args.ctx_size {
-        Some(0) => bail!("--ctx-size 0: use at least 1"),
+        Some(0) => bail!("context size 0: use at least 1"),
         Some(n) => n.min(model.max_positions()),
         None => model.max_positions(),
     })
@@ -178,7 +205,7 @@ fn load_network(config: &LlamaConfig, files: &ModelFiles, opts: &LoadOptions) ->
         }
         _ => {
             if opts.quantize.is_some() {
-                bail!("--quantize works on the CPU only; use --device cpu");
+                bail!("quantizing at load works on the CPU only (device cpu)");
             }
             Model::Candle(Llama::load(config, &weights, dtype, &opts.device)?)
         }

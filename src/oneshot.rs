@@ -78,7 +78,7 @@ pub fn build_prompt(
 pub fn run(args: RunArgs) -> Result<()> {
     let stdin = read_stdin_if_piped()?;
     let text = assemble_prompt(&args.prompt, stdin)?;
-    let (loaded, threads) = loader::load_for(&args.model)?;
+    let (loaded, threads) = loader::load_for(&args.model.spec())?;
     let model = &loaded.model;
     if args.verbose {
         crate::note!(
@@ -90,8 +90,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     if !args.raw && loaded.lacks_chat_format() {
         crate::note!("zagreus: warning: the model has no chat template and no ChatML tokens (a base model?); use --raw to send the prompt as is");
     }
-    let settings = Settings::resolve(&args.sampling, &loaded.generation)?;
-    let context = loader::context_size(&args.model, model)?;
+    let settings = Settings::resolve(&args.sampling.request(), &loaded.generation)?;
+    let context = loader::context_size(&args.model.spec(), model)?;
     let (rendered, ids) = build_prompt(
         &loaded,
         &text,

@@ -52,12 +52,12 @@ pub fn run(args: ChatArgs) -> Result<()> {
             sampling: args.sampling,
         });
     }
-    let (loaded, threads) = loader::load_for(&args.model)?;
+    let (loaded, threads) = loader::load_for(&args.model.spec())?;
     if loaded.lacks_chat_format() {
         crate::note!("zagreus: warning: the model has no chat template and no ChatML tokens (a base model?); answers may be poor");
     }
-    let settings = Settings::resolve(&args.sampling, &loaded.generation)?;
-    let context = loader::context_size(&args.model, &loaded.model)?;
+    let settings = Settings::resolve(&args.sampling.request(), &loaded.generation)?;
+    let context = loader::context_size(&args.model.spec(), &loaded.model)?;
     let chat = Chat::new(&loaded, context, args.system.clone(), settings, !args.model.no_bos);
     let history = history_path(args.no_history);
     let mut repl = Repl::new(chat, args.verbose, history)?;

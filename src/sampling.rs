@@ -23,9 +23,9 @@ pub struct SamplingParams {
 }
 
 impl SamplingParams {
-    /// Checks ranges; the message names the flag.
+    /// Checks ranges; the message names the setting and its value.
     pub fn validate(&self) -> anyhow::Result<()> {
-        let bad = |flag: &str, v: f64, want: &str| anyhow::anyhow!("--{flag} {v} is out of range: {want}");
+        let bad = |name: &str, v: f64, want: &str| anyhow::anyhow!("{name} {v} is out of range: {want}");
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return Err(bad(
                 "temperature",
@@ -34,27 +34,27 @@ impl SamplingParams {
             ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(bad("top-p", self.top_p, "use a number in (0, 1]"));
+            return Err(bad("top_p", self.top_p, "use a number in (0, 1]"));
         }
         if !(0.0..=1.0).contains(&self.min_p) {
-            return Err(bad("min-p", self.min_p, "use a number in [0, 1]"));
+            return Err(bad("min_p", self.min_p, "use a number in [0, 1]"));
         }
         if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
             return Err(bad(
-                "repeat-penalty",
+                "repeat_penalty",
                 self.repeat_penalty,
                 "use a positive number (1 = off)",
             ));
         }
         if self.repeat_last_n < -1 {
             return Err(anyhow::anyhow!(
-                "--repeat-last-n {} is out of range: use -1, 0 or a positive count",
+                "repeat_last_n {} is out of range: use -1, 0 or a positive count",
                 self.repeat_last_n
             ));
         }
         if !self.presence_penalty.is_finite() || !self.frequency_penalty.is_finite() {
             return Err(anyhow::anyhow!(
-                "--presence-penalty and --frequency-penalty must be finite numbers"
+                "presence_penalty and frequency_penalty must be finite numbers"
             ));
         }
         Ok(())

@@ -1,10 +1,10 @@
 //! Generation settings resolved in three layers: zagreus' defaults for these models, then the
-//! model's generation_config.json, then command-line flags.
+//! model's generation_config.json, then what the request asks for (command-line flags, a JSON
+//! request line or an HTTP request body fill the same [`SamplingRequest`]).
 
 use anyhow::{bail, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::cli::SamplingArgs;
 use crate::model::GenerationConfig;
 use crate::sampling::SamplingParams;
 
@@ -19,6 +19,24 @@ pub const DEFAULT_REPEAT_PENALTY: f64 = 1.1;
 pub const DEFAULT_REPEAT_LAST_N: i64 = 64;
 pub const DEFAULT_MAX_TOKENS: usize = 256;
 
+/// What one request asks for; `None` (or absent in JSON) means "the default".
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct SamplingRequest {
+    pub temperature: Option<f64>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    pub min_p: Option<f64>,
+    pub repeat_penalty: Option<f64>,
+    pub repeat_last_n: Option<i64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub seed: Option<u64>,
+    pub max_tokens: Option<usize>,
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Settings {
     #[serde(flatten)]
@@ -29,7 +47,7 @@ pub struct Settings {
 }
 
 impl Settings {
-    pub fn resolve(args: &SamplingArgs, gen: &GenerationConfig) -> Result<Self> {
+    pub fn resolve(args: &SamplingRequest, gen: &GenerationConfig) -> Result<Self> {
         // generation_config's do_sample=false means greedy, whatever its temperature says.
         let gen_temperature = match gen.do_sample {
             Some(false) => Some(0.0),
@@ -52,7 +70,7 @@ impl Settings {
         sampling.validate()?;
         let max_tokens = args.max_tokens.or(gen.max_new_tokens).unwrap_or(DEFAULT_MAX_TOKENS);
         if args.stop.iter().any(|s| s.is_empty()) {
-            bail!("--stop needs a non-empty string");
+            bail!("stop: an empty string would stop at once; give non-empty text");
         }
         Ok(Self {
             sampling,
@@ -71,7 +89,7 @@ mod tests {
     fn flags_override_generation_config_which_overrides_defaults() {
         let gen: GenerationConfig =
             serde_json::from_str(r#"{"temperature":0.3,"top_p":0.5,"max_new_tokens":99}"#).unwrap();
-        let args = SamplingArgs {
+        let args = SamplingRequest {
             top_p: Some(0.8),
             seed: Some(5),
             ..Default::default()
@@ -84,7 +102,7 @@ mod tests {
         assert_eq!(s.sampling.seed, 5);
         let greedy: GenerationConfig = serde_json::from_str(r#"{"do_sample":false,"temperature":0.9}"#).unwrap();
         assert_eq!(
-            Settings::resolve(&SamplingArgs::default(), &greedy)
+            Settings::resolve(&SamplingRequest::default(), &greedy)
                 .unwrap()
                 .sampling
                 .temperature,
@@ -93,14 +111,20 @@ mod tests {
     }
 
     #[test]
-    fn bad_values_name_the_flag() {
-        let args = SamplingArgs {
+    fn bad_values_name_the_setting_and_value() {
+        let args = SamplingRequest {
             top_p: Some(1.5),
             ..Default::default()
         };
         let err = Settings::resolve(&args, &GenerationConfig::default())
             .unwrap_err()
             .to_string();
-        assert!(err.contains("--top-p"), "{err}");
+        assert!(err.contains("top_p 1.5"), "{err}");
+        // A JSON request fills the same settings as the flags.
+        let json: SamplingRequest =
+            serde_json::from_str(r#"{"temperature":0,"max_tokens":7,"stop":["x"],"seed":3}"#).unwrap();
+        let s = Settings::resolve(&json, &GenerationConfig::default()).unwrap();
+        assert_eq!((s.sampling.temperature, s.max_tokens, s.sampling.seed), (0.0, 7, 3));
+        assert_eq!(s.stop, ["x"]);
     }
 }

@@ -29,7 +29,8 @@ use super::pool::Exec;
 use super::quant::{quantize_row_q4, quantize_row_q8_0, QuantActs};
 
 /// Storage format of a weight matrix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Format {
     F32,
     Bf16,
