@@ -7,10 +7,10 @@ use std::sync::atomic::AtomicBool;
 
 use common::model_dir;
 use zagreus::chat::Chat;
-use zagreus::cli::SamplingArgs;
 use zagreus::loader::{load, LoadOptions, LoadedModel};
 use zagreus::sampling::Sampler;
 use zagreus::session::{generate, GenerateOptions, Session};
+use zagreus::settings::SamplingRequest;
 use zagreus::settings::Settings;
 use zagreus::source::ModelFiles;
 use zagreus::template::Message;
@@ -26,7 +26,7 @@ fn model() -> LoadedModel {
 }
 
 fn greedy(max_tokens: usize) -> Settings {
-    let args = SamplingArgs {
+    let args = SamplingRequest {
         temperature: Some(0.0),
         repeat_penalty: Some(1.0),
         max_tokens: Some(max_tokens),

@@ -396,11 +396,12 @@ fn missing_and_corrupt_model_files_are_named() {
 fn bad_flags_and_values_are_named() {
     let m = tied();
     for (args, needle) in [
-        (vec!["--temperature", "-1"], "--temperature"),
-        (vec!["--top-p", "2"], "--top-p"),
-        (vec!["--min-p", "1.5"], "--min-p"),
-        (vec!["--repeat-penalty", "0"], "--repeat-penalty"),
-        (vec!["--stop", ""], "--stop"),
+        // The library names the setting and the value (a JSON request gets the same words).
+        (vec!["--temperature", "-1"], "temperature -1"),
+        (vec!["--top-p", "2"], "top_p 2"),
+        (vec!["--min-p", "1.5"], "min_p 1.5"),
+        (vec!["--repeat-penalty", "0"], "repeat_penalty 0"),
+        (vec!["--stop", ""], "stop: an empty string"),
         (vec!["--raw", "-s", "x"], "--system"),
     ] {
         let mut a = vec!["-m", m.as_str()];
