@@ -11,6 +11,7 @@ pub mod chat;
 pub mod cli;
 pub mod commands;
 pub mod device;
+pub mod generation;
 pub mod hub;
 pub mod interrupt;
 pub mod loader;

@@ -61,6 +61,7 @@ impl SamplingParams {
     }
 }
 
+#[derive(Clone)]
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
