@@ -97,6 +97,7 @@ fn rate(n: usize, t: Duration) -> f64 {
     }
 }
 
+#[derive(Debug, Clone)]
 pub struct Completion {
     pub text: String,
     pub tokens: Vec<u32>,

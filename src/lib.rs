@@ -20,6 +20,7 @@ pub mod oneshot;
 pub mod output;
 pub mod repl;
 pub mod sampling;
+pub mod scheduler;
 pub mod session;
 pub mod settings;
 pub mod source;

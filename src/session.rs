@@ -11,7 +11,7 @@ use anyhow::{bail, Result};
 pub use crate::generation::{
     Alternative, Completion, Event, FinishReason, GenerateOptions, Generation, Stats, StopMatcher, TokenLogprob,
 };
-use crate::model::{Cache, LogitsFor, Model};
+use crate::model::{Cache, LogitsFor, Model, RowKind, Step};
 use crate::sampling::Sampler;
 use crate::tokenizer::Tokenizer;
 
@@ -79,7 +79,7 @@ impl<'m> Session<'m> {
         let keep = common.min(prompt.len() - 1);
         self.truncate(keep);
         for chunk in prompt[keep..].chunks(PREFILL_CHUNK) {
-            self.run(chunk)?;
+            self.run(chunk, RowKind::Prompt)?;
         }
         Ok(Prefill {
             processed: prompt.len() - keep,
@@ -88,7 +88,7 @@ impl<'m> Session<'m> {
 
     /// Feeds one token; its logits are then in `logits()`.
     pub fn step(&mut self, token: u32) -> Result<()> {
-        self.run(&[token])
+        self.run(&[token], RowKind::Decode)
     }
 
     /// Logits after the last token run (penalties may modify them in place).
@@ -100,9 +100,14 @@ impl<'m> Session<'m> {
         &mut self.logits
     }
 
-    fn run(&mut self, tokens: &[u32]) -> Result<()> {
-        self.model
-            .forward(tokens, &mut self.cache, LogitsFor::Last, &mut self.logits)?;
+    fn run(&mut self, tokens: &[u32], kind: RowKind) -> Result<()> {
+        let mut step = [Step {
+            cache: &mut self.cache,
+            tokens,
+            kind,
+            logits: LogitsFor::Last,
+        }];
+        self.model.forward_batch(&mut step, &mut self.logits)?;
         self.tokens.extend_from_slice(tokens);
         Ok(())
     }

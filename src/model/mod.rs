@@ -70,6 +70,15 @@ impl Cache {
     }
 }
 
+/// One sequence's part of a batched step: its cache, the tokens to run after those cached, what
+/// kind of rows they are, and which positions need logits.
+pub struct Step<'a> {
+    pub cache: &'a mut Cache,
+    pub tokens: &'a [u32],
+    pub kind: RowKind,
+    pub logits: LogitsFor,
+}
+
 impl Model {
     pub fn config(&self) -> &LlamaConfig {
         match self {
@@ -132,4 +141,47 @@ impl Model {
         }
         Ok(())
     }
+
+    /// Runs several sequences in one step (the CPU engine streams each weight once for all of
+    /// their rows; candle runs them one after the other). `out` gets the logits rows of every
+    /// step in order. Nothing is run, and no cache changes, if any step's input is invalid.
+    pub fn forward_batch(&self, steps: &mut [Step], out: &mut Vec<f32>) -> Result<()> {
+        match self {
+            Model::Cpu(m) => {
+                let mut chunks = Vec::with_capacity(steps.len());
+                for s in steps.iter_mut() {
+                    let Cache::Cpu(cache) = &mut *s.cache else {
+                        anyhow::bail!("internal error: a cache of the other engine");
+                    };
+                    chunks.push(Chunk {
+                        cache,
+                        tokens: s.tokens,
+                        kind: s.kind,
+                        logits: s.logits,
+                    });
+                }
+                m.forward_batch(&mut chunks, out)
+            }
+            Model::Candle(m) => {
+                let vocab = self.vocab_size();
+                for s in steps.iter() {
+                    plan::check_input(s.tokens, s.cache.len(), vocab, self.max_positions())?;
+                }
+                out.clear();
+                for s in steps.iter_mut() {
+                    let Cache::Candle(c) = &mut *s.cache else {
+                        anyhow::bail!("internal error: a cache of the other engine");
+                    };
+                    out.extend(m.forward(s.tokens, c, s.logits)?.flatten_all()?.to_vec1::<f32>()?);
+                }
+                Ok(())
+            }
+        }
+    }
 }
+
+/// The model is shared by the threads that serve requests.
+const _: () = {
+    const fn shared<T: Send + Sync>() {}
+    shared::<Model>();
+};

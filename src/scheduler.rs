@@ -1,0 +1,565 @@
+//! Continuous batching: many requests share the model, one batched step at a time.
+//!
+//! Up to `max_sequences` sequences are in flight; more requests wait in a bounded queue. Each
+//! step runs one token of every decoding sequence and at most `prefill_chunk` prompt tokens (so
+//! sequences already decoding keep streaming while a long prompt is prefilled). A request is
+//! admitted when the keys and values it may need fit the memory budget beside those of the
+//! sequences in flight; one that could never fit is refused at submission. A request whose
+//! receiver is dropped (or whose handle is cancelled) frees its sequence at the next step.
+//! Finished sequences leave their caches behind for prefix reuse: a new prompt that starts
+//! like one of them (the same system prompt, the same conversation) runs only the rest.
+//!
+//! Every sequence gets the same logits and, with the same seed, the same tokens whatever else
+//! runs beside it: the CPU engine's rows do not depend on their neighbours, and each sequence
+//! has its own sampler.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+
+use crate::generation::{Completion, Event, FinishReason, GenerateOptions, Generation, Stats};
+use crate::loader::LoadedModel;
+use crate::model::{Cache, CpuCache, LogitsFor, RowKind, Step};
+use crate::sampling::Sampler;
+use crate::settings::Settings;
+
+/// How the scheduler shares the model.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Sequences in flight at most.
+    pub max_sequences: usize,
+    /// Requests waiting for a sequence at most (beyond them, `submit` refuses).
+    pub max_queue: usize,
+    /// Prompt tokens run per step at most, over all sequences.
+    pub prefill_chunk: usize,
+    /// Tokens of one sequence at most (prompt and answer).
+    pub context: usize,
+    /// Bytes the keys and values of all sequences, cached prefixes included, may take.
+    pub kv_bytes: usize,
+}
+
+impl SchedulerConfig {
+    /// `max_sequences` at once on a model whose context is `context` tokens: the queue holds a
+    /// thousand requests, and the memory budget holds every sequence at its full context.
+    pub fn new(lm: &LoadedModel, max_sequences: usize, context: usize) -> Self {
+        let context = context.min(lm.model.max_positions()).max(1);
+        Self {
+            max_sequences: max_sequences.max(1),
+            max_queue: 1024,
+            prefill_chunk: crate::session::PREFILL_CHUNK,
+            context,
+            kv_bytes: kv_bytes_per_token(lm)
+                .saturating_mul(context)
+                .saturating_mul(max_sequences.max(1)),
+        }
+    }
+}
+
+/// Bytes of keys and values one token takes in the model's caches.
+pub fn kv_bytes_per_token(lm: &LoadedModel) -> usize {
+    let c = lm.model.config();
+    CpuCache::bytes_for(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, 1)
+}
+
+/// One request: prompt tokens and how to generate after them.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub settings: Settings,
+    /// Report log-probabilities with this many alternatives per token.
+    pub logprobs: Option<usize>,
+}
+
+/// What a request's receiver gets: the events of its generation, then its end.
+#[derive(Debug)]
+pub enum Update {
+    Event(Event),
+    /// The finished generation (the last update).
+    Done(Completion),
+    /// The request failed (the last update).
+    Failed(String),
+}
+
+/// A submitted request: its updates, and a way to cancel it. Dropping the handle cancels it.
+pub struct Handle {
+    pub updates: Receiver<Update>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Handle {
+    /// Stops the request at the next step (its `Done` says `cancelled`).
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+
+    /// Waits for the end, ignoring the events on the way.
+    pub fn wait(self) -> Result<Completion> {
+        for u in self.updates.iter() {
+            match u {
+                Update::Event(_) => {}
+                Update::Done(c) => return Ok(c),
+                Update::Failed(e) => bail!("{e}"),
+            }
+        }
+        bail!("the scheduler stopped before the request ended")
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+}
+
+/// What the scheduler has done so far (for tests and statistics).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub steps: usize,
+    pub prompt_tokens_run: usize,
+    pub prompt_tokens_reused: usize,
+    pub finished: usize,
+    pub cancelled: usize,
+    /// Sequences in flight now.
+    pub active: usize,
+    /// Most sequences ever in one step.
+    pub widest_step: usize,
+}
+
+struct Queued {
+    req: Request,
+    tx: Sender<Update>,
+    cancel: Arc<AtomicBool>,
+    at: Instant,
+}
+
+#[derive(Default)]
+struct Shared {
+    queue: VecDeque<Queued>,
+    stop: bool,
+    counters: Counters,
+}
+
+/// The scheduler: a thread that owns the sequences and runs the steps.
+pub struct Scheduler {
+    shared: Arc<(Mutex<Shared>, Condvar)>,
+    config: SchedulerConfig,
+    kv_per_token: usize,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl Scheduler {
+    pub fn start(lm: Arc<LoadedModel>, config: SchedulerConfig) -> Self {
+        let shared = Arc::new((Mutex::new(Shared::default()), Condvar::new()));
+        let kv_per_token = kv_bytes_per_token(&lm);
+        let worker = {
+            let (shared, config) = (shared.clone(), config.clone());
+            std::thread::Builder::new()
+                .name("zagreus-scheduler".into())
+                .spawn(move || Worker::new(&lm, config, shared).run())
+                .expect("spawning the scheduler thread")
+        };
+        Self {
+            shared,
+            config,
+            kv_per_token,
+            worker: Some(worker),
+        }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    /// Queues a request. Refused at once when it could never run (a prompt longer than the
+    /// context, more keys and values than the whole budget) or when the queue is full.
+    pub fn submit(&self, req: Request) -> Result<Handle> {
+        let c = &self.config;
+        if req.prompt.is_empty() {
+            bail!("the prompt is empty");
+        }
+        if req.prompt.len() >= c.context {
+            bail!(
+                "the prompt is {} tokens; the context of {} tokens leaves no room for an answer",
+                req.prompt.len(),
+                c.context
+            );
+        }
+        let need = positions(&req, c.context).saturating_mul(self.kv_per_token);
+        if need > c.kv_bytes {
+            bail!(
+                "the request needs {} MiB of keys and values ({} tokens), more than the {} MiB all sequences may take",
+                need >> 20,
+                positions(&req, c.context),
+                c.kv_bytes >> 20
+            );
+        }
+        let (lock, wake) = &*self.shared;
+        let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if s.queue.len() >= c.max_queue {
+            bail!("the queue is full ({} requests waiting); try again later", c.max_queue);
+        }
+        let (tx, updates) = channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        s.queue.push_back(Queued {
+            req,
+            tx,
+            cancel: cancel.clone(),
+            at: Instant::now(),
+        });
+        wake.notify_all();
+        Ok(Handle { updates, cancel })
+    }
+
+    /// Requests waiting for a sequence.
+    pub fn queued(&self) -> usize {
+        self.shared.0.lock().unwrap_or_else(|e| e.into_inner()).queue.len()
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.shared.0.lock().unwrap_or_else(|e| e.into_inner()).counters.clone()
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        {
+            let (lock, wake) = &*self.shared;
+            lock.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
+            wake.notify_all();
+        }
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Positions a request may fill: its prompt and answer, within the context.
+fn positions(req: &Request, context: usize) -> usize {
+    (req.prompt.len() + req.settings.max_tokens).min(context)
+}
+
+/// A sequence in flight.
+struct Sequence<'t> {
+    cache: Cache,
+    /// Tokens whose keys and values are in `cache`.
+    cached: Vec<u32>,
+    prompt: Vec<u32>,
+    /// The token to run next once the prompt is in (the last sampled one).
+    next: Option<u32>,
+    gen: Generation<'t>,
+    tx: Sender<Update>,
+    cancel: Arc<AtomicBool>,
+    /// Bytes of keys and values reserved for it.
+    reserved: usize,
+    /// Prompt tokens found in a cached prefix (not run again).
+    reused: usize,
+}
+
+impl Sequence<'_> {
+    fn prefilling(&self) -> bool {
+        self.cached.len() < self.prompt.len()
+    }
+}
+
+/// A finished sequence's cache, kept for prefix reuse.
+struct Idle {
+    cache: Cache,
+    tokens: Vec<u32>,
+}
+
+struct Worker<'m> {
+    lm: &'m LoadedModel,
+    config: SchedulerConfig,
+    shared: Arc<(Mutex<Shared>, Condvar)>,
+    kv_per_token: usize,
+    active: Vec<Sequence<'m>>,
+    /// Most recently used last.
+    idle: Vec<Idle>,
+    logits: Vec<f32>,
+}
+
+impl<'m> Worker<'m> {
+    fn new(lm: &'m LoadedModel, config: SchedulerConfig, shared: Arc<(Mutex<Shared>, Condvar)>) -> Self {
+        Self {
+            kv_per_token: kv_bytes_per_token(lm),
+            lm,
+            config,
+            shared,
+            active: Vec::new(),
+            idle: Vec::new(),
+            logits: Vec::new(),
+        }
+    }
+
+    fn run(mut self) {
+        loop {
+            let admitted = {
+                let shared = self.shared.clone();
+                let (lock, wake) = &*shared;
+                let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
+                while !s.stop && self.active.is_empty() && s.queue.is_empty() {
+                    s = wake.wait(s).unwrap_or_else(|e| e.into_inner());
+                }
+                if s.stop {
+                    return;
+                }
+                self.take_admissible(&mut s.queue)
+            };
+            for q in admitted {
+                self.admit(q);
+            }
+            self.drop_cancelled();
+            if self.active.is_empty() {
+                continue;
+            }
+            let width = self.active.len();
+            let (ran, reused) = match self.step() {
+                Ok(r) => r,
+                Err(e) => {
+                    // The step's input was checked before anything ran: fail every sequence
+                    // in it (an engine error is not one request's fault, but nothing can go on).
+                    let msg = format!("{e:#}");
+                    for seq in self.active.drain(..) {
+                        let _ = seq.tx.send(Update::Failed(msg.clone()));
+                    }
+                    (0, 0)
+                }
+            };
+            let finished = self.retire();
+            let mut s = self.shared.0.lock().unwrap_or_else(|e| e.into_inner());
+            let c = &mut s.counters;
+            c.steps += 1;
+            c.prompt_tokens_run += ran;
+            c.prompt_tokens_reused += reused;
+            c.finished += finished.0;
+            c.cancelled += finished.1;
+            c.active = self.active.len();
+            c.widest_step = c.widest_step.max(width);
+        }
+    }
+
+    fn reserved(&self) -> usize {
+        self.active.iter().map(|s| s.reserved).sum()
+    }
+
+    /// Takes the requests at the front of the queue that fit beside those in flight.
+    fn take_admissible(&self, queue: &mut VecDeque<Queued>) -> Vec<Queued> {
+        let mut out = Vec::new();
+        let mut reserved = self.reserved();
+        while self.active.len() + out.len() < self.config.max_sequences {
+            let Some(q) = queue.front() else { break };
+            if q.cancel.load(Ordering::Relaxed) {
+                // Cancelled while waiting: it ends before it began.
+                let q = queue.pop_front().expect("front");
+                let _ = q.tx.send(Update::Done(Completion {
+                    text: String::new(),
+                    tokens: Vec::new(),
+                    finish: FinishReason::Cancelled,
+                    stop_token: None,
+                    logprobs: Vec::new(),
+                    stats: Stats {
+                        prompt_tokens: q.req.prompt.len(),
+                        ..Stats::default()
+                    },
+                }));
+                continue;
+            }
+            let need = positions(&q.req, self.config.context) * self.kv_per_token;
+            if reserved + need > self.config.kv_bytes {
+                break;
+            }
+            reserved += need;
+            out.extend(queue.pop_front());
+        }
+        out
+    }
+
+    fn admit(&mut self, q: Queued) {
+        let need = positions(&q.req, self.config.context) * self.kv_per_token;
+        // Room for it: idle caches go, least recently used first, until the budget holds it.
+        let idle_bytes = |idle: &[Idle]| idle.iter().map(|i| i.tokens.len() * self.kv_per_token).sum::<usize>();
+        let prompt = q.req.prompt;
+        // The idle cache sharing the longest prefix with the prompt (at least one token).
+        let best = self
+            .idle
+            .iter()
+            .enumerate()
+            .map(|(i, idle)| (i, common_prefix(&idle.tokens, &prompt)))
+            .filter(|&(_, n)| n > 0)
+            .max_by_key(|&(i, n)| (n, i));
+        let (cache, cached) = match best {
+            Some((i, n)) => {
+                let mut idle = self.idle.remove(i);
+                // At least the last prompt token runs, for its logits.
+                let keep = n.min(prompt.len() - 1);
+                idle.cache.truncate(keep);
+                idle.tokens.truncate(keep);
+                (idle.cache, idle.tokens)
+            }
+            None => (self.lm.model.new_cache(self.config.context), Vec::new()),
+        };
+        while !self.idle.is_empty() && self.reserved() + need + idle_bytes(&self.idle) > self.config.kv_bytes {
+            self.idle.remove(0);
+        }
+        let cached_len = cached.len();
+        let s = &q.req.settings;
+        let opts = GenerateOptions {
+            max_tokens: s.max_tokens,
+            stop_ids: self.lm.stop_ids.clone(),
+            stop_strings: s.stop.clone(),
+            ignore_eos: s.ignore_eos,
+            logprobs: q.req.logprobs,
+        };
+        let mut gen = Generation::new(
+            &self.lm.tokenizer,
+            Sampler::new(s.sampling.clone()),
+            &prompt,
+            opts,
+            q.at,
+        );
+        let tx = q.tx;
+        let _ = gen.begin(&mut |e| send(&tx, Update::Event(e)));
+        self.active.push(Sequence {
+            cache,
+            cached,
+            prompt,
+            next: None,
+            gen,
+            tx,
+            cancel: q.cancel,
+            reserved: need,
+            reused: cached_len,
+        });
+    }
+
+    fn drop_cancelled(&mut self) {
+        for seq in self.active.iter_mut() {
+            if seq.cancel.load(Ordering::Relaxed) && !seq.gen.is_finished() {
+                let tx = seq.tx.clone();
+                let _ = seq.gen.cancel(&mut |e| send(&tx, Update::Event(e)));
+            }
+        }
+    }
+
+    /// One batched step. Returns (prompt tokens run, prompt tokens reused from idle caches).
+    fn step(&mut self) -> Result<(usize, usize)> {
+        let mut budget = self.config.prefill_chunk.max(1);
+        // What each sequence runs: decoding ones their token, prefilling ones a prompt piece.
+        let mut plan: Vec<(usize, Vec<u32>, RowKind, bool)> = Vec::new();
+        for (i, seq) in self.active.iter().enumerate() {
+            if seq.gen.is_finished() {
+                continue;
+            }
+            if seq.prefilling() {
+                if budget == 0 {
+                    continue;
+                }
+                let from = seq.cached.len();
+                let n = (seq.prompt.len() - from).min(budget);
+                budget -= n;
+                let last = from + n == seq.prompt.len();
+                plan.push((i, seq.prompt[from..from + n].to_vec(), RowKind::Prompt, last));
+            } else if let Some(t) = seq.next {
+                plan.push((i, vec![t], RowKind::Decode, true));
+            }
+        }
+        if plan.is_empty() {
+            return Ok((0, 0));
+        }
+        let (mut ran, mut reused) = (0, 0);
+        {
+            let mut chosen: Vec<Option<&mut Sequence>> = self.active.iter_mut().map(Some).collect();
+            let mut steps = Vec::with_capacity(plan.len());
+            for (i, tokens, kind, _) in &plan {
+                let seq = chosen[*i].take().expect("one step per sequence");
+                if *kind == RowKind::Prompt {
+                    ran += tokens.len();
+                    if seq.cached.len() == seq.reused {
+                        reused += seq.reused;
+                    }
+                }
+                steps.push(Step {
+                    cache: &mut seq.cache,
+                    tokens,
+                    kind: *kind,
+                    logits: LogitsFor::Last,
+                });
+            }
+            self.lm.model.forward_batch(&mut steps, &mut self.logits)?;
+        }
+        let vocab = self.lm.model.vocab_size();
+        let context = self.config.context;
+        for (row, (i, tokens, _, last)) in plan.into_iter().enumerate() {
+            let seq = &mut self.active[i];
+            seq.cached.extend_from_slice(&tokens);
+            if !last {
+                continue;
+            }
+            if seq.next.is_none() && seq.gen.tokens().is_empty() {
+                seq.gen.prefilled(seq.prompt.len() - seq.reused);
+            }
+            let logits = &mut self.logits[row * vocab..(row + 1) * vocab];
+            let room = seq.cached.len() < context;
+            let tx = seq.tx.clone();
+            match seq.gen.push(logits, room, &mut |e| send(&tx, Update::Event(e))) {
+                Ok(next) => seq.next = next,
+                Err(e) => {
+                    let _ = seq.tx.send(Update::Failed(format!("{e:#}")));
+                    seq.cancel.store(true, Ordering::Relaxed);
+                    seq.next = None;
+                }
+            }
+        }
+        Ok((ran, reused))
+    }
+
+    /// Removes finished sequences: their completions are sent, their caches kept for reuse.
+    /// Returns (finished, cancelled).
+    fn retire(&mut self) -> (usize, usize) {
+        let (mut finished, mut cancelled) = (0, 0);
+        let mut i = 0;
+        while i < self.active.len() {
+            let seq = &self.active[i];
+            let failed = seq.cancel.load(Ordering::Relaxed) && !seq.gen.is_finished();
+            if !seq.gen.is_finished() && !failed {
+                i += 1;
+                continue;
+            }
+            let seq = self.active.swap_remove(i);
+            if seq.gen.finish_reason() == Some(FinishReason::Cancelled) || failed {
+                cancelled += 1;
+            } else {
+                finished += 1;
+            }
+            let used = seq.cached.len();
+            if !failed {
+                let _ = seq.tx.send(Update::Done(seq.gen.into_completion(used)));
+            }
+            if !seq.cached.is_empty() {
+                self.idle.push(Idle {
+                    cache: seq.cache,
+                    tokens: seq.cached,
+                });
+            }
+        }
+        (finished, cancelled)
+    }
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Sends an update; a receiver that is gone is how a request is dropped (the next step frees
+/// its sequence).
+fn send(tx: &Sender<Update>, u: Update) -> Result<()> {
+    if tx.send(u).is_err() {
+        bail!("the request was dropped");
+    }
+    Ok(())
+}

@@ -1,0 +1,231 @@
+//! The continuous-batching scheduler: a sequence's tokens do not depend on what runs beside it,
+//! the queue is bounded, a dropped request frees its sequence, a shared prefix is not run again,
+//! and a request that can never fit is refused.
+
+mod common;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{asset, model_dir};
+use zagreus::generation::{Event, FinishReason, GenerateOptions};
+use zagreus::loader::{load, load_gguf, LoadOptions, LoadedModel};
+use zagreus::sampling::Sampler;
+use zagreus::scheduler::{Request, Scheduler, SchedulerConfig, Update};
+use zagreus::session::{generate, Session};
+use zagreus::settings::{SamplingRequest, Settings};
+use zagreus::source::ModelFiles;
+
+fn fixture() -> Arc<LoadedModel> {
+    let files = ModelFiles::from_dir(&model_dir("tied-bf16")).unwrap();
+    Arc::new(load(&files, &LoadOptions::cpu()).unwrap())
+}
+
+fn smollm2() -> Arc<LoadedModel> {
+    let path = asset("SmolLM2-135M-Instruct.Q4_1.gguf");
+    Arc::new(load_gguf(&path, "smollm2", &LoadOptions::cpu()).unwrap())
+}
+
+fn settings(temperature: f64, seed: u64, max_tokens: usize) -> Settings {
+    let req = SamplingRequest {
+        temperature: Some(temperature),
+        top_k: Some(0),
+        seed: Some(seed),
+        max_tokens: Some(max_tokens),
+        ..Default::default()
+    };
+    Settings::resolve(&req, &Default::default()).unwrap()
+}
+
+fn request(prompt: Vec<u32>, settings: Settings) -> Request {
+    Request {
+        prompt,
+        settings,
+        logprobs: None,
+    }
+}
+
+/// The tokens a request gets with nothing else running: one session, the one-shot path.
+fn alone(lm: &LoadedModel, req: &Request, context: usize) -> (Vec<u32>, FinishReason) {
+    let mut session = Session::new(&lm.model, context);
+    let mut sampler = Sampler::new(req.settings.sampling.clone());
+    let opts = GenerateOptions {
+        max_tokens: req.settings.max_tokens,
+        stop_ids: lm.stop_ids.clone(),
+        stop_strings: req.settings.stop.clone(),
+        ignore_eos: req.settings.ignore_eos,
+        logprobs: None,
+    };
+    let c = generate(
+        &mut session,
+        &lm.tokenizer,
+        &mut sampler,
+        &req.prompt,
+        &opts,
+        &AtomicBool::new(false),
+        &mut |_| Ok(()),
+    )
+    .unwrap();
+    (c.tokens, c.finish)
+}
+
+/// Prompts of different lengths, token ids spread over the vocabulary (no special tokens).
+fn prompts(lm: &LoadedModel, lens: &[usize]) -> Vec<Vec<u32>> {
+    let vocab = lm.tokenizer.vocab_size() as u64;
+    let special = lm.stop_ids.iter().copied().max().unwrap_or(0) as u64 + 1;
+    lens.iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            (0..n as u64)
+                .map(|j| (special + (j * 7 + i as u64 * 13) * 2654435761 % (vocab - special)) as u32)
+                .collect()
+        })
+        .collect()
+}
+
+fn same_tokens_alone_and_batched(lm: Arc<LoadedModel>, lens: &[usize], max_tokens: usize, context: usize) {
+    let mut config = SchedulerConfig::new(&lm, 8, context);
+    // Small prompt pieces: prefill steps interleave with the others' decoding.
+    config.prefill_chunk = 7;
+    let sched = Scheduler::start(lm.clone(), config);
+    for (temperature, seed) in [(0.0, 1), (1.0, 42)] {
+        let reqs: Vec<Request> = prompts(&lm, lens)
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| request(p, settings(temperature, seed + i as u64, max_tokens)))
+            .collect();
+        let handles: Vec<_> = reqs.iter().map(|r| sched.submit(r.clone()).unwrap()).collect();
+        for (r, h) in reqs.iter().zip(handles) {
+            let c = h.wait().unwrap();
+            let (tokens, finish) = alone(&lm, r, context);
+            assert_eq!(
+                c.tokens,
+                tokens,
+                "temperature {temperature}: prompt of {}",
+                r.prompt.len()
+            );
+            assert_eq!(c.finish, finish);
+        }
+    }
+    let counters = sched.counters();
+    assert!(counters.widest_step >= 6, "sequences ran together: {counters:?}");
+}
+
+#[test]
+fn a_sequence_gets_the_same_tokens_alone_or_among_seven_others() {
+    same_tokens_alone_and_batched(fixture(), &[3, 17, 9, 30, 1, 12, 25, 6], 20, 64);
+}
+
+#[test]
+fn the_real_smollm2_gets_the_same_tokens_alone_or_batched() {
+    same_tokens_alone_and_batched(smollm2(), &[40, 5, 23, 61, 12, 33, 2, 48], 12, 512);
+}
+
+#[test]
+fn the_queue_is_bounded() {
+    let lm = fixture();
+    let mut config = SchedulerConfig::new(&lm, 1, 64);
+    config.max_queue = 2;
+    let sched = Scheduler::start(lm.clone(), config);
+    let p = prompts(&lm, &[4]).remove(0);
+    let mut accepted = Vec::new();
+    let mut refused = Vec::new();
+    for _ in 0..5 {
+        match sched.submit(request(p.clone(), settings(0.0, 1, 40))) {
+            Ok(h) => accepted.push(h),
+            Err(e) => refused.push(e.to_string()),
+        }
+    }
+    // One may already be running; at most two wait.
+    assert!((2..=3).contains(&accepted.len()), "{} accepted", accepted.len());
+    assert!(refused.iter().all(|e| e.contains("queue is full")), "{refused:?}");
+    for h in accepted {
+        h.wait().unwrap();
+    }
+    // Room again once they are done.
+    sched.submit(request(p, settings(0.0, 1, 2))).unwrap().wait().unwrap();
+}
+
+#[test]
+fn a_dropped_request_frees_its_sequence() {
+    // A model and context large enough that the first request is still running when dropped.
+    let lm = smollm2();
+    let sched = Scheduler::start(lm.clone(), SchedulerConfig::new(&lm, 1, 4096));
+    let p = prompts(&lm, &[4]).remove(0);
+    let mut long = settings(0.0, 1, 4000);
+    long.ignore_eos = true;
+    let a = sched.submit(request(p.clone(), long)).unwrap();
+    // The second waits: there is one sequence, and it is taken.
+    let b = sched.submit(request(p.clone(), settings(0.0, 1, 3))).unwrap();
+    match a.updates.recv_timeout(Duration::from_secs(30)).unwrap() {
+        Update::Event(Event::Token { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    drop(a);
+    let t = Instant::now();
+    let c = b.wait().unwrap();
+    assert!(!c.tokens.is_empty() || c.finish == FinishReason::StopToken);
+    assert!(t.elapsed() < Duration::from_secs(30));
+    // The counters are updated just after the last update is sent.
+    let mut counters = sched.counters();
+    while counters.active > 0 && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(5));
+        counters = sched.counters();
+    }
+    assert_eq!(counters.cancelled, 1, "{counters:?}");
+    assert_eq!(counters.active, 0, "{counters:?}");
+
+    // Cancelling through the handle ends it with the text so far.
+    let mut long = settings(0.0, 1, 4000);
+    long.ignore_eos = true;
+    let h = sched.submit(request(p, long)).unwrap();
+    h.cancel();
+    assert_eq!(h.wait().unwrap().finish, FinishReason::Cancelled);
+}
+
+#[test]
+fn a_shared_prefix_is_not_run_again() {
+    let lm = fixture();
+    let sched = Scheduler::start(lm.clone(), SchedulerConfig::new(&lm, 2, 64));
+    let ps = prompts(&lm, &[24, 6]);
+    let system = &ps[0];
+    let vocab = lm.tokenizer.vocab_size() as u32;
+    let other: Vec<u32> = ps[1].iter().map(|&t| if t + 1 < vocab { t + 1 } else { t - 1 }).collect();
+    let first: Vec<u32> = system.iter().chain(&ps[1][..4]).copied().collect();
+    let second: Vec<u32> = system.iter().chain(&other).copied().collect();
+    let a = sched
+        .submit(request(first, settings(0.0, 1, 5)))
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(a.stats.prompt_processed, 28);
+    let req = request(second.clone(), settings(0.0, 1, 5));
+    let b = sched.submit(req.clone()).unwrap().wait().unwrap();
+    assert_eq!(b.stats.prompt_tokens, 30);
+    assert_eq!(b.stats.prompt_processed, 6, "only the tokens after the shared 24 run");
+    assert_eq!(sched.counters().prompt_tokens_reused, 24);
+    // And the answer is the one it gets from scratch.
+    assert_eq!(b.tokens, alone(&lm, &req, 64).0);
+}
+
+#[test]
+fn a_request_that_can_never_fit_is_refused() {
+    let lm = fixture();
+    let mut config = SchedulerConfig::new(&lm, 4, 64);
+    let p = prompts(&lm, &[64, 40]);
+    let sched = Scheduler::start(lm.clone(), config.clone());
+    let e = sched.submit(request(p[0].clone(), settings(0.0, 1, 4))).err().unwrap();
+    assert!(e.to_string().contains("the prompt is 64 tokens"), "{e}");
+    // A memory budget of 30 tokens: a 40-token prompt can never be held.
+    config.kv_bytes = 30 * zagreus::scheduler::kv_bytes_per_token(&lm);
+    let sched = Scheduler::start(lm.clone(), config);
+    let e = sched.submit(request(p[1].clone(), settings(0.0, 1, 4))).err().unwrap();
+    assert!(e.to_string().contains("keys and values"), "{e}");
+    // One that fits still runs.
+    sched
+        .submit(request(p[1][..10].to_vec(), settings(0.0, 1, 4)))
+        .unwrap()
+        .wait()
+        .unwrap();
+}
