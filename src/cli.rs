@@ -116,6 +116,9 @@ pub enum Command {
     List(ListArgs),
     /// Measure prompt processing and generation speed (llama-bench style)
     Bench(Box<BenchArgs>),
+    /// Run many requests at once: JSONL in (OpenAI batch lines, or {"messages": [...]} /
+    /// {"prompt": "..."}), one JSONL result per request out
+    Batch(Box<BatchArgs>),
     /// Compare the model's logits with a recorded transformers reference (for checking a device
     /// or build; see scripts/gpu-check.sh)
     #[command(hide = true)]
@@ -196,6 +199,49 @@ pub struct BenchArgs {
 
     #[command(flatten)]
     pub model: ModelArgs,
+}
+
+/// Most sequences `zagreus batch --parallel` runs at once.
+pub const MAX_PARALLEL: usize = 256;
+
+/// `zagreus batch`.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Input lines (blank lines are skipped):
+  {\"custom_id\": \"q1\", \"method\": \"POST\", \"url\": \"/v1/chat/completions\",
+   \"body\": {\"messages\": [{\"role\": \"user\", \"content\": \"Ciao!\"}], \"max_tokens\": 64}}
+  {\"custom_id\": \"q2\", \"url\": \"/v1/completions\", \"body\": {\"prompt\": \"La capitale d'Italia è\"}}
+  {\"messages\": [{\"role\": \"user\", \"content\": \"Ciao!\"}], \"temperature\": 0}
+  {\"prompt\": \"C'era una volta\"}
+A line without custom_id gets \"line-N\" (its line number). Each result line is OpenAI's batch
+output record: {\"id\", \"custom_id\", \"response\": {\"status_code\": 200, \"body\": {...}}, \"error\"};
+a line that cannot run gets an error record, and the rest go on. Sampling flags are defaults
+that a request's own fields override.
+
+On stdout the results come in input order. With -o FILE they are appended as they finish;
+running the same command again after an interruption skips the ids already in FILE.")]
+pub struct BatchArgs {
+    /// JSONL file of requests, or - for stdin
+    #[arg(value_name = "FILE", default_value = "-")]
+    pub input: String,
+
+    /// Append results to FILE as they finish (resumable) instead of writing them to stdout
+    #[arg(short, long, value_name = "FILE", help_heading = "Output")]
+    pub output: Option<PathBuf>,
+
+    /// Requests generated at the same time
+    #[arg(short = 'P', long, value_name = "N", default_value_t = 8, value_parser = count::<1, MAX_PARALLEL>)]
+    pub parallel: usize,
+
+    /// Print a summary (requests, tokens, speed) on stderr at the end
+    #[arg(short, long, help_heading = "Output")]
+    pub verbose: bool,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
 }
 
 /// The interactive chat.

@@ -4,6 +4,7 @@
 //! [`model`] with its [`tokenizer`] and chat [`template`], a front end ([`oneshot`]) builds the
 //! prompt, and a [`session::Session`] generates with a [`sampling::Sampler`], streaming text.
 
+pub mod batch;
 pub mod bench;
 pub mod bounded;
 pub mod budget;
@@ -17,6 +18,7 @@ pub mod interrupt;
 pub mod loader;
 pub mod model;
 pub mod oneshot;
+pub mod openai;
 pub mod output;
 pub mod repl;
 pub mod sampling;

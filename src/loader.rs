@@ -15,7 +15,7 @@ use crate::model::gguf::GgufLlama;
 use crate::model::weights::Weights;
 use crate::model::{CpuLlama, Format, GenerationConfig, Llama, LlamaConfig, Model};
 use crate::source::{ModelFiles, Resolved};
-use crate::template::{ChatTemplate, TemplateTokens};
+use crate::template::{ChatTemplate, Message, TemplateTokens};
 use crate::tokenizer::{Tokenizer, TokenizerConfig};
 
 /// Markers that end an assistant turn in common chat formats; one is a stop token when the
@@ -157,6 +157,26 @@ impl LoadedModel {
             self.model.precision(),
             crate::device::device_name(&self.model.device()),
         )
+    }
+
+    /// Renders a conversation with the chat template (ready for the assistant's answer) and
+    /// tokenizes it for a context of `context` tokens; text that certainly cannot fit is refused
+    /// before it is rendered or tokenized.
+    pub fn encode_messages(&self, messages: &[Message], add_bos: bool, context: usize) -> Result<(String, Vec<u32>)> {
+        for m in messages {
+            self.tokenizer.check_fits(&m.content, context, "the prompt")?;
+        }
+        let rendered = self.template.render(messages, None, true, &self.template_tokens)?;
+        self.tokenizer
+            .check_fits(&rendered, context, "the prompt rendered by the chat template")?;
+        let ids = self.tokenizer.encode_chat(&rendered, add_bos)?;
+        Ok((rendered, ids))
+    }
+
+    /// Tokenizes text sent as is (no template).
+    pub fn encode_text(&self, text: &str, add_bos: bool, context: usize) -> Result<Vec<u32>> {
+        self.tokenizer.check_fits(text, context, "the prompt")?;
+        self.tokenizer.encode_raw(text, add_bos)
     }
 
     /// Whether this looks like a base model without chat formatting (no template, no ChatML tokens).

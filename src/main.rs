@@ -32,6 +32,7 @@ fn main() -> ExitCode {
         Some(Command::Pull(args)) => commands::pull(&args),
         Some(Command::List(args)) => commands::list(&args),
         Some(Command::Bench(args)) => zagreus::bench::run(&args),
+        Some(Command::Batch(args)) => zagreus::batch::run(*args),
         Some(Command::CheckLogits(args)) => commands::check_logits(&args),
         Some(Command::Chat(args)) => repl::run(*args),
         // No prompt on a terminal: a conversation, as `zagreus chat`.

@@ -56,23 +56,18 @@ pub fn build_prompt(
     add_bos: bool,
     context: usize,
 ) -> Result<(String, Vec<u32>)> {
-    m.tokenizer.check_fits(text, context, "the prompt")?;
     if raw {
         if system.is_some() {
             bail!("--system has no effect with --raw (there is no template to put it in)");
         }
-        return Ok((text.to_string(), m.tokenizer.encode_raw(text, add_bos)?));
+        return Ok((text.to_string(), m.encode_text(text, add_bos, context)?));
     }
     let mut messages = Vec::new();
     if let Some(s) = system {
         messages.push(Message::new("system", s));
     }
     messages.push(Message::new("user", text));
-    let rendered = m.template.render(&messages, None, true, &m.template_tokens)?;
-    m.tokenizer
-        .check_fits(&rendered, context, "the prompt rendered by the chat template")?;
-    let ids = m.tokenizer.encode_chat(&rendered, add_bos)?;
-    Ok((rendered, ids))
+    m.encode_messages(&messages, add_bos, context)
 }
 
 pub fn run(args: RunArgs) -> Result<()> {

@@ -15,7 +15,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -85,6 +85,10 @@ pub enum Update {
     Failed(String),
 }
 
+/// Where a request's updates go; `false` means nobody listens any more (the request is then
+/// dropped at the next step).
+pub type Sink = Box<dyn FnMut(Update) -> bool + Send>;
+
 /// A submitted request: its updates, and a way to cancel it. Dropping the handle cancels it.
 pub struct Handle {
     pub updates: Receiver<Update>,
@@ -132,7 +136,7 @@ pub struct Counters {
 
 struct Queued {
     req: Request,
-    tx: Sender<Update>,
+    sink: Sink,
     cancel: Arc<AtomicBool>,
     at: Instant,
 }
@@ -178,6 +182,14 @@ impl Scheduler {
     /// Queues a request. Refused at once when it could never run (a prompt longer than the
     /// context, more keys and values than the whole budget) or when the queue is full.
     pub fn submit(&self, req: Request) -> Result<Handle> {
+        let (tx, updates) = channel();
+        let cancel = self.submit_to(req, Box::new(move |u| tx.send(u).is_ok()))?;
+        Ok(Handle { updates, cancel })
+    }
+
+    /// As `submit`, with the updates going to `sink` (which says whether anyone still listens).
+    /// Returns the request's cancel flag.
+    pub fn submit_to(&self, req: Request, sink: Sink) -> Result<Arc<AtomicBool>> {
         let c = &self.config;
         if req.prompt.is_empty() {
             bail!("the prompt is empty");
@@ -203,16 +215,15 @@ impl Scheduler {
         if s.queue.len() >= c.max_queue {
             bail!("the queue is full ({} requests waiting); try again later", c.max_queue);
         }
-        let (tx, updates) = channel();
         let cancel = Arc::new(AtomicBool::new(false));
         s.queue.push_back(Queued {
             req,
-            tx,
+            sink,
             cancel: cancel.clone(),
             at: Instant::now(),
         });
         wake.notify_all();
-        Ok(Handle { updates, cancel })
+        Ok(cancel)
     }
 
     /// Requests waiting for a sequence.
@@ -252,7 +263,7 @@ struct Sequence<'t> {
     /// The token to run next once the prompt is in (the last sampled one).
     next: Option<u32>,
     gen: Generation<'t>,
-    tx: Sender<Update>,
+    sink: Sink,
     cancel: Arc<AtomicBool>,
     /// Bytes of keys and values reserved for it.
     reserved: usize,
@@ -325,7 +336,8 @@ impl<'m> Worker<'m> {
                     // in it (an engine error is not one request's fault, but nothing can go on).
                     let msg = format!("{e:#}");
                     for seq in self.active.drain(..) {
-                        let _ = seq.tx.send(Update::Failed(msg.clone()));
+                        let mut seq = seq;
+                        (seq.sink)(Update::Failed(msg.clone()));
                     }
                     (0, 0)
                 }
@@ -356,7 +368,8 @@ impl<'m> Worker<'m> {
             if q.cancel.load(Ordering::Relaxed) {
                 // Cancelled while waiting: it ends before it began.
                 let q = queue.pop_front().expect("front");
-                let _ = q.tx.send(Update::Done(Completion {
+                let mut q = q;
+                (q.sink)(Update::Done(Completion {
                     text: String::new(),
                     tokens: Vec::new(),
                     finish: FinishReason::Cancelled,
@@ -422,15 +435,15 @@ impl<'m> Worker<'m> {
             opts,
             q.at,
         );
-        let tx = q.tx;
-        let _ = gen.begin(&mut |e| send(&tx, Update::Event(e)));
+        let mut sink = q.sink;
+        let _ = gen.begin(&mut |e| send(&mut sink, Update::Event(e)));
         self.active.push(Sequence {
             cache,
             cached,
             prompt,
             next: None,
             gen,
-            tx,
+            sink,
             cancel: q.cancel,
             reserved: need,
             reused: cached_len,
@@ -440,8 +453,8 @@ impl<'m> Worker<'m> {
     fn drop_cancelled(&mut self) {
         for seq in self.active.iter_mut() {
             if seq.cancel.load(Ordering::Relaxed) && !seq.gen.is_finished() {
-                let tx = seq.tx.clone();
-                let _ = seq.gen.cancel(&mut |e| send(&tx, Update::Event(e)));
+                let sink = &mut seq.sink;
+                let _ = seq.gen.cancel(&mut |e| send(sink, Update::Event(e)));
             }
         }
     }
@@ -505,11 +518,11 @@ impl<'m> Worker<'m> {
             }
             let logits = &mut self.logits[row * vocab..(row + 1) * vocab];
             let room = seq.cached.len() < context;
-            let tx = seq.tx.clone();
-            match seq.gen.push(logits, room, &mut |e| send(&tx, Update::Event(e))) {
+            let sink = &mut seq.sink;
+            match seq.gen.push(logits, room, &mut |e| send(sink, Update::Event(e))) {
                 Ok(next) => seq.next = next,
                 Err(e) => {
-                    let _ = seq.tx.send(Update::Failed(format!("{e:#}")));
+                    (seq.sink)(Update::Failed(format!("{e:#}")));
                     seq.cancel.store(true, Ordering::Relaxed);
                     seq.next = None;
                 }
@@ -538,7 +551,8 @@ impl<'m> Worker<'m> {
             }
             let used = seq.cached.len();
             if !failed {
-                let _ = seq.tx.send(Update::Done(seq.gen.into_completion(used)));
+                let mut sink = seq.sink;
+                sink(Update::Done(seq.gen.into_completion(used)));
             }
             if !seq.cached.is_empty() {
                 self.idle.push(Idle {
@@ -557,8 +571,8 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 
 /// Sends an update; a receiver that is gone is how a request is dropped (the next step frees
 /// its sequence).
-fn send(tx: &Sender<Update>, u: Update) -> Result<()> {
-    if tx.send(u).is_err() {
+fn send(sink: &mut Sink, u: Update) -> Result<()> {
+    if !sink(u) {
         bail!("the request was dropped");
     }
     Ok(())

@@ -191,7 +191,10 @@ fn a_shared_prefix_is_not_run_again() {
     let ps = prompts(&lm, &[24, 6]);
     let system = &ps[0];
     let vocab = lm.tokenizer.vocab_size() as u32;
-    let other: Vec<u32> = ps[1].iter().map(|&t| if t + 1 < vocab { t + 1 } else { t - 1 }).collect();
+    let other: Vec<u32> = ps[1]
+        .iter()
+        .map(|&t| if t + 1 < vocab { t + 1 } else { t - 1 })
+        .collect();
     let first: Vec<u32> = system.iter().chain(&ps[1][..4]).copied().collect();
     let second: Vec<u32> = system.iter().chain(&other).copied().collect();
     let a = sched
