@@ -221,6 +221,18 @@ pub fn response_body(job: &Job, id: &str, created: u64, model: &str, c: &Complet
     });
     let model = job.model.as_deref().unwrap_or(model);
     let reason = finish_reason(c.finish);
+    let st = &c.stats;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    // llama.cpp's server reports the same figures under the same names.
+    let timings = json!({
+        "prompt_n": st.prompt_processed,
+        "prompt_cached": st.prompt_tokens - st.prompt_processed,
+        "prompt_ms": ms(st.prompt_time),
+        "time_to_first_token_ms": ms(st.time_to_first_token),
+        "predicted_n": c.tokens.len(),
+        "predicted_ms": ms(st.decode_time),
+        "predicted_per_second": st.decode_tps(),
+    });
     match job.endpoint {
         Endpoint::Chat => {
             let logprobs = job
@@ -238,6 +250,7 @@ pub fn response_body(job: &Job, id: &str, created: u64, model: &str, c: &Complet
                     "finish_reason": reason,
                 }],
                 "usage": usage,
+                "timings": timings,
             })
         }
         Endpoint::Completions => {
@@ -257,6 +270,7 @@ pub fn response_body(job: &Job, id: &str, created: u64, model: &str, c: &Complet
                 "model": model,
                 "choices": [{"index": 0, "text": c.text, "logprobs": logprobs, "finish_reason": reason}],
                 "usage": usage,
+                "timings": timings,
             })
         }
     }

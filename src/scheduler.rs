@@ -292,6 +292,20 @@ struct Worker<'m> {
     /// Most recently used last.
     idle: Vec<Idle>,
     logits: Vec<f32>,
+    /// Seconds a step of decoding tokens only takes (a moving average).
+    decode_step: Option<f64>,
+    /// Seconds one prompt token adds to a step (a moving average).
+    prompt_token: Option<f64>,
+}
+
+/// While sequences are decoding, the prompt tokens beside them in a step may add at most this
+/// share of a decoding step's time: decoding keeps at least 1 / (1 + share) of its speed.
+const BUSY_SHARE: f64 = 0.6;
+/// Prompt tokens per step beside decoding ones before anything is measured.
+const BUSY_START: usize = 8;
+
+fn average(old: Option<f64>, new: f64) -> Option<f64> {
+    Some(old.map_or(new, |o| 0.8 * o + 0.2 * new))
 }
 
 impl<'m> Worker<'m> {
@@ -304,6 +318,23 @@ impl<'m> Worker<'m> {
             active: Vec::new(),
             idle: Vec::new(),
             logits: Vec::new(),
+            decode_step: None,
+            prompt_token: None,
+        }
+    }
+
+    /// Prompt tokens this step may run: a full chunk when nothing is decoding, else as many as
+    /// fit in `BUSY_SHARE` of a decoding step.
+    fn prompt_budget(&self, decoding: bool) -> usize {
+        let chunk = self.config.prefill_chunk.max(1);
+        if !decoding {
+            return chunk;
+        }
+        match (self.decode_step, self.prompt_token) {
+            // A step of decoding alone measures what the budget is a share of.
+            (None, _) => 0,
+            (Some(d), Some(p)) if p > 0.0 => ((d * BUSY_SHARE / p) as usize).clamp(1, chunk),
+            _ => BUSY_START.min(chunk),
         }
     }
 
@@ -461,10 +492,22 @@ impl<'m> Worker<'m> {
 
     /// One batched step. Returns (prompt tokens run, prompt tokens reused from idle caches).
     fn step(&mut self) -> Result<(usize, usize)> {
-        let mut budget = self.config.prefill_chunk.max(1);
+        let decoding = self
+            .active
+            .iter()
+            .any(|s| !s.gen.is_finished() && !s.prefilling() && s.next.is_some());
+        let mut budget = self.prompt_budget(decoding);
         // What each sequence runs: decoding ones their token, prefilling ones a prompt piece.
         let mut plan: Vec<(usize, Vec<u32>, RowKind, bool)> = Vec::new();
-        for (i, seq) in self.active.iter().enumerate() {
+        // Prompts with the fewest tokens left go first: a short request starts answering at
+        // once instead of waiting behind a long prompt.
+        let mut order: Vec<usize> = (0..self.active.len()).collect();
+        order.sort_by_key(|&i| {
+            let s = &self.active[i];
+            (!s.prefilling(), s.prompt.len() - s.cached.len().min(s.prompt.len()))
+        });
+        for i in order {
+            let seq = &self.active[i];
             if seq.gen.is_finished() {
                 continue;
             }
@@ -477,6 +520,11 @@ impl<'m> Worker<'m> {
                 budget -= n;
                 let last = from + n == seq.prompt.len();
                 plan.push((i, seq.prompt[from..from + n].to_vec(), RowKind::Prompt, last));
+                if last {
+                    // It answers from the next step on: the prompts after it get what a step
+                    // beside decoding may take, so its first token is not late.
+                    budget = budget.min(self.prompt_budget(true));
+                }
             } else if let Some(t) = seq.next {
                 plan.push((i, vec![t], RowKind::Decode, true));
             }
@@ -503,7 +551,15 @@ impl<'m> Worker<'m> {
                     logits: LogitsFor::Last,
                 });
             }
+            let t = Instant::now();
             self.lm.model.forward_batch(&mut steps, &mut self.logits)?;
+            let secs = t.elapsed().as_secs_f64();
+            if ran == 0 {
+                self.decode_step = average(self.decode_step, secs);
+            } else {
+                let decode = if decoding { self.decode_step.unwrap_or(0.0) } else { 0.0 };
+                self.prompt_token = average(self.prompt_token, (secs - decode).max(0.0) / ran as f64);
+            }
         }
         let vocab = self.lm.model.vocab_size();
         let context = self.config.context;

@@ -55,41 +55,52 @@ pub(crate) fn gemm_panels<'a>(
         x.len() >= m * k && out.len() >= m * n,
         "gemm: slices shorter than the shapes"
     );
-    let mr = rows_per_call(isa);
     let out_ptr = Out(out.as_mut_ptr());
     exec.run(n.div_ceil(PANEL), &|b| {
-        let j0 = b * PANEL;
-        let cols = PANEL.min(n - j0);
-        WIDE.with(|w| {
-            let mut wide = w.borrow_mut();
-            let p = panel(b);
-            let packed: &[f32] = match p {
-                Panel::F32(v) => v,
-                _ => {
-                    wide.resize(k * PANEL, 0.0);
-                    widen(isa, p, k, &mut wide);
-                    &wide
-                }
-            };
-            let mut i0 = 0;
-            while i0 < m {
-                let rows = mr.min(m - i0);
-                // SAFETY: x rows i0..i0+rows exist; outputs (i0.., j0..j0+cols) belong to this task.
-                unsafe {
-                    micro(
-                        isa,
-                        rows,
-                        x.as_ptr().add(i0 * k),
-                        k,
-                        packed.as_ptr(),
-                        out_ptr.at(i0 * n + j0),
-                        n,
-                        cols,
-                    )
-                };
-                i0 += rows;
+        gemm_panel(isa, x, m, k, n, out_ptr, b, panel(b))
+    });
+}
+
+/// `gemm_panels` for panel `b` alone (outputs `j` in `32b..32b + 32` of every row): the same
+/// bits whichever task runs it, and whatever else that task does around it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_panel(isa: Isa, x: &[f32], m: usize, k: usize, n: usize, out_ptr: Out, b: usize, p: Panel) {
+    assert!(
+        x.len() >= m * k && b * PANEL < n,
+        "gemm: slices shorter than the shapes"
+    );
+    let mr = rows_per_call(isa);
+    let j0 = b * PANEL;
+    let cols = PANEL.min(n - j0);
+    WIDE.with(|w| {
+        let mut wide = w.borrow_mut();
+        let packed: &[f32] = match p {
+            Panel::F32(v) => v,
+            _ => {
+                wide.resize(k * PANEL, 0.0);
+                widen(isa, p, k, &mut wide);
+                &wide
             }
-        });
+        };
+        let mut i0 = 0;
+        while i0 < m {
+            let rows = mr.min(m - i0);
+            // SAFETY: x rows i0..i0+rows exist; outputs (i0.., j0..j0+cols) belong to this task
+            // (callers give each panel to one task, and `out_ptr` holds m rows of n).
+            unsafe {
+                micro(
+                    isa,
+                    rows,
+                    x.as_ptr().add(i0 * k),
+                    k,
+                    packed.as_ptr(),
+                    out_ptr.at(i0 * n + j0),
+                    n,
+                    cols,
+                )
+            };
+            i0 += rows;
+        }
     });
 }
 

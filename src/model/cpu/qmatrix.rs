@@ -19,7 +19,7 @@ use std::cell::RefCell;
 use half::{bf16, f16};
 
 use super::arena::{Arena, ArenaWriter, Region};
-use super::gemm::{gemm_panels, Out};
+use super::gemm::{gemm_panel, gemm_panels, Out};
 pub use super::kernels::PANEL;
 use super::kernels::{
     gemv_finish, gemv_int, gemv_int_blocks, gemv_steps, octet_index, padded, panel_value, q4_scale_index, quad_index,
@@ -474,8 +474,44 @@ pub fn matmul_rows(arena: &Arena, w: &QMatrix, x: &[f32], decode: usize, m: usiz
     let level = Level::get();
     let (xd, xp) = x.split_at(decode * k);
     let (od, op) = out.split_at_mut(decode * n);
-    product(Exec::Pool, level, RowClass::Decode, arena, w, xd, decode, od);
-    product(Exec::Pool, level, RowClass::Prompt, arena, w, xp, m - decode, op);
+    if decode == 0 || decode == m || w.variant.quads() {
+        product(Exec::Pool, level, RowClass::Decode, arena, w, xd, decode, od);
+        product(Exec::Pool, level, RowClass::Prompt, arena, w, xp, m - decode, op);
+        return;
+    }
+    // Both classes: each panel is read from memory once, the decoding rows take it first and
+    // the prompt rows then find it in cache (the same bits as two separate products).
+    let isa = level.isa;
+    let (mp, op_ptr) = (m - decode, Out(op.as_mut_ptr()));
+    STEP_MAJOR.with(|xt| {
+        let mut xt = xt.borrow_mut();
+        let xs: &[f32] = if decode == 1 {
+            xd
+        } else {
+            step_major(xd, decode, k, GEMV_ROWS, &mut xt);
+            &xt
+        };
+        stream_panels(
+            Exec::Pool,
+            w,
+            od,
+            decode,
+            GEMV_ROWS,
+            |p, r0, rows, steps, acc| {
+                gemv_steps(
+                    isa,
+                    w.panel(arena, p),
+                    &xs[r0 * k..(r0 + rows) * k],
+                    rows,
+                    k,
+                    steps,
+                    acc,
+                )
+            },
+            |p, rows, acc| gemv_finish(isa, w.panel(arena, p), rows, acc),
+            |b| gemm_panel(isa, xp, mp, k, n, op_ptr, b, w.panel(arena, b)),
+        );
+    });
 }
 
 /// As `matmul_with`, on the calling thread only (measurements of one core's speed).
@@ -520,6 +556,7 @@ fn product(
                     1,
                     |p, _, _, steps, acc| gemv_steps(isa, w.panel(arena, p), x, 1, k, steps, acc),
                     |p, rows, acc| gemv_finish(isa, w.panel(arena, p), rows, acc),
+                    |_| {},
                 );
                 return;
             }
@@ -545,6 +582,7 @@ fn product(
                         )
                     },
                     |p, rows, acc| gemv_finish(isa, w.panel(arena, p), rows, acc),
+                    |_| {},
                 );
             });
         }
@@ -570,6 +608,7 @@ fn product(
                     gemv_int_blocks(level, w.panel(arena, p), &acts.rows(r0, rows), blocks, acc)
                 },
                 |_, _, _| {},
+                |_| {},
             );
         } else {
             // Prefill: each task takes a panel and runs every tile of rows over it (from cache).
@@ -601,7 +640,7 @@ const PIECE: usize = 256;
 /// groups of up to `group`. `kernel(b, r0, rows, steps, acc)` adds steps `steps` of panel `b`
 /// for rows `r0..r0 + rows` to `acc` (from zero at step 0); `finish(b, rows, acc)` completes a
 /// group's outputs. With several groups the panel is taken `PIECE` steps at a time, every group
-/// in turn.
+/// in turn. `then(b)` runs on the same thread right after panel `b` is done (while it is in cache).
 fn stream_panels(
     exec: Exec,
     w: &QMatrix,
@@ -610,6 +649,7 @@ fn stream_panels(
     group: usize,
     kernel: impl Fn(usize, usize, usize, std::ops::Range<usize>, &mut [[f32; PANEL]]) + Sync,
     finish: impl Fn(usize, usize, &mut [[f32; PANEL]]) + Sync,
+    then: impl Fn(usize) + Sync,
 ) {
     let (n, k) = (w.rows, w.cols);
     let out_ptr = Out(out.as_mut_ptr());
@@ -639,6 +679,7 @@ fn stream_panels(
                 // SAFETY: columns of this panel belong to this task alone.
                 unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out_ptr.at(i * n + j0), live) };
             }
+            then(b);
         }
     });
 }
