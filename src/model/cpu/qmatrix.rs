@@ -641,6 +641,7 @@ const PIECE: usize = 256;
 /// for rows `r0..r0 + rows` to `acc` (from zero at step 0); `finish(b, rows, acc)` completes a
 /// group's outputs. With several groups the panel is taken `PIECE` steps at a time, every group
 /// in turn. `then(b)` runs on the same thread right after panel `b` is done (while it is in cache).
+#[allow(clippy::too_many_arguments)]
 fn stream_panels(
     exec: Exec,
     w: &QMatrix,
