@@ -9,7 +9,8 @@
 # AVX-512 machine. Rounds alternate llama-bench and `zagreus bench` so that both see the same
 # machine; shared hosts drift, so compare the ratios within a round and the medians over rounds.
 #
-# Usage: scripts/compare-llamacpp.sh [ROUNDS]      Env: ISA=native|avx2 WORK=/tmp/llamacpp THREADS=2
+# Usage: scripts/compare-llamacpp.sh [ROUNDS]
+# Env: ISA=native|avx2 WORK=/tmp/llamacpp THREADS=2 BATCH=1 (batched decoding) EXTRA=1 (depth, pages, busy core)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3} WORK=${WORK:-/tmp/llamacpp} THREADS=${THREADS:-2} ISA=${ISA:-native}
@@ -40,7 +41,7 @@ ours() { local f=$1; shift; ZAGREUS_ISA=$ZISA "$Z" bench --random zagreus-0.4b "
     END {if (k) print "# zagreus kernels:" k > "/dev/stderr"}'; }
 
 results=$(mktemp)
-trap 'rm -f "$results"' EXIT
+trap 'rm -f "$results" "$results".[lz]' EXIT
 echo "== ISA=$ISA, $THREADS threads, $ROUNDS rounds, load $(cut -d' ' -f1-3 /proc/loadavg)"
 for r in $(seq "$ROUNDS"); do
   { llama bf16 -p 128 -n 64 -r 5; ours bf16 -p 128 -n 64 -r 5
@@ -61,6 +62,21 @@ for (fmt, test), v in rows.items():
     print(f"{fmt} {test}: llama.cpp {statistics.median(l.values()):.1f}  zagreus {statistics.median(z.values()):.1f}  "
           f"ratio {statistics.median(per):.2f}  [{' '.join(f'{p:.2f}' for p in per)}]")
 PY
+if [[ ${BATCH:-1} == 1 ]]; then
+  # Many sequences decoding together: llama-batched-bench's S_TG (aggregate decode t/s) against
+  # `zagreus bench --batch`'s decode column, prompts of 128 tokens, 64 generated per sequence.
+  BB=${LB%/llama-bench}/llama-batched-bench
+  for f in bf16 q8_0; do
+    q=; [[ $f == q8_0 ]] && q="--quantize q8_0"
+    echo "== batched decoding, $f: sequences, llama.cpp t/s, zagreus t/s, ratio"
+    # One after the other (never at the same time: they would share the cores).
+    "$BB" -m "$G/zagreus-$f.gguf" -t "$THREADS" -c 4096 -b 2048 -ub 512 -npp 128 -ntg 64 -npl 1,2,4,8,16 2>/dev/null |
+      awk -F'|' '$2 ~ /^ *128 *$/ {gsub(/ /,""); print $4, $9}' > "$results.l"
+    ZAGREUS_ISA=$ZISA "$Z" bench --random zagreus-0.4b $q -p 128 -n 64 -r 1 --batch 1,2,4,8,16 2>/dev/null |
+      awk -F'|' '$8 ~ /[0-9]/ {gsub(/ /,"",$10); print $10}' > "$results.z"
+    paste "$results.l" "$results.z" | awk '{printf "%s %s %s %.2f\n", $1, $2, $3, $3 / $2}'
+  done
+fi
 [[ ${EXTRA:-1} == 1 ]] || exit 0
 echo "== decode after 2048 tokens (bf16)"
 llama bf16 -p 0 -n 64 -d 2048 -r 3

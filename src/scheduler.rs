@@ -300,7 +300,7 @@ struct Worker<'m> {
 
 /// While sequences are decoding, the prompt tokens beside them in a step may add at most this
 /// share of a decoding step's time: decoding keeps at least 1 / (1 + share) of its speed.
-const BUSY_SHARE: f64 = 0.6;
+const BUSY_SHARE: f64 = 0.5;
 /// Prompt tokens per step beside decoding ones before anything is measured.
 const BUSY_START: usize = 8;
 
@@ -323,19 +323,22 @@ impl<'m> Worker<'m> {
         }
     }
 
-    /// Prompt tokens this step may run: a full chunk when nothing is decoding, else as many as
-    /// fit in `BUSY_SHARE` of a decoding step.
-    fn prompt_budget(&self, decoding: bool) -> usize {
+    /// Prompt tokens this step may run beside `decoders` decoding sequences: a full chunk when
+    /// none, else what fits in `BUSY_SHARE` of a decoding step, plus one per decoding sequence
+    /// (a step's cost grows with its rows: as many prompt rows as decoding ones keep the same
+    /// share).
+    fn prompt_budget(&self, decoders: usize) -> usize {
         let chunk = self.config.prefill_chunk.max(1);
-        if !decoding {
+        if decoders == 0 {
             return chunk;
         }
-        match (self.decode_step, self.prompt_token) {
+        let base = match (self.decode_step, self.prompt_token) {
             // A step of decoding alone measures what the budget is a share of.
-            (None, _) => 0,
-            (Some(d), Some(p)) if p > 0.0 => ((d * BUSY_SHARE / p) as usize).clamp(1, chunk),
-            _ => BUSY_START.min(chunk),
-        }
+            (None, _) => return 0,
+            (Some(d), Some(p)) if p > 0.0 => (d * BUSY_SHARE / p) as usize,
+            _ => BUSY_START,
+        };
+        (base + decoders - 1).clamp(1, chunk)
     }
 
     fn run(mut self) {
@@ -492,40 +495,46 @@ impl<'m> Worker<'m> {
 
     /// One batched step. Returns (prompt tokens run, prompt tokens reused from idle caches).
     fn step(&mut self) -> Result<(usize, usize)> {
-        let decoding = self
+        let decoders = self
             .active
             .iter()
-            .any(|s| !s.gen.is_finished() && !s.prefilling() && s.next.is_some());
-        let mut budget = self.prompt_budget(decoding);
+            .filter(|s| !s.gen.is_finished() && !s.prefilling() && s.next.is_some())
+            .count();
+        let budget = self.prompt_budget(decoders);
+        // The prompt budget shared out evenly among the sequences still prefilling (in the order
+        // they came): a short prompt is not stuck behind a long one, and none waits for ever.
+        let prefilling: Vec<(usize, usize)> = self
+            .active
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.gen.is_finished() && s.prefilling())
+            .map(|(i, s)| (i, s.prompt.len() - s.cached.len()))
+            .collect();
+        let mut give = vec![0usize; prefilling.len()];
+        let mut left = budget;
+        loop {
+            let open: Vec<usize> = (0..prefilling.len()).filter(|&j| give[j] < prefilling[j].1).collect();
+            if open.is_empty() || left == 0 {
+                break;
+            }
+            let share = (left / open.len()).max(1);
+            for j in open {
+                let g = share.min(prefilling[j].1 - give[j]).min(left);
+                give[j] += g;
+                left -= g;
+            }
+        }
         // What each sequence runs: decoding ones their token, prefilling ones a prompt piece.
         let mut plan: Vec<(usize, Vec<u32>, RowKind, bool)> = Vec::new();
-        // Prompts with the fewest tokens left go first: a short request starts answering at
-        // once instead of waiting behind a long prompt.
-        let mut order: Vec<usize> = (0..self.active.len()).collect();
-        order.sort_by_key(|&i| {
-            let s = &self.active[i];
-            (!s.prefilling(), s.prompt.len() - s.cached.len().min(s.prompt.len()))
-        });
-        for i in order {
-            let seq = &self.active[i];
-            if seq.gen.is_finished() {
-                continue;
-            }
-            if seq.prefilling() {
-                if budget == 0 {
-                    continue;
-                }
+        for (&(i, remaining), &n) in prefilling.iter().zip(&give) {
+            if n > 0 {
+                let seq = &self.active[i];
                 let from = seq.cached.len();
-                let n = (seq.prompt.len() - from).min(budget);
-                budget -= n;
-                let last = from + n == seq.prompt.len();
-                plan.push((i, seq.prompt[from..from + n].to_vec(), RowKind::Prompt, last));
-                if last {
-                    // It answers from the next step on: the prompts after it get what a step
-                    // beside decoding may take, so its first token is not late.
-                    budget = budget.min(self.prompt_budget(true));
-                }
-            } else if let Some(t) = seq.next {
+                plan.push((i, seq.prompt[from..from + n].to_vec(), RowKind::Prompt, n == remaining));
+            }
+        }
+        for (i, seq) in self.active.iter().enumerate() {
+            if let (false, false, Some(t)) = (seq.gen.is_finished(), seq.prefilling(), seq.next) {
                 plan.push((i, vec![t], RowKind::Decode, true));
             }
         }
@@ -557,7 +566,11 @@ impl<'m> Worker<'m> {
             if ran == 0 {
                 self.decode_step = average(self.decode_step, secs);
             } else {
-                let decode = if decoding { self.decode_step.unwrap_or(0.0) } else { 0.0 };
+                let decode = if decoders > 0 {
+                    self.decode_step.unwrap_or(0.0)
+                } else {
+                    0.0
+                };
                 self.prompt_token = average(self.prompt_token, (secs - decode).max(0.0) / ran as f64);
             }
         }
