@@ -30,6 +30,16 @@ pub fn gemv(p: Panel, x: &[f32], rows: usize, k: usize, t0: usize, t1: usize, ou
                 _ => panel_value(p, t, c),
             };
         }
+        if !matches!(p, Panel::Q8_0 { .. }) {
+            // One chain per output, as the prefill kernel's: the same bits whichever runs a row.
+            for r in 0..rows {
+                let xv = x[t * rows + r];
+                for c in 0..PANEL {
+                    out[r][c] += xv * w[c];
+                }
+            }
+            continue;
+        }
         for r in 0..rows {
             let xv = x[t * rows + r];
             for c in 0..PANEL {
