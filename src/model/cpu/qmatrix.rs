@@ -507,34 +507,8 @@ pub fn matmul_rows(arena: &Arena, w: &QMatrix, x: &[f32], decode: usize, m: usiz
     // the prompt rows then find it in cache (the same bits as two separate products).
     let isa = level.isa;
     let (mp, op_ptr) = (m - decode, Out(op.as_mut_ptr()));
-    STEP_MAJOR.with(|xt| {
-        let mut xt = xt.borrow_mut();
-        let xs: &[f32] = if decode == 1 {
-            xd
-        } else {
-            step_major(xd, decode, k, GEMV_ROWS, &mut xt);
-            &xt
-        };
-        stream_panels(
-            Exec::Pool,
-            w,
-            od,
-            decode,
-            GEMV_ROWS,
-            |p, r0, rows, steps, acc| {
-                gemv_steps(
-                    isa,
-                    w.panel(arena, p),
-                    &xs[r0 * k..(r0 + rows) * k],
-                    rows,
-                    k,
-                    steps,
-                    acc,
-                )
-            },
-            |p, rows, acc| gemv_finish(isa, w.panel(arena, p), rows, acc),
-            |b| gemm_panel(isa, xp, mp, k, n, op_ptr, b, w.panel(arena, b)),
-        );
+    float_decode(Exec::Pool, isa, arena, w, xd, decode, od, |b| {
+        gemm_panel(isa, xp, mp, k, n, op_ptr, b, w.panel(arena, b))
     });
 }
 
@@ -570,45 +544,7 @@ fn product(
         if class == RowClass::Prompt {
             gemm_panels(exec, isa, x, m, k, n, out, &|b| w.panel(arena, b));
         } else {
-            if m == 1 {
-                // One row is its own step-major form.
-                stream_panels(
-                    exec,
-                    w,
-                    out,
-                    1,
-                    1,
-                    |p, _, _, steps, acc| gemv_steps(isa, w.panel(arena, p), x, 1, k, steps, acc),
-                    |p, rows, acc| gemv_finish(isa, w.panel(arena, p), rows, acc),
-                    |_| {},
-                );
-                return;
-            }
-            STEP_MAJOR.with(|xt| {
-                let mut xt = xt.borrow_mut();
-                step_major(x, m, k, GEMV_ROWS, &mut xt);
-                let xt = &*xt;
-                stream_panels(
-                    exec,
-                    w,
-                    out,
-                    m,
-                    GEMV_ROWS,
-                    |p, r0, rows, steps, acc| {
-                        gemv_steps(
-                            isa,
-                            w.panel(arena, p),
-                            &xt[r0 * k..(r0 + rows) * k],
-                            rows,
-                            k,
-                            steps,
-                            acc,
-                        )
-                    },
-                    |p, rows, acc| gemv_finish(isa, w.panel(arena, p), rows, acc),
-                    |_| {},
-                );
-            });
+            float_decode(exec, isa, arena, w, x, m, out, |_| {});
         }
         return;
     }
@@ -651,6 +587,52 @@ fn product(
                 }
             });
         }
+    });
+}
+
+/// The decode kernels over every panel for `m` rows of a float-layout matrix; `then(b)` runs
+/// right after panel `b`, on the same thread (see `stream_panels`).
+#[allow(clippy::too_many_arguments)]
+fn float_decode(
+    exec: Exec,
+    isa: super::kernels::Isa,
+    arena: &Arena,
+    w: &QMatrix,
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+    then: impl Fn(usize) + Sync,
+) {
+    let k = w.cols;
+    STEP_MAJOR.with(|xt| {
+        let mut xt = xt.borrow_mut();
+        // One row is its own step-major form.
+        let xs: &[f32] = if m == 1 {
+            x
+        } else {
+            step_major(x, m, k, GEMV_ROWS, &mut xt);
+            &xt
+        };
+        stream_panels(
+            exec,
+            w,
+            out,
+            m,
+            GEMV_ROWS,
+            |p, r0, rows, steps, acc| {
+                gemv_steps(
+                    isa,
+                    w.panel(arena, p),
+                    &xs[r0 * k..(r0 + rows) * k],
+                    rows,
+                    k,
+                    steps,
+                    acc,
+                )
+            },
+            |p, rows, acc| gemv_finish(isa, w.panel(arena, p), rows, acc),
+            then,
+        );
     });
 }
 
