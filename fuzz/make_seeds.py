@@ -223,6 +223,19 @@ def main():
                            "../../x", "a/../b", "x.lock"]):
         write("hub_names", f"{i}", s)
 
+    requests = [
+        {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": [{"type": "text", "text": "Ciao"}]}],
+                  "max_tokens": 64, "temperature": 0, "stop": ["\n"], "logprobs": True, "top_logprobs": 2}},
+        {"custom_id": "q2", "url": "/v1/completions", "body": {"prompt": "La capitale d'Italia è", "max_tokens": 8, "logprobs": 1, "seed": 3}},
+        {"messages": [{"role": "user", "content": "x"}], "temperature": 0.7, "top_p": 0.9, "top_k": 40, "min_p": 0.05,
+         "repetition_penalty": 1.1, "n": 1},
+        {"prompt": ["uno"], "stop": "END", "ignore_eos": True, "max_completion_tokens": 5},
+    ]
+    for i, r in enumerate(requests):
+        write("requests", f"{i}", json.dumps(r) + "\n")
+    write("requests", "lines", "\n".join(json.dumps(r) for r in requests) + "\nnot json\n" + json.dumps(requests[0]) + "\n")
+
 
 if __name__ == "__main__":
     main()

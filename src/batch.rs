@@ -28,16 +28,16 @@ const RESULTS_LIMIT: u64 = 4 << 30;
 const STDOUT: &str = "cannot write the results to stdout";
 
 /// One non-blank input line.
-struct Line {
+pub struct Line {
     /// 1-based line number in the input.
-    number: usize,
-    custom_id: String,
-    job: Result<Job>,
+    pub number: usize,
+    pub custom_id: String,
+    pub job: Result<Job>,
 }
 
 /// Reads the requests: a line is an OpenAI batch line (`custom_id`, `method`, `url`, `body`) or
 /// a bare body (`messages` or `prompt`, with the sampling fields beside them).
-fn parse_lines(text: &str) -> Vec<Line> {
+pub fn parse_lines(text: &str) -> Vec<Line> {
     let mut seen: HashMap<String, usize> = HashMap::new();
     let mut out = Vec::new();
     for (i, raw) in text.lines().enumerate() {

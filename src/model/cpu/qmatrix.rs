@@ -23,7 +23,7 @@ use super::gemm::{gemm_panel, gemm_panels, Out};
 pub use super::kernels::PANEL;
 use super::kernels::{
     gemv_finish, gemv_int, gemv_int_blocks, gemv_steps, octet_index, padded, panel_value, q4_scale_index, quad_index,
-    Level, Panel, GEMV_ROWS, INT_ROWS, QBLOCK,
+    Isa, Level, Panel, GEMV_ROWS, INT_ROWS, QBLOCK,
 };
 use super::pool::Exec;
 use super::quant::{quantize_row_q4, quantize_row_q8_0, QuantActs};
@@ -175,11 +175,15 @@ pub struct QMatrix {
 }
 
 impl QMatrix {
-    /// Whether its rows get the same bits from the decode and the prefill kernels (the float
-    /// formats: one chain of FMAs per output in both), so that the product may choose by the
-    /// number of rows alone.
-    pub fn class_free(&self) -> bool {
-        matches!(self.data, MatData::F32(_) | MatData::Bf16(_) | MatData::F16(_))
+    /// Whether its rows get the same bits from the decode and the prefill kernels of `isa` (the
+    /// float formats: one chain of FMAs per output in both; NEON's F16 decode kernel differs),
+    /// so that the product may choose by the number of rows alone.
+    pub fn class_free(&self, isa: Isa) -> bool {
+        match self.data {
+            MatData::F32(_) | MatData::Bf16(_) => true,
+            MatData::F16(_) => isa != Isa::Neon,
+            _ => false,
+        }
     }
 
     /// Reserves a zeroed matrix in `arena`.
@@ -483,7 +487,7 @@ pub fn matmul_rows(arena: &Arena, w: &QMatrix, x: &[f32], decode: usize, m: usiz
         "matmul_rows: shapes"
     );
     let level = Level::get();
-    if w.class_free() {
+    if w.class_free(level.isa) {
         // Either kernel gives a row the same bits: the decode kernel while there are few rows
         // (it reads the weights as stored, groups of rows taking each piece from L1), the
         // prefill kernel beyond (it widens each panel once, then reuses every weight for 12
@@ -595,7 +599,7 @@ fn product(
 #[allow(clippy::too_many_arguments)]
 fn float_decode(
     exec: Exec,
-    isa: super::kernels::Isa,
+    isa: Isa,
     arena: &Arena,
     w: &QMatrix,
     x: &[f32],
@@ -815,7 +819,7 @@ mod classes {
     /// For the float formats both row classes compute each output in one chain of FMAs in step
     /// order, so a row gets the same bits from the decode and the prefill kernels: the product
     /// may pick either by the number of rows without a sequence's logits depending on its
-    /// neighbours.
+    /// neighbours. (Where `class_free` says no, each class keeps its own kernels.)
     #[test]
     fn float_formats_give_the_same_bits_in_both_row_classes() {
         for &(m, k, n) in &[(1, 64, 33), (8, 960, 96), (13, 100, 40)] {
@@ -823,8 +827,7 @@ mod classes {
             let x = rand_vec(m * k, 2);
             for format in [Format::Bf16, Format::F32, Format::F16] {
                 let (arena, w) = build(Storage::new(format, Variant::Float), &wf, n, k);
-                assert!(w.class_free());
-                for level in Level::supported() {
+                for level in Level::supported().into_iter().filter(|l| w.class_free(l.isa)) {
                     let mut a = vec![0f32; m * n];
                     let mut b = vec![0f32; m * n];
                     product(Exec::Serial, level, RowClass::Decode, &arena, &w, &x, m, &mut a);

@@ -228,7 +228,10 @@ pub fn gemv_finish(isa: Isa, p: Panel, rows: usize, acc: &mut [[f32; PANEL]]) {
         Isa::Avx512 => unsafe { avx512::gemv_finish(p, rows, acc) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { avx2::gemv_finish(p, rows, acc) },
-        _ => {}
+        // NEON and portable sums are in column order already.
+        _ => {
+            let _ = (p, acc);
+        }
     }
 }
 

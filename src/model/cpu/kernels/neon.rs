@@ -144,12 +144,6 @@ unsafe fn gemv_rows<const R: usize>(p: Panel, x: &[f32], xs: usize, t0: usize, t
     }
 }
 
-/// The accumulators are in column order already.
-///
-/// # Safety
-/// None beyond Rust's: nothing to reorder.
-pub unsafe fn gemv_finish(_p: Panel, _rows: usize, _acc: &mut [[f32; PANEL]]) {}
-
 /// # Safety
 /// As `gemv`, with `dst` holding `k * 32` values.
 #[target_feature(enable = "neon")]
