@@ -610,7 +610,7 @@ fn check_logits_compares_with_a_transformers_reference() {
 fn a_cuda_build_without_a_usable_gpu_says_so_and_auto_uses_the_cpu() {
     assert_clean_error(
         &run(&["-m", &tied(), "--device", "cuda", "Ciao"], b""),
-        &["--device cuda:0", "GPU"],
+        &["device cuda:0", "GPU"],
     );
     let out = run(&["-m", &tied(), "--device", "auto", "-n", "2", "--json", "Ciao"], b"");
     assert_eq!(out.code, 0, "{}", out.stderr);
