@@ -109,28 +109,6 @@ fn infer(body: &Value) -> Endpoint {
     }
 }
 
-/// The request's own settings over the command line's.
-fn merge(flags: &SamplingRequest, job: &SamplingRequest) -> SamplingRequest {
-    SamplingRequest {
-        temperature: job.temperature.or(flags.temperature),
-        top_k: job.top_k.or(flags.top_k),
-        top_p: job.top_p.or(flags.top_p),
-        min_p: job.min_p.or(flags.min_p),
-        repeat_penalty: job.repeat_penalty.or(flags.repeat_penalty),
-        repeat_last_n: job.repeat_last_n.or(flags.repeat_last_n),
-        presence_penalty: job.presence_penalty.or(flags.presence_penalty),
-        frequency_penalty: job.frequency_penalty.or(flags.frequency_penalty),
-        seed: job.seed.or(flags.seed),
-        max_tokens: job.max_tokens.or(flags.max_tokens),
-        stop: if job.stop.is_empty() {
-            flags.stop.clone()
-        } else {
-            job.stop.clone()
-        },
-        ignore_eos: job.ignore_eos || flags.ignore_eos,
-    }
-}
-
 /// The ids already in a results file. A last line cut short (the run was killed while writing
 /// it) is removed, so the file holds whole records only.
 fn finished_ids(path: &Path) -> Result<HashSet<String>> {
@@ -342,7 +320,7 @@ pub fn run(args: BatchArgs) -> Result<()> {
     let generating = crate::interrupt::generating();
     let cancel = crate::interrupt::cancel_flag();
     // Jobs in flight, by position in `todo`.
-    let mut running: HashMap<usize, Job> = HashMap::new();
+    let mut running: HashMap<usize, (Job, openai::Prompt)> = HashMap::new();
     let mut next = 0;
     let window = args.parallel * 2;
     while progress.done < todo.len() {
@@ -350,14 +328,20 @@ pub fn run(args: BatchArgs) -> Result<()> {
             let (pos, line) = (next, todo[next]);
             next += 1;
             match prepare(&loaded, &flags, line, &spec, context) {
-                Ok((job, req)) => match sched.submit_to(req, forward(tx.clone(), pos)) {
-                    Ok(_) => {
-                        running.insert(pos, job);
+                Ok((job, req)) => {
+                    let prompt = openai::Prompt {
+                        ids: req.prompt.clone(),
+                        ..Default::default()
+                    };
+                    match sched.submit_to(req, forward(tx.clone(), pos)) {
+                        Ok(_) => {
+                            running.insert(pos, (job, prompt));
+                        }
+                        Err(e) => {
+                            finish_error(&mut sink, &mut progress, pos, line, &format!("{e:#}"))?;
+                        }
                     }
-                    Err(e) => {
-                        finish_error(&mut sink, &mut progress, pos, line, &format!("{e:#}"))?;
-                    }
-                },
+                }
                 Err(e) => finish_error(&mut sink, &mut progress, pos, line, &format!("{e:#}"))?,
             }
         }
@@ -382,14 +366,21 @@ pub fn run(args: BatchArgs) -> Result<()> {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok((pos, update)) => {
                 let line = todo[pos];
-                let job = running
+                let (job, prompt) = running
                     .remove(&pos)
                     .context("internal error: an unknown request finished")?;
                 match update {
                     Update::Done(c) => {
                         progress.prompt_tokens += c.stats.prompt_tokens;
                         progress.tokens += c.tokens.len();
-                        let body = openai::response_body(&job, &format!("{}", line.number), created, &loaded.name, &c);
+                        let body = openai::response_body(
+                            &job,
+                            &format!("{}", line.number),
+                            created,
+                            &loaded.name,
+                            &[prompt],
+                            &[c],
+                        );
                         progress.done += 1;
                         sink.put(pos, ok_record(line.number, &line.custom_id, body))?;
                     }
@@ -447,15 +438,23 @@ fn prepare(
         Ok(j) => j.clone(),
         Err(e) => bail!("{e:#}"),
     };
-    let settings = Settings::resolve(&merge(flags, &job.sampling), &lm.generation)?;
-    let prompt = match &job.input {
+    if job.choices() != 1 || job.echo {
+        bail!(
+            "line {}: zagreus batch runs one prompt and one choice per line, without echo",
+            line.number
+        );
+    }
+    let settings = Settings::resolve(&job.sampling.over(flags), &lm.generation)?;
+    let prompt = match &job.inputs[0] {
         Input::Chat(messages) => lm.encode_messages(messages, !spec.no_bos, context)?.1,
         Input::Text(text) => lm.encode_text(text, !spec.no_bos, context)?,
+        Input::Tokens(ids) => lm.check_token_ids(ids)?.to_vec(),
     };
     let req = Request {
         prompt,
         settings,
         logprobs: job.logprobs,
+        prompt_logprobs: None,
     };
     Ok((job, req))
 }
@@ -487,24 +486,5 @@ not json
         assert!(errors[1].contains("already used on line 1"), "{}", errors[1]);
         assert!(errors[2].contains("/v1/embeddings"), "{}", errors[2]);
         assert!(errors[3].contains("only POST"), "{}", errors[3]);
-    }
-
-    #[test]
-    fn a_request_overrides_the_flags() {
-        let flags = SamplingRequest {
-            temperature: Some(0.5),
-            max_tokens: Some(9),
-            stop: vec!["x".into()],
-            ..Default::default()
-        };
-        let job = SamplingRequest {
-            temperature: Some(0.0),
-            ..Default::default()
-        };
-        let m = merge(&flags, &job);
-        assert_eq!(
-            (m.temperature, m.max_tokens, m.stop),
-            (Some(0.0), Some(9), vec!["x".to_string()])
-        );
     }
 }

@@ -119,6 +119,9 @@ pub enum Command {
     /// Run many requests at once: JSONL in (OpenAI batch lines, or {"messages": [...]} /
     /// {"prompt": "..."}), one JSONL result per request out
     Batch(Box<BatchArgs>),
+    /// Serve the model over HTTP with an OpenAI-compatible API (chat, completions, tokenize,
+    /// metrics) for apps, agents and lm-evaluation-harness
+    Serve(Box<ServeArgs>),
     /// Compare the model's logits with a recorded transformers reference (for checking a device
     /// or build; see scripts/gpu-check.sh)
     #[command(hide = true)]
@@ -242,6 +245,71 @@ pub struct BatchArgs {
 
     #[command(flatten)]
     pub sampling: SamplingArgs,
+}
+
+/// `zagreus serve`.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Endpoints: POST /v1/chat/completions, POST /v1/completions (streamed with \"stream\": true),
+GET /v1/models, POST /tokenize, POST /detokenize, GET /tokenizer_info, GET /health (503 while
+the model loads), GET /metrics (Prometheus). Sampling flags are defaults that a request's own
+fields override. SIGTERM or Ctrl+C: no new requests, running ones get --grace seconds to finish.")]
+pub struct ServeArgs {
+    /// Address to listen on (0.0.0.0 for every interface)
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1", help_heading = "Server")]
+    pub host: String,
+
+    /// Port to listen on (0: any free port; the address is printed on stderr)
+    #[arg(long, value_name = "N", default_value_t = 8080, help_heading = "Server")]
+    pub port: u16,
+
+    /// Requests generated at the same time
+    #[arg(short = 'P', long, value_name = "N", default_value_t = 4, value_parser = count::<1, MAX_PARALLEL>, help_heading = "Server")]
+    pub parallel: usize,
+
+    /// Requests waiting for a free sequence before the server answers 503
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = count::<0, 65536>, help_heading = "Server")]
+    pub queue: usize,
+
+    /// Require this key (`Authorization: Bearer KEY`) on every endpoint but /health
+    #[arg(long, value_name = "KEY", env = "ZAGREUS_API_KEY", hide_env_values = true, help_heading = "Server")]
+    pub api_key: Option<String>,
+
+    /// Let pages from ORIGIN call the API from a browser (CORS); repeatable, * for any
+    #[arg(long = "cors-origin", value_name = "ORIGIN", help_heading = "Server")]
+    pub cors_origins: Vec<String>,
+
+    /// Seconds a request may take at most (0: no limit)
+    #[arg(long, value_name = "SECS", default_value_t = 600, help_heading = "Server")]
+    pub timeout: u64,
+
+    /// Seconds running requests get to finish after SIGTERM or Ctrl+C
+    #[arg(long, value_name = "SECS", default_value_t = 30, help_heading = "Server")]
+    pub grace: u64,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+impl ServeArgs {
+    pub fn config(&self) -> crate::server::ServerConfig {
+        let secs = |s: u64| (s > 0).then(|| std::time::Duration::from_secs(s));
+        crate::server::ServerConfig {
+            spec: self.model.spec(),
+            host: self.host.clone(),
+            port: self.port,
+            parallel: self.parallel,
+            queue: self.queue,
+            api_key: self.api_key.clone().filter(|k| !k.is_empty()),
+            cors_origins: self.cors_origins.clone(),
+            timeout: secs(self.timeout),
+            grace: std::time::Duration::from_secs(self.grace),
+            defaults: self.sampling.request(),
+        }
+    }
 }
 
 /// The interactive chat.

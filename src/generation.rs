@@ -105,6 +105,9 @@ pub struct Completion {
     /// The end-of-generation token that stopped it, if any (not part of `tokens`).
     pub stop_token: Option<u32>,
     pub logprobs: Vec<TokenLogprob>,
+    /// With prompt scoring: the log-probability of each prompt token after the ones before it
+    /// (the first token has none, so this holds one fewer than the prompt).
+    pub prompt_logprobs: Vec<TokenLogprob>,
     pub stats: Stats,
 }
 
@@ -178,6 +181,7 @@ pub struct Generation<'t> {
     stream: TextStream<'t>,
     stops: StopMatcher,
     logprobs: Vec<TokenLogprob>,
+    prompt_logprobs: Vec<TokenLogprob>,
     stats: Stats,
     start: Instant,
     first_token_at: Option<Instant>,
@@ -205,6 +209,7 @@ impl<'t> Generation<'t> {
             stream: tokenizer.stream(),
             stops,
             logprobs: Vec::new(),
+            prompt_logprobs: Vec::new(),
             stats: Stats {
                 prompt_tokens: prompt.len(),
                 ..Stats::default()
@@ -220,6 +225,13 @@ impl<'t> Generation<'t> {
     pub fn prefilled(&mut self, processed: usize) {
         self.stats.prompt_processed = processed;
         self.stats.prompt_time = self.start.elapsed();
+    }
+
+    /// Records how likely prompt token `token` was after the logits of the position before it,
+    /// with `alternatives` of the likeliest tokens there.
+    pub fn score_prompt_token(&mut self, logits: &[f32], token: u32, alternatives: usize) {
+        self.prompt_logprobs
+            .push(token_logprob(self.tokenizer, logits, token, alternatives));
     }
 
     /// Call once before the first `push`: a request for no tokens at all ends here.
@@ -359,12 +371,13 @@ impl<'t> Generation<'t> {
             finish: self.finish.unwrap_or(FinishReason::Cancelled),
             stop_token: self.stop_token,
             logprobs: self.logprobs,
+            prompt_logprobs: self.prompt_logprobs,
             stats,
         }
     }
 }
 
-fn token_logprob(tokenizer: &Tokenizer, logits: &[f32], token: u32, n: usize) -> TokenLogprob {
+pub(crate) fn token_logprob(tokenizer: &Tokenizer, logits: &[f32], token: u32, n: usize) -> TokenLogprob {
     let lp = log_softmax(logits);
     let mut order: Vec<u32> = (0..lp.len() as u32).collect();
     let n = n.min(order.len());

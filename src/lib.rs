@@ -23,6 +23,7 @@ pub mod output;
 pub mod repl;
 pub mod sampling;
 pub mod scheduler;
+pub mod server;
 pub mod session;
 pub mod settings;
 pub mod source;

@@ -179,6 +179,15 @@ impl LoadedModel {
         self.tokenizer.encode_raw(text, add_bos)
     }
 
+    /// Token ids sent as a prompt: each must be in the vocabulary.
+    pub fn check_token_ids<'a>(&self, ids: &'a [u32]) -> Result<&'a [u32]> {
+        let vocab = self.model.vocab_size();
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+            bail!("prompt token {bad} is not in the vocabulary ({vocab} tokens)");
+        }
+        Ok(ids)
+    }
+
     /// Whether this looks like a base model without chat formatting (no template, no ChatML tokens).
     pub fn lacks_chat_format(&self) -> bool {
         !self.has_template && self.tokenizer.token_to_id("<|im_start|>").is_none()

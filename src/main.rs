@@ -27,12 +27,20 @@ fn main() -> ExitCode {
         note!("zagreus: error: stdout is closed, so the answer would be lost; redirect it to a file or to /dev/null");
         return ExitCode::from(1);
     }
+    if let Some(Command::Serve(args)) = &cli.command {
+        // The server handles its own signals (a graceful shutdown).
+        return match zagreus::server::run(args.config()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => report(e),
+        };
+    }
     interrupt::install();
     let result = match cli.command {
         Some(Command::Pull(args)) => commands::pull(&args),
         Some(Command::List(args)) => commands::list(&args),
         Some(Command::Bench(args)) => zagreus::bench::run(&args),
         Some(Command::Batch(args)) => zagreus::batch::run(*args),
+        Some(Command::Serve(_)) => unreachable!("handled above"),
         Some(Command::CheckLogits(args)) => commands::check_logits(&args),
         Some(Command::Chat(args)) => repl::run(*args),
         // No prompt on a terminal: a conversation, as `zagreus chat`.

@@ -73,7 +73,49 @@ pub struct Request {
     pub settings: Settings,
     /// Report log-probabilities with this many alternatives per token.
     pub logprobs: Option<usize>,
+    /// Score the prompt too: the log-probability of each prompt token after the ones before it,
+    /// with this many alternatives (the whole prompt runs, no cached prefix is reused, and it
+    /// runs even when no token is to be generated).
+    pub prompt_logprobs: Option<usize>,
 }
+
+/// Why a request was refused at submission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The queue is full: try again later.
+    QueueFull { waiting: usize },
+    /// The prompt leaves no room for an answer in the context.
+    PromptTooLong { prompt: usize, context: usize },
+    /// The request's keys and values could never fit the memory budget.
+    TooBig { need_mib: usize, tokens: usize, budget_mib: usize },
+    /// The prompt is empty.
+    EmptyPrompt,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::QueueFull { waiting } => {
+                write!(f, "the queue is full ({waiting} requests waiting); try again later")
+            }
+            Refusal::PromptTooLong { prompt, context } => write!(
+                f,
+                "the prompt is {prompt} tokens; the context of {context} tokens leaves no room for an answer"
+            ),
+            Refusal::TooBig {
+                need_mib,
+                tokens,
+                budget_mib,
+            } => write!(
+                f,
+                "the request needs {need_mib} MiB of keys and values ({tokens} tokens), more than the {budget_mib} MiB all sequences may take"
+            ),
+            Refusal::EmptyPrompt => write!(f, "the prompt is empty"),
+        }
+    }
+}
+
+impl std::error::Error for Refusal {}
 
 /// What a request's receiver gets: the events of its generation, then its end.
 #[derive(Debug)]
@@ -189,31 +231,29 @@ impl Scheduler {
 
     /// As `submit`, with the updates going to `sink` (which says whether anyone still listens).
     /// Returns the request's cancel flag.
-    pub fn submit_to(&self, req: Request, sink: Sink) -> Result<Arc<AtomicBool>> {
+    pub fn submit_to(&self, req: Request, sink: Sink) -> Result<Arc<AtomicBool>, Refusal> {
         let c = &self.config;
         if req.prompt.is_empty() {
-            bail!("the prompt is empty");
+            return Err(Refusal::EmptyPrompt);
         }
         if req.prompt.len() >= c.context {
-            bail!(
-                "the prompt is {} tokens; the context of {} tokens leaves no room for an answer",
-                req.prompt.len(),
-                c.context
-            );
+            return Err(Refusal::PromptTooLong {
+                prompt: req.prompt.len(),
+                context: c.context,
+            });
         }
         let need = positions(&req, c.context).saturating_mul(self.kv_per_token);
         if need > c.kv_bytes {
-            bail!(
-                "the request needs {} MiB of keys and values ({} tokens), more than the {} MiB all sequences may take",
-                need >> 20,
-                positions(&req, c.context),
-                c.kv_bytes >> 20
-            );
+            return Err(Refusal::TooBig {
+                need_mib: need >> 20,
+                tokens: positions(&req, c.context),
+                budget_mib: c.kv_bytes >> 20,
+            });
         }
         let (lock, wake) = &*self.shared;
         let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
         if s.queue.len() >= c.max_queue {
-            bail!("the queue is full ({} requests waiting); try again later", c.max_queue);
+            return Err(Refusal::QueueFull { waiting: c.max_queue });
         }
         let cancel = Arc::new(AtomicBool::new(false));
         s.queue.push_back(Queued {
@@ -269,11 +309,27 @@ struct Sequence<'t> {
     reserved: usize,
     /// Prompt tokens found in a cached prefix (not run again).
     reused: usize,
+    /// Scoring the prompt, with this many alternatives per token.
+    score: Option<usize>,
 }
 
 impl Sequence<'_> {
     fn prefilling(&self) -> bool {
         self.cached.len() < self.prompt.len()
+    }
+
+    /// Whether the prompt still has to run: for its answer, or for its scores.
+    fn needs_prompt(&self) -> bool {
+        self.prefilling() && (!self.gen.is_finished() || self.scoring())
+    }
+
+    fn scoring(&self) -> bool {
+        self.score.is_some() && !self.cancel.load(Ordering::Relaxed)
+    }
+
+    /// Nothing more to run.
+    fn done(&self) -> bool {
+        self.gen.is_finished() && !(self.scoring() && self.prefilling())
     }
 }
 
@@ -409,6 +465,7 @@ impl<'m> Worker<'m> {
                     finish: FinishReason::Cancelled,
                     stop_token: None,
                     logprobs: Vec::new(),
+                    prompt_logprobs: Vec::new(),
                     stats: Stats {
                         prompt_tokens: q.req.prompt.len(),
                         ..Stats::default()
@@ -432,12 +489,13 @@ impl<'m> Worker<'m> {
         let idle_bytes = |idle: &[Idle]| idle.iter().map(|i| i.tokens.len() * self.kv_per_token).sum::<usize>();
         let prompt = q.req.prompt;
         // The idle cache sharing the longest prefix with the prompt (at least one token).
+        // A prompt being scored runs whole: every position's logits are needed.
         let best = self
             .idle
             .iter()
             .enumerate()
             .map(|(i, idle)| (i, common_prefix(&idle.tokens, &prompt)))
-            .filter(|&(_, n)| n > 0)
+            .filter(|&(_, n)| n > 0 && q.req.prompt_logprobs.is_none())
             .max_by_key(|&(i, n)| (n, i));
         let (cache, cached) = match best {
             Some((i, n)) => {
@@ -481,6 +539,7 @@ impl<'m> Worker<'m> {
             cancel: q.cancel,
             reserved: need,
             reused: cached_len,
+            score: q.req.prompt_logprobs,
         });
     }
 
@@ -507,7 +566,7 @@ impl<'m> Worker<'m> {
             .active
             .iter()
             .enumerate()
-            .filter(|(_, s)| !s.gen.is_finished() && s.prefilling())
+            .filter(|(_, s)| s.needs_prompt())
             .map(|(i, s)| (i, s.prompt.len() - s.cached.len()))
             .collect();
         let mut give = vec![0usize; prefilling.len()];
@@ -524,18 +583,31 @@ impl<'m> Worker<'m> {
                 left -= g;
             }
         }
-        // What each sequence runs: decoding ones their token, prefilling ones a prompt piece.
-        let mut plan: Vec<(usize, Vec<u32>, RowKind, bool)> = Vec::new();
+        // What each sequence runs: decoding ones their token, prefilling ones a prompt piece
+        // (with logits for every position when the prompt is scored).
+        let mut plan: Vec<Planned> = Vec::new();
         for (&(i, remaining), &n) in prefilling.iter().zip(&give) {
             if n > 0 {
                 let seq = &self.active[i];
                 let from = seq.cached.len();
-                plan.push((i, seq.prompt[from..from + n].to_vec(), RowKind::Prompt, n == remaining));
+                plan.push(Planned {
+                    seq: i,
+                    tokens: seq.prompt[from..from + n].to_vec(),
+                    kind: RowKind::Prompt,
+                    last: n == remaining,
+                    logits: if seq.scoring() { LogitsFor::All } else { LogitsFor::Last },
+                });
             }
         }
         for (i, seq) in self.active.iter().enumerate() {
             if let (false, false, Some(t)) = (seq.gen.is_finished(), seq.prefilling(), seq.next) {
-                plan.push((i, vec![t], RowKind::Decode, true));
+                plan.push(Planned {
+                    seq: i,
+                    tokens: vec![t],
+                    kind: RowKind::Decode,
+                    last: true,
+                    logits: LogitsFor::Last,
+                });
             }
         }
         if plan.is_empty() {
@@ -545,19 +617,19 @@ impl<'m> Worker<'m> {
         {
             let mut chosen: Vec<Option<&mut Sequence>> = self.active.iter_mut().map(Some).collect();
             let mut steps = Vec::with_capacity(plan.len());
-            for (i, tokens, kind, _) in &plan {
-                let seq = chosen[*i].take().expect("one step per sequence");
-                if *kind == RowKind::Prompt {
-                    ran += tokens.len();
+            for p in &plan {
+                let seq = chosen[p.seq].take().expect("one step per sequence");
+                if p.kind == RowKind::Prompt {
+                    ran += p.tokens.len();
                     if seq.cached.len() == seq.reused {
                         reused += seq.reused;
                     }
                 }
                 steps.push(Step {
                     cache: &mut seq.cache,
-                    tokens,
-                    kind: *kind,
-                    logits: LogitsFor::Last,
+                    tokens: &p.tokens,
+                    kind: p.kind,
+                    logits: p.logits,
                 });
             }
             let t = Instant::now();
@@ -576,12 +648,32 @@ impl<'m> Worker<'m> {
         }
         let vocab = self.lm.model.vocab_size();
         let context = self.config.context;
-        for (row, (i, tokens, _, last)) in plan.into_iter().enumerate() {
-            let seq = &mut self.active[i];
-            seq.cached.extend_from_slice(&tokens);
-            if !last {
+        let mut row = 0;
+        for p in plan {
+            let seq = &mut self.active[p.seq];
+            let rows = match p.logits {
+                LogitsFor::All => p.tokens.len(),
+                LogitsFor::Last => 1,
+            };
+            let first_row = row;
+            row += rows;
+            if let (LogitsFor::All, Some(alternatives)) = (p.logits, seq.score) {
+                // Row j holds the logits after prompt position `from + j`: they score the token
+                // at the next position.
+                let from = seq.cached.len();
+                for j in 0..p.tokens.len() {
+                    if let Some(&next) = seq.prompt.get(from + j + 1) {
+                        let r = first_row + j;
+                        seq.gen
+                            .score_prompt_token(&self.logits[r * vocab..(r + 1) * vocab], next, alternatives);
+                    }
+                }
+            }
+            seq.cached.extend_from_slice(&p.tokens);
+            if !p.last {
                 continue;
             }
+            let row = first_row + rows - 1;
             if seq.next.is_none() && seq.gen.tokens().is_empty() {
                 seq.gen.prefilled(seq.prompt.len() - seq.reused);
             }
@@ -608,7 +700,7 @@ impl<'m> Worker<'m> {
         while i < self.active.len() {
             let seq = &self.active[i];
             let failed = seq.cancel.load(Ordering::Relaxed) && !seq.gen.is_finished();
-            if !seq.gen.is_finished() && !failed {
+            if !seq.done() && !failed {
                 i += 1;
                 continue;
             }
@@ -632,6 +724,16 @@ impl<'m> Worker<'m> {
         }
         (finished, cancelled)
     }
+}
+
+/// What one sequence runs in a step.
+struct Planned {
+    seq: usize,
+    tokens: Vec<u32>,
+    kind: RowKind,
+    /// The prompt's last piece (or a decoding token): its last row's logits pick the next token.
+    last: bool,
+    logits: LogitsFor,
 }
 
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {

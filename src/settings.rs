@@ -37,6 +37,31 @@ pub struct SamplingRequest {
     pub ignore_eos: bool,
 }
 
+impl SamplingRequest {
+    /// This request's own values, and `defaults`' where it has none (a request's fields over a
+    /// front end's flags).
+    pub fn over(&self, defaults: &SamplingRequest) -> SamplingRequest {
+        SamplingRequest {
+            temperature: self.temperature.or(defaults.temperature),
+            top_k: self.top_k.or(defaults.top_k),
+            top_p: self.top_p.or(defaults.top_p),
+            min_p: self.min_p.or(defaults.min_p),
+            repeat_penalty: self.repeat_penalty.or(defaults.repeat_penalty),
+            repeat_last_n: self.repeat_last_n.or(defaults.repeat_last_n),
+            presence_penalty: self.presence_penalty.or(defaults.presence_penalty),
+            frequency_penalty: self.frequency_penalty.or(defaults.frequency_penalty),
+            seed: self.seed.or(defaults.seed),
+            max_tokens: self.max_tokens.or(defaults.max_tokens),
+            stop: if self.stop.is_empty() {
+                defaults.stop.clone()
+            } else {
+                self.stop.clone()
+            },
+            ignore_eos: self.ignore_eos || defaults.ignore_eos,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Settings {
     #[serde(flatten)]
@@ -107,6 +132,25 @@ mod tests {
                 .sampling
                 .temperature,
             0.0
+        );
+    }
+
+    #[test]
+    fn a_request_overrides_the_front_ends_defaults() {
+        let flags = SamplingRequest {
+            temperature: Some(0.5),
+            max_tokens: Some(9),
+            stop: vec!["x".into()],
+            ..Default::default()
+        };
+        let job = SamplingRequest {
+            temperature: Some(0.0),
+            ..Default::default()
+        };
+        let m = job.over(&flags);
+        assert_eq!(
+            (m.temperature, m.max_tokens, m.stop),
+            (Some(0.0), Some(9), vec!["x".to_string()])
         );
     }
 

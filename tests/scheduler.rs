@@ -43,6 +43,7 @@ fn request(prompt: Vec<u32>, settings: Settings) -> Request {
         prompt,
         settings,
         logprobs: None,
+        prompt_logprobs: None,
     }
 }
 
