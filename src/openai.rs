@@ -145,7 +145,11 @@ impl Job {
         if !body.is_object() {
             bail!("the request body must be a JSON object");
         }
-        let b: Body = serde_json::from_value(body.clone()).context("the request body")?;
+        // A bad value is named by its field (`temperature: invalid type: string "hot"...`).
+        let b: Body = serde_path_to_error::deserialize(body.clone()).map_err(|e| match e.path().to_string() {
+            p if p == "." => anyhow::anyhow!("the request body: {}", e.inner()),
+            p => anyhow::anyhow!("{p}: {}", e.inner()),
+        })?;
         let n = b.n.unwrap_or(1);
         if n == 0 {
             bail!("n 0: ask for at least one choice");
@@ -616,7 +620,7 @@ mod tests {
             (
                 Endpoint::Completions,
                 json!({"prompt": "x", "temperature": "hot"}),
-                "body",
+                "temperature: invalid type",
             ),
             (
                 Endpoint::Completions,

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod gguf_writer;
 pub mod hub_cli;
 pub mod mock_hub;
+pub mod server;
 
 use std::path::PathBuf;
 
