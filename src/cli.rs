@@ -250,6 +250,7 @@ pub struct BatchArgs {
 /// `zagreus serve`.
 #[derive(Args, Debug)]
 #[command(after_help = "\
+A chat page for the browser is at / (unless --no-webui).
 Endpoints: POST /v1/chat/completions, POST /v1/completions (streamed with \"stream\": true),
 GET /v1/models, POST /tokenize, POST /detokenize, GET /tokenizer_info, GET /health (503 while
 the model loads), GET /metrics (Prometheus). Sampling flags are defaults that a request's own
@@ -272,7 +273,13 @@ pub struct ServeArgs {
     pub queue: usize,
 
     /// Require this key (`Authorization: Bearer KEY`) on every endpoint but /health
-    #[arg(long, value_name = "KEY", env = "ZAGREUS_API_KEY", hide_env_values = true, help_heading = "Server")]
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "ZAGREUS_API_KEY",
+        hide_env_values = true,
+        help_heading = "Server"
+    )]
     pub api_key: Option<String>,
 
     /// Let pages from ORIGIN call the API from a browser (CORS); repeatable, * for any
@@ -286,6 +293,10 @@ pub struct ServeArgs {
     /// Seconds running requests get to finish after SIGTERM or Ctrl+C
     #[arg(long, value_name = "SECS", default_value_t = 30, help_heading = "Server")]
     pub grace: u64,
+
+    /// Do not serve the chat page at /
+    #[arg(long, help_heading = "Server")]
+    pub no_webui: bool,
 
     #[command(flatten)]
     pub model: ModelArgs,
@@ -308,6 +319,7 @@ impl ServeArgs {
             timeout: secs(self.timeout),
             grace: std::time::Duration::from_secs(self.grace),
             defaults: self.sampling.request(),
+            webui: !self.no_webui,
         }
     }
 }

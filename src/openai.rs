@@ -321,7 +321,14 @@ fn timings(c: &Completion) -> Value {
 }
 
 /// The response body of a finished job: `choices[k]` answers `prompts[k / job.n]`.
-pub fn response_body(job: &Job, id: &str, created: u64, model: &str, prompts: &[Prompt], choices: &[Completion]) -> Value {
+pub fn response_body(
+    job: &Job,
+    id: &str,
+    created: u64,
+    model: &str,
+    prompts: &[Prompt],
+    choices: &[Completion],
+) -> Value {
     let model = job.model.as_deref().unwrap_or(model);
     let mut body = match job.endpoint {
         Endpoint::Chat => json!({
@@ -440,7 +447,11 @@ impl LegacyLogprobs {
 
 /// `{token: logprob}` of a token's alternatives, the token itself included (as OpenAI does).
 fn top_map(t: &TokenLogprob) -> Map<String, Value> {
-    let mut m: Map<String, Value> = t.top_logprobs.iter().map(|a| (a.token.clone(), json!(a.logprob))).collect();
+    let mut m: Map<String, Value> = t
+        .top_logprobs
+        .iter()
+        .map(|a| (a.token.clone(), json!(a.logprob)))
+        .collect();
     m.entry(t.token.clone()).or_insert(json!(t.logprob));
     m
 }
@@ -506,7 +517,10 @@ mod tests {
         let job = Job::from_body(Endpoint::Chat, &body).unwrap();
         assert_eq!(
             job.inputs,
-            [Input::Chat(vec![Message::new("system", "S"), Message::new("user", "ab")])]
+            [Input::Chat(vec![
+                Message::new("system", "S"),
+                Message::new("user", "ab")
+            ])]
         );
         assert!(!job.stream && !job.echo && job.n == 1);
         assert_eq!(job.sampling.max_tokens, Some(5));
@@ -597,7 +611,10 @@ mod tests {
         assert_eq!(l["top_logprobs"][1], json!({"x": -0.5, " a": -1.0}));
         // Characters, not bytes: "è" is two bytes.
         assert_eq!(l["text_offset"], json!([0, 1, 3]));
-        assert_eq!(body["usage"], json!({"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}));
+        assert_eq!(
+            body["usage"],
+            json!({"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3})
+        );
     }
 
     #[test]

@@ -87,7 +87,11 @@ pub enum Refusal {
     /// The prompt leaves no room for an answer in the context.
     PromptTooLong { prompt: usize, context: usize },
     /// The request's keys and values could never fit the memory budget.
-    TooBig { need_mib: usize, tokens: usize, budget_mib: usize },
+    TooBig {
+        need_mib: usize,
+        tokens: usize,
+        budget_mib: usize,
+    },
     /// The prompt is empty.
     EmptyPrompt,
 }

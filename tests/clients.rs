@@ -1,7 +1,8 @@
-//! Real clients against `zagreus serve`: the official `openai` Python package, and
+//! Real clients against `zagreus serve`: the official `openai` Python package,
 //! lm-evaluation-harness scoring a multiple-choice task through `/v1/completions` (the way the
-//! model card evaluates these models). Both come from PyPI into target/py
-//! (scripts/python-clients.sh, which the README's test command runs).
+//! model card evaluates these models), and the chat page in headless Chromium driven by
+//! Playwright. They come from PyPI (and Debian) into target/py (scripts/python-clients.sh, which
+//! the README's test command runs).
 
 mod common;
 
@@ -57,7 +58,10 @@ fn the_openai_package_talks_to_the_server() {
 /// The log-likelihood of `continuation` after `context`, computed by the library directly, with
 /// the tokens lm-eval uses (the whole text tokenized, the context's tokens split off).
 fn direct_loglikelihood(lm: &zagreus::loader::LoadedModel, context: &str, continuation: &str) -> f64 {
-    let whole = lm.tokenizer.encode_raw(&format!("{context}{continuation}"), false).unwrap();
+    let whole = lm
+        .tokenizer
+        .encode_raw(&format!("{context}{continuation}"), false)
+        .unwrap();
     let ctx = lm.tokenizer.encode_raw(context, false).unwrap();
     let mut cache = lm.model.new_cache(whole.len());
     let mut logits = Vec::new();
@@ -141,7 +145,9 @@ fn lm_eval_scores_a_multiple_choice_task_as_zagreus_does() {
                 best = (served, i);
             }
         }
-        let target: usize = v["target"].as_str().map_or_else(|| v["target"].as_u64().unwrap() as usize, |t| t.parse().unwrap());
+        let target: usize = v["target"]
+            .as_str()
+            .map_or_else(|| v["target"].as_u64().unwrap() as usize, |t| t.parse().unwrap());
         correct.insert(v["doc_id"].as_u64().unwrap(), best.1 == target);
     }
     let mut err = std::io::stderr();
@@ -151,11 +157,60 @@ fn lm_eval_scores_a_multiple_choice_task_as_zagreus_does() {
         correct.len()
     );
     assert_eq!(compared, 48);
-    assert!(worst < 1e-4, "a served log-likelihood differs from the direct one by {worst}");
+    assert!(
+        worst < 1e-4,
+        "a served log-likelihood differs from the direct one by {worst}"
+    );
     let ours = correct.values().filter(|c| **c).count() as f64 / correct.len() as f64;
-    assert!((ours - acc).abs() < 1e-9, "lm-eval's accuracy {acc}, from its log-likelihoods {ours}");
+    assert!(
+        (ours - acc).abs() < 1e-9,
+        "lm-eval's accuracy {acc}, from its log-likelihoods {ours}"
+    );
     // SmolLM2 knows most of these (chance is 0.25).
     assert!(acc >= 0.5, "accuracy {acc}");
+}
+
+/// Runs tests/clients/webui_test.py against a server; screenshots go to target/webui-screenshots.
+fn browser_checks(server_args: &[&str], key: Option<&str>) {
+    let chromium = std::env::var("ZAGREUS_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        std::path::Path::new(&chromium).exists(),
+        "{chromium} is missing: run scripts/python-clients.sh first (the README's test command does)"
+    );
+    let s = Server::start(server_args);
+    let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target/webui-screenshots")
+        .join(if key.is_some() { "with-key" } else { "open" });
+    std::fs::create_dir_all(&shots).unwrap();
+    let mut cmd = Command::new(venv_bin("python"));
+    cmd.arg(clients_dir().join("webui_test.py"))
+        .arg(format!("http://{}", s.addr))
+        .arg(&shots)
+        .env("ZAGREUS_CHROMIUM", &chromium);
+    cmd.args(key);
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}\nserver:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        s.stderr()
+    );
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+    assert!(shots.join("webui-desktop.png").exists() && shots.join("webui-phone.png").exists());
+}
+
+#[test]
+fn the_chat_page_works_in_a_real_browser() {
+    browser_checks(&["-m", &smollm2(), "--ctx-size", "1024"], None);
+}
+
+#[test]
+fn the_chat_page_asks_for_the_api_key_once() {
+    browser_checks(
+        &["-m", &smollm2(), "--ctx-size", "1024", "--api-key", "page-key"],
+        Some("page-key"),
+    );
 }
 
 fn walk(dir: &std::path::Path) -> Vec<PathBuf> {

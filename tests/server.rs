@@ -23,7 +23,10 @@ fn chat_body(q: &str, max_tokens: usize) -> Value {
 }
 
 fn content(v: &Value) -> String {
-    v["choices"][0]["message"]["content"].as_str().unwrap_or_else(|| panic!("no content in {v}")).to_string()
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no content in {v}"))
+        .to_string()
 }
 
 /// The text of a streamed answer (chat deltas or completion texts) for choice `index`.
@@ -32,7 +35,12 @@ fn streamed_text(chunks: &[Value], index: usize) -> String {
         .iter()
         .flat_map(|c| c["choices"].as_array().cloned().unwrap_or_default())
         .filter(|c| c["index"] == index)
-        .filter_map(|c| c["delta"]["content"].as_str().or(c["text"].as_str()).map(str::to_string))
+        .filter_map(|c| {
+            c["delta"]["content"]
+                .as_str()
+                .or(c["text"].as_str())
+                .map(str::to_string)
+        })
         .collect()
 }
 
@@ -81,7 +89,9 @@ fn chat_answers_as_the_one_shot_cli_does_whole_and_streamed() {
     assert_eq!(r.events().last().unwrap(), "[DONE]");
     let chunks = r.chunks();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
     assert_eq!(streamed_text(&chunks, 0), answer);
     let last = chunks.last().unwrap();
     assert_eq!(last["choices"], json!([]));
@@ -91,7 +101,9 @@ fn chat_answers_as_the_one_shot_cli_does_whole_and_streamed() {
     // Without include_usage there is no usage chunk (it breaks naive proxies).
     body["stream_options"] = json!({});
     let chunks = s.post("/v1/chat/completions", &body).chunks();
-    assert!(chunks.iter().all(|c| c.get("usage").is_none() && !c["choices"].as_array().unwrap().is_empty()));
+    assert!(chunks
+        .iter()
+        .all(|c| c.get("usage").is_none() && !c["choices"].as_array().unwrap().is_empty()));
 }
 
 #[test]
@@ -109,11 +121,17 @@ fn stop_strings_are_never_sent_even_when_split_across_tokens() {
         let r = s.post("/v1/chat/completions", &body);
         let (text, finish) = if stream {
             let chunks = r.chunks();
-            let finish = chunks.iter().rev().find_map(|c| c["choices"][0]["finish_reason"].as_str().map(str::to_string));
+            let finish = chunks
+                .iter()
+                .rev()
+                .find_map(|c| c["choices"][0]["finish_reason"].as_str().map(str::to_string));
             (streamed_text(&chunks, 0), finish.unwrap())
         } else {
             let v = r.json();
-            (content(&v), v["choices"][0]["finish_reason"].as_str().unwrap().to_string())
+            (
+                content(&v),
+                v["choices"][0]["finish_reason"].as_str().unwrap().to_string(),
+            )
         };
         assert_eq!(text, answer[..at], "stream {stream}");
         assert_eq!(finish, "stop");
@@ -178,13 +196,25 @@ fn echo_scores_token_id_prompts_as_lm_eval_asks() {
             let offsets: Vec<u64> = serde_json::from_value(lp["text_offset"].clone()).unwrap();
             assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "{offsets:?}");
         }
-        assert_eq!(v["usage"]["prompt_tokens"].as_u64().unwrap() as usize, a.len() + b.len());
+        assert_eq!(
+            v["usage"]["prompt_tokens"].as_u64().unwrap() as usize,
+            a.len() + b.len()
+        );
     }
     // A text prompt with echo comes back in front of the answer.
     let v = s
-        .post("/v1/completions", &json!({"prompt": "Once upon a time", "echo": true, "max_tokens": 3, "temperature": 0}))
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "Once upon a time", "echo": true, "max_tokens": 3, "temperature": 0}),
+        )
         .json();
-    assert!(v["choices"][0]["text"].as_str().unwrap().starts_with("Once upon a time"), "{v}");
+    assert!(
+        v["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("Once upon a time"),
+        "{v}"
+    );
 }
 
 #[test]
@@ -199,13 +229,25 @@ fn completions_take_several_prompts_and_n_choices_with_seeds() {
     for (k, c) in choices.iter().enumerate() {
         assert_eq!(c["index"], k);
         let lp = &c["logprobs"];
-        assert_eq!(lp["tokens"].as_array().unwrap().len(), lp["token_logprobs"].as_array().unwrap().len());
+        assert_eq!(
+            lp["tokens"].as_array().unwrap().len(),
+            lp["token_logprobs"].as_array().unwrap().len()
+        );
     }
     // The same seed gives the same choices; each choice of a prompt has its own.
     let again = s.post("/v1/completions", &body).json();
-    let texts_again: Vec<&str> = again["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap()).collect();
+    let texts_again: Vec<&str> = again["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["text"].as_str().unwrap())
+        .collect();
     assert_eq!(texts, texts_again);
-    assert_ne!((texts[0], texts[2]), (texts[1], texts[3]), "n choices should differ at temperature 1");
+    assert_ne!(
+        (texts[0], texts[2]),
+        (texts[1], texts[3]),
+        "n choices should differ at temperature 1"
+    );
     // Streamed, each choice's pieces carry its index.
     let mut stream = body.clone();
     stream["stream"] = json!(true);
@@ -220,12 +262,23 @@ fn completions_take_several_prompts_and_n_choices_with_seeds() {
     let v = s.post("/v1/chat/completions", &chat).json();
     let content_lps = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
     assert!(!content_lps.is_empty());
-    assert!(content_lps.iter().all(|t| t["top_logprobs"].as_array().unwrap().len() == 3));
+    assert!(content_lps
+        .iter()
+        .all(|t| t["top_logprobs"].as_array().unwrap().len() == 3));
 }
 
 #[test]
 fn bad_requests_get_openai_errors_with_the_right_status() {
-    let s = Server::start(&["-m", &tied(), "--ctx-size", "64", "--api-key", "sekret", "--cors-origin", "http://example.test"]);
+    let s = Server::start(&[
+        "-m",
+        &tied(),
+        "--ctx-size",
+        "64",
+        "--api-key",
+        "sekret",
+        "--cors-origin",
+        "http://example.test",
+    ]);
     let auth = [("authorization", "Bearer sekret"), ("content-type", "application/json")];
     let post = |path: &str, body: &[u8]| request(&s.addr, "POST", path, &auth, body).unwrap();
     // Health is public; everything else needs the key.
@@ -240,17 +293,26 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
     let r = post("/v1/chat/completions", b"{not json");
     assert_eq!(r.status, 400);
     assert!(r.error().contains("not valid JSON"), "{}", r.text());
-    let r = post("/v1/chat/completions", br#"{"messages": [{"role": "user", "content": "x"}], "top_p": 1.5}"#);
+    let r = post(
+        "/v1/chat/completions",
+        br#"{"messages": [{"role": "user", "content": "x"}], "top_p": 1.5}"#,
+    );
     assert_eq!(r.status, 400);
     assert!(r.error().contains("top_p 1.5"), "{}", r.text());
-    let r = post("/v1/chat/completions", br#"{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}"#);
+    let r = post(
+        "/v1/chat/completions",
+        br#"{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}"#,
+    );
     assert_eq!(r.status, 400);
     assert!(r.error().starts_with("temperature: "), "{}", r.text());
     let r = post("/v1/completions", br#"{"prompt": [1, 99999999]}"#);
     assert_eq!(r.status, 400);
     assert!(r.error().contains("99999999"), "{}", r.text());
     // Unknown fields are ignored.
-    let r = post("/v1/completions", br#"{"prompt": "a b c", "max_tokens": 2, "frobnicate": true}"#);
+    let r = post(
+        "/v1/completions",
+        br#"{"prompt": "a b c", "max_tokens": 2, "frobnicate": true}"#,
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     // A prompt longer than the context: both numbers.
     let long = json!({"prompt": "parola ".repeat(200), "max_tokens": 1}).to_string();
@@ -293,13 +355,21 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
     assert_eq!(r.status, 204);
     assert_eq!(r.header("access-control-allow-origin"), Some("http://example.test"));
     assert!(r.header("access-control-allow-methods").unwrap().contains("POST"));
-    assert!(r.header("access-control-allow-headers").unwrap().contains("authorization"));
+    assert!(r
+        .header("access-control-allow-headers")
+        .unwrap()
+        .contains("authorization"));
     assert!(pre("http://evil.test").header("access-control-allow-origin").is_none());
     let r = request(&s.addr, "GET", "/health", &[("origin", "http://example.test")], b"").unwrap();
     assert_eq!(r.header("access-control-allow-origin"), Some("http://example.test"));
     // Every request got its access-log line.
     let log = s.stderr();
-    for line in ["\"POST /v1/chat/completions\" 400", "\"GET /v1/nothing\" 404", "\"GET /v1/models\" 401", "\"POST /v1/completions\" 413"] {
+    for line in [
+        "\"POST /v1/chat/completions\" 400",
+        "\"GET /v1/nothing\" 404",
+        "\"GET /v1/models\" 401",
+        "\"POST /v1/completions\" 413",
+    ] {
         assert!(log.contains(line), "no {line} in\n{log}");
     }
 }
@@ -311,7 +381,9 @@ fn a_full_queue_answers_503_and_a_client_that_hangs_up_frees_its_sequence() {
     // The first request streams; the second waits; the third is refused.
     let mut first = send(&s.addr, "POST", "/v1/completions", &[], long.to_string().as_bytes()).unwrap();
     read_until(&mut first, "data:");
-    s.wait_for(10, "one sequence running", |s| s.metric("zagreus_sequences_running") == 1.0);
+    s.wait_for(10, "one sequence running", |s| {
+        s.metric("zagreus_sequences_running") == 1.0
+    });
     let second = send(&s.addr, "POST", "/v1/completions", &[], long.to_string().as_bytes()).unwrap();
     s.wait_for(10, "one request queued", |s| s.metric("zagreus_queue_length") == 1.0);
     let third = s.post("/v1/completions", &long);
@@ -322,24 +394,44 @@ fn a_full_queue_answers_503_and_a_client_that_hangs_up_frees_its_sequence() {
     drop(first);
     s.wait_for(10, "the queue emptied", |s| s.metric("zagreus_queue_length") == 0.0);
     drop(second);
-    s.wait_for(10, "no sequence running", |s| s.metric("zagreus_sequences_running") == 0.0);
+    s.wait_for(10, "no sequence running", |s| {
+        s.metric("zagreus_sequences_running") == 0.0
+    });
     assert!(s.stderr().contains("499"), "{}", s.stderr());
     // A whole (not streamed) request whose client hangs up stops too.
-    let waiting = send(&s.addr, "POST", "/v1/completions", &[], json!({"prompt": "a", "max_tokens": 100000, "ignore_eos": true}).to_string().as_bytes()).unwrap();
-    s.wait_for(10, "one sequence running", |s| s.metric("zagreus_sequences_running") == 1.0);
+    let waiting = send(
+        &s.addr,
+        "POST",
+        "/v1/completions",
+        &[],
+        json!({"prompt": "a", "max_tokens": 100000, "ignore_eos": true})
+            .to_string()
+            .as_bytes(),
+    )
+    .unwrap();
+    s.wait_for(10, "one sequence running", |s| {
+        s.metric("zagreus_sequences_running") == 1.0
+    });
     waiting.shutdown(std::net::Shutdown::Both).unwrap();
-    s.wait_for(10, "no sequence running", |s| s.metric("zagreus_sequences_running") == 0.0);
+    s.wait_for(10, "no sequence running", |s| {
+        s.metric("zagreus_sequences_running") == 0.0
+    });
 }
 
 #[test]
 fn a_request_past_the_timeout_gets_504() {
     let s = Server::start(&["-m", &smollm2(), "--timeout", "1"]);
     let t = Instant::now();
-    let r = s.post("/v1/completions", &json!({"prompt": "a", "max_tokens": 100000, "ignore_eos": true}));
+    let r = s.post(
+        "/v1/completions",
+        &json!({"prompt": "a", "max_tokens": 100000, "ignore_eos": true}),
+    );
     assert_eq!(r.status, 504, "{}", r.text());
     assert!(r.error().contains("1 s"));
     assert!(t.elapsed() < Duration::from_secs(10));
-    s.wait_for(10, "no sequence running", |s| s.metric("zagreus_sequences_running") == 0.0);
+    s.wait_for(10, "no sequence running", |s| {
+        s.metric("zagreus_sequences_running") == 0.0
+    });
 }
 
 #[test]
@@ -351,15 +443,28 @@ fn thirty_two_clients_at_once_each_get_their_own_answer() {
             _ => json!({"prompt": format!("Item {i}: the"), "max_tokens": 10, "temperature": 0}),
         })
         .collect();
-    let path = |b: &Value| if b.get("messages").is_some() { "/v1/chat/completions" } else { "/v1/completions" };
+    let path = |b: &Value| {
+        if b.get("messages").is_some() {
+            "/v1/chat/completions"
+        } else {
+            "/v1/completions"
+        }
+    };
     let text = |v: &Value| -> String {
         let c = &v["choices"][0];
-        c["message"]["content"].as_str().or(c["text"].as_str()).unwrap().to_string()
+        c["message"]["content"]
+            .as_str()
+            .or(c["text"].as_str())
+            .unwrap()
+            .to_string()
     };
     // Alone, one at a time.
     let alone: Vec<String> = bodies.iter().map(|b| text(&s.post(path(b), b).json())).collect();
     // All at once: every answer complete and the same as alone (nothing lost, nothing mixed).
-    let pending: Vec<_> = bodies.iter().map(|b| spawn_request(&s.addr, "POST", path(b), b.clone())).collect();
+    let pending: Vec<_> = bodies
+        .iter()
+        .map(|b| spawn_request(&s.addr, "POST", path(b), b.clone()))
+        .collect();
     for (i, rx) in pending.into_iter().enumerate() {
         let r = rx.recv_timeout(Duration::from_secs(300)).unwrap().unwrap();
         assert_eq!(r.status, 200, "client {i}: {}", r.text());
@@ -375,12 +480,19 @@ fn tokenizer_endpoints_round_trip() {
     assert_eq!(info["eos_token"], "<|im_end|>");
     assert!(info["chat_template"].as_str().unwrap().contains("im_start"));
     let text = "Ciao, come stai? È un bel giorno.";
-    let t = s.post("/tokenize", &json!({"prompt": text, "add_special_tokens": false})).json();
+    let t = s
+        .post("/tokenize", &json!({"prompt": text, "add_special_tokens": false}))
+        .json();
     let ids = t["tokens"].as_array().unwrap();
     assert_eq!(t["count"], ids.len());
     assert_eq!(s.post("/detokenize", &json!({"tokens": ids})).json()["prompt"], text);
     // The EOS token's text is one token (lm-eval's remote tokenizer reads its id this way).
-    let eos = s.post("/tokenize", &json!({"prompt": "<|im_end|>", "add_special_tokens": false})).json();
+    let eos = s
+        .post(
+            "/tokenize",
+            &json!({"prompt": "<|im_end|>", "add_special_tokens": false}),
+        )
+        .json();
     assert_eq!(eos["tokens"].as_array().unwrap().len(), 1);
     let chat = s
         .post("/tokenize", &json!({"messages": [{"role": "user", "content": "hi"}]}))
@@ -391,7 +503,12 @@ fn tokenizer_endpoints_round_trip() {
     let metrics = s.get("/metrics");
     assert!(metrics.header("content-type").unwrap().starts_with("text/plain"));
     let m = metrics.text();
-    for name in ["zagreus_requests_total", "zagreus_time_to_first_token_seconds_bucket", "zagreus_queue_length", "zagreus_sequences_running"] {
+    for name in [
+        "zagreus_requests_total",
+        "zagreus_time_to_first_token_seconds_bucket",
+        "zagreus_queue_length",
+        "zagreus_sequences_running",
+    ] {
         assert!(m.contains(name), "{m}");
     }
 }
@@ -401,7 +518,9 @@ fn sigterm_lets_running_requests_finish_then_exits_0() {
     let mut s = Server::start(&["-m", &smollm2(), "--grace", "60"]);
     let body = json!({"prompt": "Once upon a time", "max_tokens": 64, "ignore_eos": true, "temperature": 0});
     let stream = send(&s.addr, "POST", "/v1/completions", &[], body.to_string().as_bytes()).unwrap();
-    s.wait_for(10, "one sequence running", |s| s.metric("zagreus_sequences_running") == 1.0);
+    s.wait_for(10, "one sequence running", |s| {
+        s.metric("zagreus_sequences_running") == 1.0
+    });
     unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) };
     let r = read_response(stream).unwrap();
     assert_eq!(r.status, 200);
@@ -409,5 +528,32 @@ fn sigterm_lets_running_requests_finish_then_exits_0() {
     let status = s.child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{}", s.stderr());
     assert!(s.stderr().contains("shutting down"));
-    assert!(request(&s.addr, "GET", "/health", &[], b"").is_err(), "still accepting after the shutdown");
+    assert!(
+        request(&s.addr, "GET", "/health", &[], b"").is_err(),
+        "still accepting after the shutdown"
+    );
+}
+
+#[test]
+fn the_chat_page_is_served_at_the_root_unless_turned_off() {
+    let s = Server::start(&["-m", &tied(), "--api-key", "k"]);
+    // The page and its assets are public (the page asks for the key itself).
+    let page = s.get("/");
+    assert_eq!(page.status, 200);
+    assert!(page.header("content-type").unwrap().starts_with("text/html"));
+    assert!(page
+        .header("content-security-policy")
+        .unwrap()
+        .contains("default-src 'self'"));
+    assert!(page.text().contains("/webui/app.js"));
+    for (path, kind) in [("/webui/app.js", "text/javascript"), ("/webui/style.css", "text/css")] {
+        let r = s.get(path);
+        assert_eq!(r.status, 200, "{path}");
+        assert!(r.header("content-type").unwrap().starts_with(kind), "{path}");
+    }
+    assert_eq!(s.get("/v1/models").status, 401);
+    drop(s);
+    let s = Server::start(&["-m", &tied(), "--no-webui"]);
+    assert_eq!(s.get("/").status, 404);
+    assert_eq!(s.get("/webui/app.js").status, 404);
 }

@@ -24,7 +24,12 @@ use crate::openai::{self, Endpoint, Input, Job, LegacyLogprobs, Prompt, TextOffs
 use crate::scheduler::{Refusal, Request, Update};
 use crate::settings::Settings;
 
-pub async fn chat(State(app): State<Arc<App>>, Extension(log): Extension<LogLine>, headers: HeaderMap, body: Body) -> Response {
+pub async fn chat(
+    State(app): State<Arc<App>>,
+    Extension(log): Extension<LogLine>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     handle(app, Endpoint::Chat, log, headers, body).await
 }
 
@@ -116,7 +121,13 @@ impl Run {
 }
 
 /// Reads and checks the request, tokenizes its prompts and submits its choices.
-async fn start(app: Arc<App>, endpoint: Endpoint, log: LogLine, headers: HeaderMap, body: Body) -> Result<Run, ApiError> {
+async fn start(
+    app: Arc<App>,
+    endpoint: Endpoint,
+    log: LogLine,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Run, ApiError> {
     let body = json_body(&headers, body).await?;
     let job = Job::from_body(endpoint, &body).map_err(ApiError::invalid)?;
     let r = ready(&app)?;
@@ -129,7 +140,11 @@ async fn start(app: Arc<App>, endpoint: Endpoint, log: LogLine, headers: HeaderM
             Input::Chat(messages) => lm.encode_messages(messages, add_bos, r.context),
             Input::Text(t) => lm.encode_text(t, add_bos, r.context).map(|ids| (t.clone(), ids)),
             Input::Tokens(ids) => lm.check_token_ids(ids).and_then(|ids| {
-                let text = if job.echo { lm.tokenizer.decode(ids)? } else { String::new() };
+                let text = if job.echo {
+                    lm.tokenizer.decode(ids)?
+                } else {
+                    String::new()
+                };
                 Ok((text, ids.to_vec()))
             }),
         }
@@ -153,7 +168,8 @@ async fn start(app: Arc<App>, endpoint: Endpoint, log: LogLine, headers: HeaderM
         };
         prompts.push(Prompt { ids, text, token_texts });
     }
-    let settings = Settings::resolve(&job.sampling.over(&app.config.defaults), &lm.generation).map_err(ApiError::invalid)?;
+    let settings =
+        Settings::resolve(&job.sampling.over(&app.config.defaults), &lm.generation).map_err(ApiError::invalid)?;
     let (tx, updates) = unbounded_channel();
     let mut run = Run {
         app: app.clone(),
@@ -223,7 +239,9 @@ async fn whole_answer(run: &mut Run) -> Response {
                 left -= 1;
             }
             Ok((_, Update::Event(_))) => {}
-            Ok((_, Update::Failed(e))) => return fail(run, ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, one_line(&e))),
+            Ok((_, Update::Failed(e))) => {
+                return fail(run, ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, one_line(&e)))
+            }
             Err(e) => return fail(run, e),
         }
     }
@@ -318,7 +336,11 @@ impl Streamer {
         };
         let choice = match job.endpoint {
             Endpoint::Chat => {
-                let delta = if text.is_empty() { json!({}) } else { json!({"content": text}) };
+                let delta = if text.is_empty() {
+                    json!({})
+                } else {
+                    json!({"content": text})
+                };
                 json!({"index": k, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
             Endpoint::Completions => json!({"index": k, "text": text, "logprobs": logprobs, "finish_reason": finish}),

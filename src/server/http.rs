@@ -180,7 +180,9 @@ pub async fn authorize(State(app): State<Arc<App>>, req: Request, next: Next) ->
     let Some(key) = &app.config.api_key else {
         return next.run(req).await;
     };
-    let public = matches!(req.uri().path(), "/health" | "/v1/health") || req.method() == Method::OPTIONS;
+    let path = req.uri().path();
+    let public =
+        matches!(path, "/health" | "/v1/health") || super::webui::is_page(path) || req.method() == Method::OPTIONS;
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -218,7 +220,8 @@ pub async fn cors(State(app): State<Arc<App>>, req: Request, next: Next) -> Resp
             None
         }
     });
-    let preflight = req.method() == Method::OPTIONS && req.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let preflight =
+        req.method() == Method::OPTIONS && req.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
     if let (true, Some(allow)) = (preflight, &allowed) {
         let headers = req
             .headers()
@@ -228,7 +231,10 @@ pub async fn cors(State(app): State<Arc<App>>, req: Request, next: Next) -> Resp
         let mut r = StatusCode::NO_CONTENT.into_response();
         let h = r.headers_mut();
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow.clone());
-        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST, OPTIONS"),
+        );
         h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, headers);
         h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
         h.insert(header::VARY, HeaderValue::from_static("Origin"));

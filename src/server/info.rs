@@ -52,7 +52,11 @@ pub async fn tokenize(State(app): State<Arc<App>>, headers: HeaderMap, body: Bod
     let special = match body.get("add_special_tokens") {
         None | Some(Value::Null) => true,
         Some(Value::Bool(b)) => *b,
-        Some(v) => return Err(ApiError::bad_request(format!("add_special_tokens {v} must be true or false"))),
+        Some(v) => {
+            return Err(ApiError::bad_request(format!(
+                "add_special_tokens {v} must be true or false"
+            )))
+        }
     };
     let add_bos = special && !app.config.spec.no_bos;
     let tokens = if body.get("messages").is_some() {
@@ -69,9 +73,12 @@ pub async fn tokenize(State(app): State<Arc<App>>, headers: HeaderMap, body: Bod
             Some(v) => return Err(ApiError::bad_request(format!("prompt {v} must be a string"))),
             None => return Err(ApiError::bad_request("give the text to tokenize as `prompt`")),
         };
-        r.lm.encode_text(text, add_bos, usize::MAX / 2).map_err(ApiError::invalid)?
+        r.lm.encode_text(text, add_bos, usize::MAX / 2)
+            .map_err(ApiError::invalid)?
     };
-    Ok(Json(json!({"count": tokens.len(), "max_model_len": r.context, "tokens": tokens})))
+    Ok(Json(
+        json!({"count": tokens.len(), "max_model_len": r.context, "tokens": tokens}),
+    ))
 }
 
 /// `{"tokens": [...]}` -> `{"prompt": TEXT}` (and `content`, as llama.cpp names it).
@@ -79,7 +86,9 @@ pub async fn detokenize(State(app): State<Arc<App>>, headers: HeaderMap, body: B
     let body = json_body(&headers, body).await?;
     let r = ready(&app)?;
     let Some(Value::Array(list)) = body.get("tokens") else {
-        return Err(ApiError::bad_request("give the token ids to detokenize as `tokens`, a list"));
+        return Err(ApiError::bad_request(
+            "give the token ids to detokenize as `tokens`, a list",
+        ));
     };
     let ids = list
         .iter()
@@ -99,12 +108,10 @@ pub async fn tokenizer_info(State(app): State<Arc<App>>) -> Result<Json<Value>, 
     let r = ready(&app)?;
     let t = &r.lm.template_tokens;
     // The token generation stops at, by name: the tokenizer config's, else the first stop id's.
-    let eos = t.eos_token.clone().or_else(|| {
-        r.lm.stop_ids
-            .iter()
-            .next()
-            .map(|&id| r.lm.tokenizer.token_text(id))
-    });
+    let eos = t
+        .eos_token
+        .clone()
+        .or_else(|| r.lm.stop_ids.iter().next().map(|&id| r.lm.tokenizer.token_text(id)));
     Ok(Json(json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": t.bos_token,

@@ -8,12 +8,14 @@
 //! - [`http`]: errors in OpenAI's shape, bodies, the access log, API keys and CORS;
 //! - [`complete`]: `/v1/chat/completions` and `/v1/completions`, whole or streamed;
 //! - [`info`]: models, health, tokenize/detokenize/tokenizer_info;
-//! - [`metrics`]: the Prometheus counters.
+//! - [`metrics`]: the Prometheus counters;
+//! - [`webui`]: the chat page at `/`.
 
 mod complete;
 mod http;
 mod info;
 mod metrics;
+mod webui;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,6 +51,8 @@ pub struct ServerConfig {
     pub grace: Duration,
     /// Sampling defaults under each request's own fields.
     pub defaults: SamplingRequest,
+    /// Serve the chat page at `/`.
+    pub webui: bool,
 }
 
 /// The loaded model and its scheduler.
@@ -80,8 +84,14 @@ fn unix_time() -> u64 {
 }
 
 fn router(app: Arc<App>) -> Router {
-    Router::new()
-        .route("/health", get(info::health))
+    let mut r = Router::new();
+    if app.config.webui {
+        r = r
+            .route("/", get(webui::index))
+            .route("/webui/app.js", get(webui::app_js))
+            .route("/webui/style.css", get(webui::style_css));
+    }
+    r.route("/health", get(info::health))
         .route("/v1/health", get(info::health))
         .route("/v1/models", get(info::models))
         .route("/v1/chat/completions", post(complete::chat))

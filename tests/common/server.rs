@@ -75,7 +75,13 @@ impl Server {
         self.stderr.lock().unwrap().join("\n")
     }
 
-    pub fn try_request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<Response> {
+    pub fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<Response> {
         request(&self.addr, method, path, headers, body)
     }
 
@@ -85,8 +91,13 @@ impl Server {
     }
 
     pub fn post(&self, path: &str, body: &Value) -> Response {
-        self.try_request("POST", path, &[("content-type", "application/json")], body.to_string().as_bytes())
-            .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+        self.try_request(
+            "POST",
+            path,
+            &[("content-type", "application/json")],
+            body.to_string().as_bytes(),
+        )
+        .unwrap_or_else(|e| panic!("POST {path}: {e}"))
     }
 
     /// A metric's value from /metrics.
@@ -173,7 +184,10 @@ impl Response {
 pub fn send(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<TcpStream> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(300)))?;
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -190,13 +204,22 @@ pub fn read_response(mut s: TcpStream) -> std::io::Result<Response> {
     parse(&raw)
 }
 
-pub fn request(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<Response> {
+pub fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Response> {
     read_response(send(addr, method, path, headers, body)?)
 }
 
 fn parse(raw: &[u8]) -> std::io::Result<Response> {
     let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad("no end of headers"))?;
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no end of headers"))?;
     let head = std::str::from_utf8(&raw[..end]).map_err(|_| bad("headers not UTF-8"))?;
     let mut lines = head.split("\r\n");
     let status = lines
@@ -222,7 +245,8 @@ fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     loop {
         let line_end = b.windows(2).position(|w| w == b"\r\n")?;
-        let size = usize::from_str_radix(std::str::from_utf8(&b[..line_end]).ok()?.split(';').next()?.trim(), 16).ok()?;
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&b[..line_end]).ok()?.split(';').next()?.trim(), 16).ok()?;
         b = &b[line_end + 2..];
         if size == 0 {
             return Some(out);
@@ -238,7 +262,11 @@ pub fn read_until(s: &mut TcpStream, needle: &str) -> String {
     let mut buf = [0u8; 4096];
     while !String::from_utf8_lossy(&got).contains(needle) {
         let n = s.read(&mut buf).expect("reading the stream");
-        assert!(n > 0, "the stream ended before {needle:?}: {}", String::from_utf8_lossy(&got));
+        assert!(
+            n > 0,
+            "the stream ended before {needle:?}: {}",
+            String::from_utf8_lossy(&got)
+        );
         got.extend_from_slice(&buf[..n]);
     }
     String::from_utf8_lossy(&got).into_owned()
@@ -249,7 +277,13 @@ pub fn spawn_request(addr: &str, method: &str, path: &str, body: Value) -> Recei
     let (tx, rx) = channel();
     let (addr, method, path) = (addr.to_string(), method.to_string(), path.to_string());
     std::thread::spawn(move || {
-        let r = request(&addr, &method, &path, &[("content-type", "application/json")], body.to_string().as_bytes());
+        let r = request(
+            &addr,
+            &method,
+            &path,
+            &[("content-type", "application/json")],
+            body.to_string().as_bytes(),
+        );
         let _ = tx.send(r);
     });
     rx
