@@ -122,6 +122,9 @@ pub enum Command {
     /// Serve the model over HTTP with an OpenAI-compatible API (chat, completions, tokenize,
     /// metrics) for apps, agents and lm-evaluation-harness
     Serve(Box<ServeArgs>),
+    /// Measure the model's perplexity on a text (llama.cpp's windows or a sliding window), and
+    /// how far a quantized model is from a saved base (KL divergence, top-1 agreement)
+    Perplexity(Box<PerplexityArgs>),
     /// Compare the model's logits with a recorded transformers reference (for checking a device
     /// or build; see scripts/gpu-check.sh)
     #[command(hide = true)]
@@ -245,6 +248,43 @@ pub struct BatchArgs {
 
     #[command(flatten)]
     pub sampling: SamplingArgs,
+}
+
+/// `zagreus perplexity`.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+The text is tokenized once (with BOS when the model uses one). Without --stride it is cut as
+llama-perplexity does (windows of --ctx-size tokens, default 512, only each window's second half
+scored); with --stride S as the transformers perplexity guide does (windows every S tokens, each
+token scored once). Save a base with the full-precision model (--save-logits), then score a
+quantized one against it (--kl-base) for the KL divergence, top-1 agreement and Δ PPL.")]
+pub struct PerplexityArgs {
+    /// The text to score (UTF-8)
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: PathBuf,
+
+    /// Sliding windows every N tokens (the transformers guide's method) instead of llama.cpp's
+    #[arg(long, value_name = "N", value_parser = count::<1, MAX_TOKENS>)]
+    pub stride: Option<usize>,
+
+    /// Windows run together in one batched step
+    #[arg(short = 'P', long, value_name = "N", default_value_t = 4, value_parser = count::<1, 64>)]
+    pub parallel: usize,
+
+    /// Save this model's top-32 next-token distributions to FILE (a base for --kl-base)
+    #[arg(long, value_name = "FILE")]
+    pub save_logits: Option<PathBuf>,
+
+    /// Compare with a base saved by --save-logits on the same text and windows
+    #[arg(long, value_name = "FILE")]
+    pub kl_base: Option<PathBuf>,
+
+    /// Print a JSON record instead of text
+    #[arg(long, help_heading = "Output")]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
 }
 
 /// `zagreus serve`.

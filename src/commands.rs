@@ -1,10 +1,10 @@
-//! Small subcommands: `pull` and `list`.
+//! Small subcommands: `pull`, `list`, `perplexity` and `check-logits`.
 
 use std::io::Write;
 
 use anyhow::{bail, Result};
 
-use crate::cli::{CheckLogitsArgs, ListArgs, PullArgs};
+use crate::cli::{CheckLogitsArgs, ListArgs, PerplexityArgs, PullArgs};
 use crate::hub::{self, human_bytes, HubConfig};
 use crate::model::LogitsFor;
 use crate::source::ModelSource;
@@ -190,5 +190,148 @@ pub fn check_logits(args: &CheckLogitsArgs) -> Result<()> {
     if worst_prompt.max(worst_steps) > args.tolerance {
         bail!("logits differ from the reference by more than {}", args.tolerance);
     }
+    Ok(())
+}
+
+/// Most bytes of text `perplexity` reads.
+const PERPLEXITY_TEXT_LIMIT: u64 = 256 << 20;
+/// Most bytes of a base file `--kl-base` reads.
+const PERPLEXITY_BASE_LIMIT: u64 = 4 << 30;
+/// Window size when `--ctx-size` is not given (as llama-perplexity is usually run).
+const PERPLEXITY_DEFAULT_CTX: usize = 512;
+
+/// `zagreus perplexity -f FILE`: the perplexity on stdout (or a JSON record), progress on stderr.
+pub fn perplexity(args: &PerplexityArgs) -> Result<()> {
+    use std::io::IsTerminal;
+
+    use crate::perplexity::{self as ppl, BaseLogits, Method};
+
+    let path = &args.file;
+    let bytes = crate::bounded::read_file(path, PERPLEXITY_TEXT_LIMIT, "text file")?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not valid UTF-8 (invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    if text.trim().is_empty() {
+        bail!("{} is empty: there is nothing to score", path.display());
+    }
+    let base: Option<BaseLogits> = match &args.kl_base {
+        Some(p) => {
+            let raw = crate::bounded::read_file(p, PERPLEXITY_BASE_LIMIT, "base file")?;
+            Some(
+                serde_json::from_slice(&raw)
+                    .map_err(|e| anyhow::anyhow!("{} is not a base saved by --save-logits: {e}", p.display()))?,
+            )
+        }
+        None => None,
+    };
+    let spec = args.model.spec();
+    let (lm, threads) = crate::loader::load_for(&spec)?;
+    let ctx = spec.ctx_size.unwrap_or(PERPLEXITY_DEFAULT_CTX);
+    if ctx > lm.model.max_positions() {
+        bail!(
+            "a window of {ctx} tokens is longer than the model's {} positions",
+            lm.model.max_positions()
+        );
+    }
+    let method = match args.stride {
+        Some(stride) => Method::Sliding { stride },
+        None => Method::LlamaCpp,
+    };
+    // The whole text as the model sees it: no length limit here, windows cut it.
+    let tokens = lm.tokenizer.encode_raw(&text, !spec.no_bos)?;
+    crate::note!(
+        "zagreus: {}: {} tokens with {}, {}",
+        path.display(),
+        tokens.len(),
+        lm.describe(threads),
+        method.describe(ctx)
+    );
+    let tty = std::io::stderr().is_terminal();
+    let start = std::time::Instant::now();
+    let mut last = start;
+    let mut draw = |done: usize, total: usize| {
+        if !tty || (last.elapsed().as_millis() < 200 && done < total) {
+            return;
+        }
+        last = std::time::Instant::now();
+        let secs = start.elapsed().as_secs_f64();
+        let eta = if done > 0 {
+            secs / done as f64 * (total - done) as f64
+        } else {
+            0.0
+        };
+        let width = 24;
+        let filled = (width * done).checked_div(total).unwrap_or(width);
+        let mut err = std::io::stderr().lock();
+        let _ = write!(
+            err,
+            "\r\x1b[2K[{}{}] {done}/{total} tokens scored · ETA {}:{:02}",
+            "#".repeat(filled),
+            "-".repeat(width - filled),
+            eta as u64 / 60,
+            eta as u64 % 60
+        );
+        let _ = err.flush();
+    };
+    let (report, saved) = ppl::measure(
+        &lm,
+        &tokens,
+        ctx,
+        method,
+        ppl::Options {
+            parallel: args.parallel,
+            save_top_k: args.save_logits.as_ref().map(|_| ppl::BASE_TOP_K),
+            base: base.as_ref(),
+            progress: Some(&mut draw),
+        },
+    )?;
+    if tty {
+        crate::note!();
+    }
+    if let (Some(p), Some(saved)) = (&args.save_logits, saved) {
+        // Written whole to a temporary file, then renamed: no partial base is left behind.
+        let tmp = p.with_extension("partial");
+        let data = serde_json::to_vec(&saved)?;
+        std::fs::write(&tmp, data).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, p).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", p.display()))?;
+        crate::note!(
+            "zagreus: saved the top-{} distributions of {} positions to {}",
+            ppl::BASE_TOP_K,
+            report.scored,
+            p.display()
+        );
+    }
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["model"] = serde_json::json!(lm.name);
+        v["file"] = serde_json::json!(path.display().to_string());
+        writeln!(out, "{v}")?;
+    } else {
+        writeln!(
+            out,
+            "PPL = {:.4} +/- {:.4}  ({} tokens scored in {} windows; {}; {:.1} tokens/s)",
+            report.ppl, report.ppl_stderr, report.scored, report.windows, report.method_name, report.tokens_per_second
+        )?;
+        if let Some(k) = &report.kl {
+            writeln!(
+                out,
+                "KL divergence from {} = {:.6} +/- {:.6}; top-1 agreement = {:.2} +/- {:.2} %; base PPL = {:.4}; delta PPL = {:.4} +/- {:.4}",
+                k.base_model,
+                k.kl_divergence.mean,
+                k.kl_divergence.stderr,
+                100.0 * k.top1_agreement.mean,
+                100.0 * k.top1_agreement.stderr,
+                k.base_ppl,
+                k.delta_ppl,
+                k.delta_ppl_stderr
+            )?;
+        }
+    }
+    out.flush()?;
     Ok(())
 }

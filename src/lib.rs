@@ -20,6 +20,7 @@ pub mod model;
 pub mod oneshot;
 pub mod openai;
 pub mod output;
+pub mod perplexity;
 pub mod repl;
 pub mod sampling;
 pub mod scheduler;

@@ -41,6 +41,7 @@ fn main() -> ExitCode {
         Some(Command::Bench(args)) => zagreus::bench::run(&args),
         Some(Command::Batch(args)) => zagreus::batch::run(*args),
         Some(Command::Serve(_)) => unreachable!("handled above"),
+        Some(Command::Perplexity(args)) => commands::perplexity(&args),
         Some(Command::CheckLogits(args)) => commands::check_logits(&args),
         Some(Command::Chat(args)) => repl::run(*args),
         // No prompt on a terminal: a conversation, as `zagreus chat`.
