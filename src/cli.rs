@@ -125,6 +125,10 @@ pub enum Command {
     /// Measure the model's perplexity on a text (llama.cpp's windows or a sliding window), and
     /// how far a quantized model is from a saved base (KL divergence, top-1 agreement)
     Perplexity(Box<PerplexityArgs>),
+    /// Print a shell completion script (bash, zsh, fish, powershell, elvish) to stdout
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff) to stdout: `zagreus man | man -l -`
+    Man,
     /// Compare the model's logits with a recorded transformers reference (for checking a device
     /// or build; see scripts/gpu-check.sh)
     #[command(hide = true)]
@@ -248,6 +252,19 @@ pub struct BatchArgs {
 
     #[command(flatten)]
     pub sampling: SamplingArgs,
+}
+
+/// `zagreus completions`.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Install, e.g.:
+  zagreus completions bash > ~/.local/share/bash-completion/completions/zagreus
+  zagreus completions zsh > ~/.zfunc/_zagreus        (with fpath+=~/.zfunc in ~/.zshrc)
+  zagreus completions fish > ~/.config/fish/completions/zagreus.fish")]
+pub struct CompletionsArgs {
+    /// The shell
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 /// `zagreus perplexity`.

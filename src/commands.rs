@@ -1,4 +1,4 @@
-//! Small subcommands: `pull`, `list`, `perplexity` and `check-logits`.
+//! Small subcommands: `pull`, `list`, `perplexity`, `completions`, `man` and `check-logits`.
 
 use std::io::Write;
 
@@ -333,5 +333,36 @@ pub fn perplexity(args: &PerplexityArgs) -> Result<()> {
         }
     }
     out.flush()?;
+    Ok(())
+}
+
+/// `zagreus completions SHELL`: the completion script, generated from the flags' definitions.
+pub fn completions(args: &crate::cli::CompletionsArgs) -> Result<()> {
+    use clap::CommandFactory;
+    let mut cmd = crate::cli::Cli::command();
+    let mut out = Vec::new();
+    clap_complete::generate(args.shell, &mut cmd, "zagreus", &mut out);
+    std::io::stdout().lock().write_all(&out)?;
+    Ok(())
+}
+
+/// `zagreus man`: the manual page, generated from the flags' definitions, with a section per
+/// subcommand.
+pub fn man() -> Result<()> {
+    use clap::CommandFactory;
+    let cmd = crate::cli::Cli::command();
+    let mut out = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut out)?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        // Each subcommand: a section with its synopsis, description and options.
+        let name = sub.get_name().to_string();
+        let sub = sub.clone().bin_name(format!("zagreus {name}"));
+        writeln!(out, ".SH \"ZAGREUS {}\"", name.to_uppercase())?;
+        let man = clap_mangen::Man::new(sub);
+        man.render_synopsis_section(&mut out)?;
+        man.render_description_section(&mut out)?;
+        man.render_options_section(&mut out)?;
+    }
+    std::io::stdout().lock().write_all(&out)?;
     Ok(())
 }

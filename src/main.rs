@@ -42,6 +42,8 @@ fn main() -> ExitCode {
         Some(Command::Batch(args)) => zagreus::batch::run(*args),
         Some(Command::Serve(_)) => unreachable!("handled above"),
         Some(Command::Perplexity(args)) => commands::perplexity(&args),
+        Some(Command::Completions(args)) => commands::completions(&args),
+        Some(Command::Man) => commands::man(),
         Some(Command::CheckLogits(args)) => commands::check_logits(&args),
         Some(Command::Chat(args)) => repl::run(*args),
         // No prompt on a terminal: a conversation, as `zagreus chat`.

@@ -615,3 +615,52 @@ fn a_cuda_build_without_a_usable_gpu_says_so_and_auto_uses_the_cpu() {
     let out = run(&["-m", &tied(), "--device", "auto", "-n", "2", "--json", "Ciao"], b"");
     assert_eq!(out.code, 0, "{}", out.stderr);
 }
+
+#[test]
+fn completions_and_the_man_page_come_from_the_flags() {
+    for (shell, needle) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef zagreus"),
+        ("fish", "complete -c zagreus"),
+        ("powershell", "Register-ArgumentCompleter"),
+    ] {
+        let out = run(&["completions", shell], b"");
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert!(
+            out.stdout.contains(needle),
+            "{shell}: {}",
+            &out.stdout[..out.stdout.len().min(300)]
+        );
+        // Subcommands and their flags are completed.
+        assert!(
+            out.stdout.contains("perplexity") && out.stdout.contains("--kl-base"),
+            "{shell}"
+        );
+    }
+    let bad = run(&["completions", "tcsh"], b"");
+    assert_eq!(bad.code, 2);
+    assert!(
+        bad.stderr.contains("'tcsh'") && bad.stderr.contains("possible values"),
+        "{}",
+        bad.stderr
+    );
+    let man = run(&["man"], b"");
+    assert_eq!(man.code, 0, "{}", man.stderr);
+    assert!(
+        man.stdout.starts_with(".ie") || man.stdout.contains(".TH zagreus"),
+        "{}",
+        &man.stdout[..200]
+    );
+    for section in [
+        "ZAGREUS SERVE",
+        "ZAGREUS BATCH",
+        "ZAGREUS PERPLEXITY",
+        "\\-\\-temperature",
+    ] {
+        assert!(man.stdout.contains(section), "no {section} in the man page");
+    }
+    assert!(
+        !man.stdout.contains("CHECK-LOGITS"),
+        "hidden commands stay out of the man page"
+    );
+}
