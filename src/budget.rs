@@ -102,10 +102,22 @@ thread_local! {
 }
 
 fn account() -> Option<&'static Account> {
+    // A panicking thread is neither charged nor halted: the panic hook holds process-wide locks
+    // (the panic output, the backtrace lock while it symbolizes) that a parked thread would keep
+    // for good, and what the hook allocates is not the task's doing. The panic ends in
+    // `catch_panic`; the next allocation past the budget halts.
+    if std::thread::panicking() {
+        return None;
+    }
     let p = ACCOUNT.try_with(|a| a.get()).unwrap_or(std::ptr::null());
     // SAFETY: set only by `run`'s worker, which keeps the Arc alive for as long as it is set
     // (and forever once it stops inside the allocator).
     unsafe { p.as_ref() }
+}
+
+/// Whether an allocation of `size` bytes must halt the task.
+fn must_halt(a: &Account, size: usize) -> bool {
+    !a.charge(size)
 }
 
 /// Parks the worker thread for good: the only way to stop code that cannot be interrupted, without
@@ -130,7 +142,7 @@ pub struct Accounting;
 unsafe impl GlobalAlloc for Accounting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if let Some(a) = account() {
-            if !a.charge(layout.size()) {
+            if must_halt(a, layout.size()) {
                 halt();
             }
         }
@@ -139,7 +151,7 @@ unsafe impl GlobalAlloc for Accounting {
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         if let Some(a) = account() {
-            if !a.charge(layout.size()) {
+            if must_halt(a, layout.size()) {
                 halt();
             }
         }
@@ -156,7 +168,7 @@ unsafe impl GlobalAlloc for Accounting {
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         if let Some(a) = account() {
             if new_size > layout.size() {
-                if !a.charge(new_size - layout.size()) {
+                if must_halt(a, new_size - layout.size()) {
                     halt();
                 }
             } else {

@@ -21,6 +21,13 @@ static RECORD_STDOUT: extern "C" fn() = zagreus::output::record_stdout_at_start;
 static RECORD_STDOUT: extern "C" fn() = zagreus::output::record_stdout_at_start;
 
 fn main() -> ExitCode {
+    // Errors are reported in one line, never with a backtrace: do not capture one for every error
+    // when RUST_BACKTRACE is set (capturing takes a process-wide lock that a budgeted tokenizer or
+    // template thread could be holding when it is stopped). RUST_LIB_BACKTRACE=1 still asks.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: the first statement of main, before any other thread exists.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    }
     zagreus::output::install_panic_hook();
     let cli = Cli::parse();
     if zagreus::output::stdout_was_closed() {
