@@ -218,24 +218,12 @@ impl Progress {
         self.last = Some(Instant::now());
         let secs = self.start.elapsed().as_secs_f64();
         let eta = if self.done > 0 && self.done < self.total {
-            let left = secs / self.done as f64 * (self.total - self.done) as f64;
-            format!(" · ETA {}:{:02}", left as u64 / 60, left as u64 % 60)
+            format!(" · ETA {}", crate::output::eta(secs, self.done, self.total))
         } else {
             String::new()
         };
-        let width = 24;
-        let filled = (width * self.done).checked_div(self.total).unwrap_or(width);
-        let mut err = std::io::stderr().lock();
-        let _ = write!(
-            err,
-            "\r\x1b[2K[{}{}] {}/{} · {:.1} tok/s{eta}",
-            "#".repeat(filled),
-            "-".repeat(width - filled),
-            self.done,
-            self.total,
-            self.tokens as f64 / secs.max(1e-9)
-        );
-        let _ = err.flush();
+        let rate = self.tokens as f64 / secs.max(1e-9);
+        crate::output::progress_line(self.done, self.total, &format!(" · {rate:.1} tok/s{eta}"));
     }
 }
 

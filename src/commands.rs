@@ -258,24 +258,8 @@ pub fn perplexity(args: &PerplexityArgs) -> Result<()> {
             return;
         }
         last = std::time::Instant::now();
-        let secs = start.elapsed().as_secs_f64();
-        let eta = if done > 0 {
-            secs / done as f64 * (total - done) as f64
-        } else {
-            0.0
-        };
-        let width = 24;
-        let filled = (width * done).checked_div(total).unwrap_or(width);
-        let mut err = std::io::stderr().lock();
-        let _ = write!(
-            err,
-            "\r\x1b[2K[{}{}] {done}/{total} tokens scored · ETA {}:{:02}",
-            "#".repeat(filled),
-            "-".repeat(width - filled),
-            eta as u64 / 60,
-            eta as u64 % 60
-        );
-        let _ = err.flush();
+        let eta = crate::output::eta(start.elapsed().as_secs_f64(), done, total);
+        crate::output::progress_line(done, total, &format!(" tokens scored · ETA {eta}"));
     };
     let (report, saved) = ppl::measure(
         &lm,

@@ -78,3 +78,29 @@ pub fn install_panic_hook() {
         note!("zagreus: internal error: {msg}{at} (please report this)");
     }));
 }
+
+/// Draws a progress line on stderr (a terminal only: callers check), in place:
+/// `[####----] done/total{tail}`.
+pub fn progress_line(done: usize, total: usize, tail: &str) {
+    use std::io::Write;
+    let width = 24;
+    let filled = (width * done).checked_div(total).unwrap_or(width).min(width);
+    let mut err = std::io::stderr().lock();
+    let _ = write!(
+        err,
+        "\r\x1b[2K[{}{}] {done}/{total}{tail}",
+        "#".repeat(filled),
+        "-".repeat(width - filled)
+    );
+    let _ = err.flush();
+}
+
+/// `M:SS` for an estimate of the time left: `secs` so far for `done` of `total`.
+pub fn eta(secs: f64, done: usize, total: usize) -> String {
+    let left = if done > 0 {
+        secs / done as f64 * total.saturating_sub(done) as f64
+    } else {
+        0.0
+    };
+    format!("{}:{:02}", left as u64 / 60, left as u64 % 60)
+}
