@@ -198,32 +198,23 @@ fn error_record(n: usize, custom_id: &str, e: &str) -> Value {
     })
 }
 
-/// A progress line on stderr (a terminal only): done/total, generated tokens per second, ETA.
+/// Counts, and a progress bar on stderr (a terminal only): done/total, generated tokens per
+/// second, ETA.
 struct Progress {
-    tty: bool,
+    bar: indicatif::ProgressBar,
     total: usize,
     done: usize,
     errors: usize,
     prompt_tokens: usize,
     tokens: usize,
     start: Instant,
-    last: Option<Instant>,
 }
 
 impl Progress {
-    fn draw(&mut self, force: bool) {
-        if !self.tty || (!force && self.last.is_some_and(|t| t.elapsed() < Duration::from_millis(200))) {
-            return;
-        }
-        self.last = Some(Instant::now());
-        let secs = self.start.elapsed().as_secs_f64();
-        let eta = if self.done > 0 && self.done < self.total {
-            format!(" · ETA {}", crate::output::eta(secs, self.done, self.total))
-        } else {
-            String::new()
-        };
-        let rate = self.tokens as f64 / secs.max(1e-9);
-        crate::output::progress_line(self.done, self.total, &format!(" · {rate:.1} tok/s{eta}"));
+    fn draw(&mut self) {
+        let rate = self.tokens as f64 / self.start.elapsed().as_secs_f64().max(1e-9);
+        self.bar.set_position(self.done as u64);
+        self.bar.set_message(format!(" · {rate:.1} tok/s"));
     }
 }
 
@@ -296,14 +287,13 @@ pub fn run(args: BatchArgs) -> Result<()> {
     let (tx, rx) = channel::<(usize, Update)>();
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let mut progress = Progress {
-        tty: std::io::stderr().is_terminal(),
+        bar: crate::output::progress_bar(todo.len(), ""),
         total: todo.len(),
         done: 0,
         errors: 0,
         prompt_tokens: 0,
         tokens: 0,
         start: Instant::now(),
-        last: None,
     };
     let generating = crate::interrupt::generating();
     let cancel = crate::interrupt::cancel_flag();
@@ -338,10 +328,8 @@ pub fn run(args: BatchArgs) -> Result<()> {
         }
         if cancel.load(Ordering::Relaxed) {
             drop(sched);
-            progress.draw(true);
-            if progress.tty {
-                crate::note!();
-            }
+            progress.draw();
+            progress.bar.abandon();
             if args.output.is_some() {
                 crate::note!(
                     "zagreus: interrupted after {} of {} results; run the same command again to finish",
@@ -379,13 +367,11 @@ pub fn run(args: BatchArgs) -> Result<()> {
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => bail!("internal error: the scheduler stopped"),
         }
-        progress.draw(false);
+        progress.draw();
     }
     drop(generating);
-    progress.draw(true);
-    if progress.tty {
-        crate::note!();
-    }
+    progress.draw();
+    progress.bar.finish();
     if args.verbose {
         let secs = progress.start.elapsed().as_secs_f64();
         crate::note!(

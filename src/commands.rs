@@ -202,8 +202,6 @@ const PERPLEXITY_DEFAULT_CTX: usize = 512;
 
 /// `zagreus perplexity -f FILE`: the perplexity on stdout (or a JSON record), progress on stderr.
 pub fn perplexity(args: &PerplexityArgs) -> Result<()> {
-    use std::io::IsTerminal;
-
     use crate::perplexity::{self as ppl, BaseLogits, Method};
 
     let path = &args.file;
@@ -250,16 +248,10 @@ pub fn perplexity(args: &PerplexityArgs) -> Result<()> {
         lm.describe(threads),
         method.describe(ctx)
     );
-    let tty = std::io::stderr().is_terminal();
-    let start = std::time::Instant::now();
-    let mut last = start;
+    let bar = crate::output::progress_bar(0, " tokens scored");
     let mut draw = |done: usize, total: usize| {
-        if !tty || (last.elapsed().as_millis() < 200 && done < total) {
-            return;
-        }
-        last = std::time::Instant::now();
-        let eta = crate::output::eta(start.elapsed().as_secs_f64(), done, total);
-        crate::output::progress_line(done, total, &format!(" tokens scored · ETA {eta}"));
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
     };
     let (report, saved) = ppl::measure(
         &lm,
@@ -273,9 +265,7 @@ pub fn perplexity(args: &PerplexityArgs) -> Result<()> {
             progress: Some(&mut draw),
         },
     )?;
-    if tty {
-        crate::note!();
-    }
+    bar.finish();
     if let (Some(p), Some(saved)) = (&args.save_logits, saved) {
         // Written whole to a temporary file, then renamed: no partial base is left behind.
         let tmp = p.with_extension("partial");

@@ -79,28 +79,21 @@ pub fn install_panic_hook() {
     }));
 }
 
-/// Draws a progress line on stderr (a terminal only: callers check), in place:
-/// `[####----] done/total{tail}`.
-pub fn progress_line(done: usize, total: usize, tail: &str) {
-    use std::io::Write;
-    let width = 24;
-    let filled = (width * done).checked_div(total).unwrap_or(width).min(width);
-    let mut err = std::io::stderr().lock();
-    let _ = write!(
-        err,
-        "\r\x1b[2K[{}{}] {done}/{total}{tail}",
-        "#".repeat(filled),
-        "-".repeat(width - filled)
-    );
-    let _ = err.flush();
-}
-
-/// `M:SS` for an estimate of the time left: `secs` so far for `done` of `total`.
-pub fn eta(secs: f64, done: usize, total: usize) -> String {
-    let left = if done > 0 {
-        secs / done as f64 * total.saturating_sub(done) as f64
+/// A progress bar on stderr for `total` steps: `[####----] done/total {msg} · ETA`, drawn by
+/// indicatif on a terminal only (hidden otherwise), `unit` after the count.
+pub fn progress_bar(total: usize, unit: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    let target = if std::io::stderr().is_terminal() {
+        indicatif::ProgressDrawTarget::stderr_with_hz(5)
     } else {
-        0.0
+        indicatif::ProgressDrawTarget::hidden()
     };
-    format!("{}:{:02}", left as u64 / 60, left as u64 % 60)
+    let bar = indicatif::ProgressBar::with_draw_target(Some(total as u64), target);
+    let template = format!("[{{bar:24}}] {{pos}}/{{len}}{unit}{{msg}} · ETA {{eta}}");
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("#-"),
+    );
+    bar
 }
