@@ -315,6 +315,8 @@ struct Sequence<'t> {
     reused: usize,
     /// Scoring the prompt, with this many alternatives per token.
     score: Option<usize>,
+    /// It failed (its `Failed` update is sent): it ends without a `Done`.
+    failed: bool,
 }
 
 impl Sequence<'_> {
@@ -544,6 +546,7 @@ impl<'m> Worker<'m> {
             reserved: need,
             reused: cached_len,
             score: q.req.prompt_logprobs,
+            failed: false,
         });
     }
 
@@ -688,7 +691,7 @@ impl<'m> Worker<'m> {
                 Ok(next) => seq.next = next,
                 Err(e) => {
                     (seq.sink)(Update::Failed(format!("{e:#}")));
-                    seq.cancel.store(true, Ordering::Relaxed);
+                    seq.failed = true;
                     seq.next = None;
                 }
             }
@@ -703,7 +706,9 @@ impl<'m> Worker<'m> {
         let mut i = 0;
         while i < self.active.len() {
             let seq = &self.active[i];
-            let failed = seq.cancel.load(Ordering::Relaxed) && !seq.gen.is_finished();
+            // A request cancelled since this step began is not done yet: the next step ends
+            // it (and sends its `Done`).
+            let failed = seq.failed;
             if !seq.done() && !failed {
                 i += 1;
                 continue;
