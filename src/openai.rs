@@ -431,10 +431,6 @@ impl LegacyLogprobs {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
-    }
-
     pub fn to_json(&self) -> Value {
         json!({
             "tokens": self.tokens,

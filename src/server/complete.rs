@@ -245,11 +245,8 @@ async fn whole_answer(run: &mut Run) -> Response {
             Err(e) => return fail(run, e),
         }
     }
+    let tokens = run.usage(&done);
     let done: Vec<Completion> = done.into_iter().flatten().collect();
-    let tokens = Tokens(
-        run.prompts.iter().map(|p| p.ids.len()).sum(),
-        done.iter().map(|c| c.tokens.len()).sum(),
-    );
     run.app.metrics.request(200, tokens.0, tokens.1);
     let body = openai::response_body(&run.job, &run.id, run.created, &run.model, &run.prompts, &done);
     let mut r = Json(body).into_response();

@@ -63,10 +63,11 @@ impl Metrics {
 
 pub async fn render(State(app): State<Arc<App>>) -> impl IntoResponse {
     let mut out = String::new();
-    let (queued, running, counters) = match app.ready.get() {
-        Some(r) => (r.sched.queued(), r.sched.counters().active, Some(r.sched.counters())),
-        None => (0, 0, None),
+    let (queued, counters) = match app.ready.get() {
+        Some(r) => (r.sched.queued(), Some(r.sched.counters())),
+        None => (0, None),
     };
+    let running = counters.as_ref().map_or(0, |c| c.active);
     app.metrics.with(|m| {
         let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, String)>| {
             let _ = writeln!(out, "# HELP zagreus_{name} {help}\n# TYPE zagreus_{name} {kind}");
