@@ -231,10 +231,25 @@ def main():
         {"messages": [{"role": "user", "content": "x"}], "temperature": 0.7, "top_p": 0.9, "top_k": 40, "min_p": 0.05,
          "repetition_penalty": 1.1, "n": 1},
         {"prompt": ["uno"], "stop": "END", "ignore_eos": True, "max_completion_tokens": 5},
+        {"messages": [{"role": "user", "content": "Meteo?"},
+                      {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+                       "function": {"name": "meteo", "arguments": "{\"citta\": \"Roma\"}"}}]},
+                      {"role": "tool", "tool_call_id": "call_1", "content": "21"}],
+         "tools": [{"type": "function", "function": {"name": "meteo", "parameters": {"type": "object",
+                    "properties": {"citta": {"type": "string"}}, "required": ["citta"]}}}],
+         "tool_choice": {"type": "function", "function": {"name": "meteo"}}, "parallel_tool_calls": False},
+        {"messages": [{"role": "user", "content": "JSON"}],
+         "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
     ]
     for i, r in enumerate(requests):
         write("requests", f"{i}", json.dumps(r) + "\n")
     write("requests", "lines", "\n".join(json.dumps(r) for r in requests) + "\nnot json\n" + json.dumps(requests[0]) + "\n")
+
+    # Model answers with tool calls: the first byte sets the streaming chunk size.
+    write("tool_calls", "two-calls", b"\x03" + 'Vediamo. <tool_call>\n{"name": "a", "arguments": {"q": "\u00e8"}}\n</tool_call>\n'
+          '<tool_call>{"name": "b", "arguments": "{}"}</tool_call>'.encode())
+    write("tool_calls", "cut", b"\x01" + b'<tool_call>\n{"name": "meteo", "argu')
+    write("tool_calls", "nested", b"\x05" + b'a < b <tool_call> <tool_call>{"name": 1}</tool_call></tool_call>')
 
 
 if __name__ == "__main__":

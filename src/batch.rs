@@ -419,8 +419,11 @@ fn prepare(
         );
     }
     let settings = Settings::resolve(&job.sampling.over(flags), &lm.generation)?;
+    let constraint = lm
+        .constraint_for(&job.shape)
+        .with_context(|| format!("line {}", line.number))?;
     let prompt = match &job.inputs[0] {
-        Input::Chat(messages) => lm.encode_messages(messages, !spec.no_bos, context)?.1,
+        Input::Chat(messages) => lm.encode_chat(messages, &job.shape.tools, !spec.no_bos, context)?.1,
         Input::Text(text) => lm.encode_text(text, !spec.no_bos, context)?,
         Input::Tokens(ids) => lm.check_token_ids(ids)?.to_vec(),
     };
@@ -429,6 +432,7 @@ fn prepare(
         settings,
         logprobs: job.logprobs,
         prompt_logprobs: None,
+        constraint,
     };
     Ok((job, req))
 }

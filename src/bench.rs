@@ -5,12 +5,16 @@
 use std::io::Write;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::cli::BenchArgs;
 use crate::model::cpu::arena::Placement;
 use crate::model::{Chunk, CpuCache, CpuLlama, Format, LlamaConfig, LogitsFor, Model, RowKind};
+use crate::structured::{Grammars, Plan, Structure};
 
 /// Shapes `--random` knows.
 pub fn named_shape(name: &str) -> Result<LlamaConfig> {
@@ -99,9 +103,93 @@ fn decode_speed(model: &Model, n: usize, depth: usize) -> Result<f64> {
     Ok(n as f64 / t.elapsed().as_secs_f64())
 }
 
+/// Tokens per second of `n` tokens generated greedily under `plan` after
+/// `depth` tokens: every step's logits masked, the token followed; a finished answer starts
+/// the next one.
+fn constrained_speed(
+    model: &Model,
+    n: usize,
+    depth: usize,
+    plan: &Arc<Plan>,
+    stops: &[u32],
+    spent: &GrammarTime,
+) -> Result<f64> {
+    let mut cache = model.new_cache(depth + n + 1);
+    let mut out = Vec::new();
+    if depth > 0 {
+        for chunk in tokens(depth, model.vocab_size(), 7).chunks(crate::session::PREFILL_CHUNK) {
+            model.forward(chunk, &mut cache, LogitsFor::Last, &mut out)?;
+        }
+    }
+    let mut constraint = plan.start();
+    let mut next = tokens(1, model.vocab_size(), 11)[0];
+    let mut grammar = std::time::Duration::ZERO;
+    let t = Instant::now();
+    for _ in 0..n {
+        model.forward(&[next], &mut cache, LogitsFor::Last, &mut out)?;
+        let g = Instant::now();
+        constraint.mask(&mut out)?;
+        next = crate::sampling::argmax(&out);
+        if stops.contains(&next) || constraint.is_done() {
+            constraint = plan.start();
+        } else {
+            constraint.accept(next)?;
+        }
+        grammar += g.elapsed();
+    }
+    let total = t.elapsed();
+    spent.add(grammar, total, n);
+    Ok(n as f64 / total.as_secs_f64())
+}
+
+/// The time the grammar took in the constrained tests (mask, choice among allowed tokens,
+/// update), against their whole time.
+#[derive(Default)]
+struct GrammarTime(std::cell::Cell<(std::time::Duration, std::time::Duration, usize)>);
+
+impl GrammarTime {
+    fn add(&self, grammar: std::time::Duration, total: std::time::Duration, tokens: usize) {
+        let (g, t, n) = self.0.get();
+        self.0.set((g + grammar, t + total, n + tokens));
+    }
+
+    /// (microseconds per token, share of the decode time), then starts over.
+    fn take(&self) -> Option<(f64, f64)> {
+        let (g, t, n) = self.0.take();
+        (n > 0).then(|| (g.as_secs_f64() * 1e6 / n as f64, g.as_secs_f64() / t.as_secs_f64()))
+    }
+}
+
+/// The constrained test's plan: the schema over the tokenizer (end tokens: the usual names).
+fn schema_plan(
+    args: &BenchArgs,
+    tokenizer: Option<&crate::tokenizer::Tokenizer>,
+    vocab: usize,
+) -> Result<Option<(Arc<Plan>, Vec<u32>)>> {
+    let Some(path) = &args.json_schema else {
+        return Ok(None);
+    };
+    let text = crate::bounded::read_text(path, crate::bounded::JSON_CONFIG_LIMIT, "the JSON schema")?;
+    let schema: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let inner = match (&args.tokenizer, tokenizer) {
+        (Some(p), _) => std::sync::Arc::new(crate::tokenizer::read_tokenizer_json(p)?),
+        (None, Some(t)) => t.inner(),
+        (None, None) => bail!("--json-schema with --random needs --tokenizer FILE"),
+    };
+    let stops: BTreeSet<u32> = ["<|end_of_text|>", "<|im_end|>", "<|eot_id|>", "</s>", "<|endoftext|>"]
+        .iter()
+        .filter_map(|t| inner.token_to_id(t))
+        .filter(|&id| (id as usize) < vocab)
+        .collect();
+    let grammars = Arc::new(Grammars::new(inner, vocab, &stops)?);
+    let plan = grammars.plan(&Structure::Json(schema))?;
+    Ok(Some((plan, stops.into_iter().collect())))
+}
+
 pub fn run(args: &BenchArgs) -> Result<()> {
     let threads = crate::device::set_threads(args.model.threads)?;
-    let (model, name) = match &args.random {
+    let (model, name, plan) = match &args.random {
         Some(shape) => {
             let cfg = named_shape(shape)?;
             check_lengths(args, cfg.max_position_embeddings)?;
@@ -112,7 +200,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 }
                 let dtype = args.model.dtype.to_dtype().unwrap_or(candle_core::DType::BF16);
                 let model = Model::Candle(crate::model::Llama::random(&cfg, dtype, &device)?);
-                return measure(args, model, format!("{shape} (random)"), threads);
+                let plan = schema_plan(args, None, cfg.vocab_size)?;
+                return measure(args, model, format!("{shape} (random)"), threads, plan);
             }
             let format = match (args.model.quantize, args.model.dtype.to_dtype()) {
                 (Some(q), _) => q.format(),
@@ -128,15 +217,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             (
                 Model::Cpu(CpuLlama::random(&cfg, format, placement, 42)?),
                 format!("{shape} (random)"),
+                schema_plan(args, None, cfg.vocab_size)?,
             )
         }
         None => {
             let (loaded, _) = crate::loader::load_for(&args.model.spec())?;
             let name = loaded.name.clone();
-            (loaded.model, name)
+            let plan = schema_plan(args, Some(&loaded.tokenizer), loaded.model.vocab_size())?;
+            (loaded.model, name, plan)
         }
     };
-    measure(args, model, name, threads)
+    measure(args, model, name, threads, plan)
 }
 
 /// One batched measurement: `batch` sequences, `prompt` tokens each prefilled, then `gen` tokens
@@ -307,7 +398,13 @@ fn check_lengths(args: &BenchArgs, context: usize) -> Result<()> {
 }
 
 /// Runs the requested tests on a loaded network and prints the table or JSON.
-fn measure(args: &BenchArgs, model: Model, name: String, threads: usize) -> Result<()> {
+fn measure(
+    args: &BenchArgs,
+    model: Model,
+    name: String,
+    threads: usize,
+    plan: Option<(Arc<Plan>, Vec<u32>)>,
+) -> Result<()> {
     check_lengths(args, model.max_positions())?;
     if !args.batch.is_empty() {
         return match &model {
@@ -326,6 +423,7 @@ fn measure(args: &BenchArgs, model: Model, name: String, threads: usize) -> Resu
         Model::Candle(_) => "candle".to_string(),
     };
     let mut results = Vec::new();
+    let spent = GrammarTime::default();
     type Test<'a> = (String, Box<dyn Fn() -> Result<f64> + 'a>);
     let mut tests: Vec<Test> = Vec::new();
     for &p in &args.prompt {
@@ -339,7 +437,14 @@ fn measure(args: &BenchArgs, model: Model, name: String, threads: usize) -> Resu
             if n > 0 {
                 let m = &model;
                 let label = if d > 0 { format!("tg{n}@d{d}") } else { format!("tg{n}") };
-                tests.push((label, Box::new(move || decode_speed(m, n, d))));
+                tests.push((label.clone(), Box::new(move || decode_speed(m, n, d))));
+                if let Some((plan, stops)) = &plan {
+                    let spent = &spent;
+                    tests.push((
+                        format!("{label}+schema"),
+                        Box::new(move || constrained_speed(m, n, d, plan, stops, spent)),
+                    ));
+                }
             }
         }
     }
@@ -353,7 +458,14 @@ fn measure(args: &BenchArgs, model: Model, name: String, threads: usize) -> Resu
     }
     for (label, f) in &tests {
         f()?; // warm-up, as llama-bench does
+        spent.take();
         let samples: Vec<f64> = (0..args.repetitions).map(|_| f()).collect::<Result<_>>()?;
+        if let Some((us, share)) = spent.take() {
+            crate::note!(
+                "zagreus: {label}: the grammar took {us:.0} µs per token ({:.1}% of the decode time)",
+                share * 100.0
+            );
+        }
         let (mean, sd) = mean_sd(&samples);
         let gbs = if label.starts_with("tg") {
             bytes_per_token.map(|b| b as f64 * mean / 1e9)

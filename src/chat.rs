@@ -2,19 +2,26 @@
 //! template into a session whose KV cache keeps the common prefix across turns, fitted into the
 //! context by dropping the oldest exchanges. The terminal UI is `repl.rs`; this part has none.
 
+use std::sync::Arc;
+
 use anyhow::{bail, Result};
+use serde_json::Value;
 
 use crate::loader::LoadedModel;
 use crate::sampling::Sampler;
 use crate::session::{generate, Completion, FinishReason, GenerateOptions, Session};
 use crate::settings::Settings;
+use crate::structured::{AnswerShape, Plan};
 use crate::template::Message;
+use crate::tools::{CallSplitter, Piece, ToolCall, ToolChoice, ToolDef};
 
 /// What one turn did.
 pub struct Turn {
     pub completion: Completion,
     /// Oldest exchanges dropped to make the conversation fit the context.
     pub dropped: usize,
+    /// Tool calls the answer made (its text outside them went to `on_text`).
+    pub calls: Vec<ToolCall>,
 }
 
 pub struct Chat<'m> {
@@ -26,6 +33,10 @@ pub struct Chat<'m> {
     settings: Settings,
     sampler: Sampler,
     add_bos: bool,
+    tools: Vec<ToolDef>,
+    tool_choice: ToolChoice,
+    /// Calls the model opens (or must make) follow the tools' schemas.
+    constraint: Option<Arc<Plan>>,
 }
 
 /// Marks an assistant message whose generation was interrupted.
@@ -42,7 +53,78 @@ impl<'m> Chat<'m> {
             settings,
             sampler,
             add_bos,
+            tools: Vec::new(),
+            tool_choice: ToolChoice::Auto,
+            constraint: None,
         }
+    }
+
+    /// Tools the model may call from now on (none: no tools). The template must show them.
+    pub fn set_tools(&mut self, tools: Vec<ToolDef>) -> Result<()> {
+        let choice = match &self.tool_choice {
+            ToolChoice::Named(n) if !tools.iter().any(|t| &t.name == n) => ToolChoice::Auto,
+            c => c.clone(),
+        };
+        self.reshape(tools, choice)
+    }
+
+    /// How the next answers call tools: auto, required, none, or a named function.
+    pub fn set_tool_choice(&mut self, choice: ToolChoice) -> Result<()> {
+        self.reshape(self.tools.clone(), choice)
+    }
+
+    pub fn tool_choice(&self) -> &ToolChoice {
+        &self.tool_choice
+    }
+
+    fn reshape(&mut self, tools: Vec<ToolDef>, choice: ToolChoice) -> Result<()> {
+        if tools.is_empty() {
+            self.tools.clear();
+            self.constraint = None;
+            self.tool_choice = ToolChoice::Auto;
+            return Ok(());
+        }
+        let shape = AnswerShape::new(tools, Some(choice), true, None)?;
+        self.constraint = self.lm.constraint_for(&shape)?;
+        self.tools = shape.tools;
+        self.tool_choice = shape.tool_choice;
+        Ok(())
+    }
+
+    pub fn tools(&self) -> &[ToolDef] {
+        &self.tools
+    }
+
+    /// The last answer's calls that no tool message answers yet.
+    pub fn pending_calls(&self) -> Vec<Value> {
+        let Some(at) = self.messages.iter().rposition(|m| m.role == "assistant") else {
+            return Vec::new();
+        };
+        let answered = self.messages.len() - at - 1;
+        if self.messages[at + 1..].iter().any(|m| m.role != "tool") {
+            return Vec::new();
+        }
+        match self.messages[at].extra.get("tool_calls") {
+            Some(Value::Array(calls)) => calls.iter().skip(answered).cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Answers the next pending tool call with `result`; once every call of the last answer
+    /// has its result, the model answers (`Some(turn)`).
+    pub fn tool_result(&mut self, result: &str, on_text: &mut dyn FnMut(&str) -> Result<()>) -> Result<Option<Turn>> {
+        let Some(call) = self.pending_calls().into_iter().next() else {
+            bail!("there is no tool call waiting for a result");
+        };
+        let mut m = Message::new("tool", result);
+        for (key, value) in [("tool_call_id", &call["id"]), ("name", &call["function"]["name"])] {
+            m.extra.insert(key.into(), value.clone());
+        }
+        self.messages.push(m);
+        if !self.pending_calls().is_empty() {
+            return Ok(None);
+        }
+        self.answer(on_text).map(Some)
     }
 
     pub fn model(&self) -> &'m LoadedModel {
@@ -137,20 +219,22 @@ impl<'m> Chat<'m> {
 
     /// Token ids of the conversation as the model sees it, ready for the assistant's answer.
     pub fn prompt_ids(&self) -> Result<Vec<u32>> {
-        let rendered = self
-            .lm
-            .template
-            .render(&self.messages(), None, true, &self.lm.template_tokens)?;
+        let rendered = self.render()?;
         self.lm.tokenizer.encode_chat(&rendered, self.add_bos)
+    }
+
+    fn render(&self) -> Result<String> {
+        let defs: Vec<Value> = self.tools.iter().map(|t| t.definition.clone()).collect();
+        let tools = if defs.is_empty() { None } else { Some(defs.as_slice()) };
+        self.lm
+            .template
+            .render(&self.messages(), tools, true, &self.lm.template_tokens)
     }
 
     /// [`Self::prompt_ids`], or `None` without tokenizing when the rendered conversation is
     /// certainly longer than the context (see [`crate::tokenizer::Tokenizer::max_text_bytes`]).
     fn prompt_ids_within_context(&self) -> Result<Option<Vec<u32>>> {
-        let rendered = self
-            .lm
-            .template
-            .render(&self.messages(), None, true, &self.lm.template_tokens)?;
+        let rendered = self.render()?;
         if rendered.len() > self.lm.tokenizer.max_text_bytes(self.context_size()) {
             return Ok(None);
         }
@@ -193,6 +277,25 @@ impl<'m> Chat<'m> {
             stop_strings: self.settings.stop.clone(),
             ignore_eos: self.settings.ignore_eos,
             logprobs: None,
+            constraint: self.constraint.clone(),
+        };
+        // With tools, the text outside calls streams; calls are collected.
+        let salt = format!("{}-{}", self.sampler.params().seed, self.messages.len());
+        let mut splitter =
+            (!self.tools.is_empty() && self.tool_choice.parses_calls()).then(|| CallSplitter::new(&salt));
+        let mut calls = Vec::new();
+        let mut content = String::new();
+        let mut route = |pieces: Vec<Piece>, on_text: &mut dyn FnMut(&str) -> Result<()>| -> Result<()> {
+            for p in pieces {
+                match p {
+                    Piece::Content(c) => {
+                        content.push_str(&c);
+                        on_text(&c)?;
+                    }
+                    Piece::Call(call) => calls.push(call),
+                }
+            }
+            Ok(())
         };
         let generating = crate::interrupt::generating();
         let completion = generate(
@@ -202,15 +305,34 @@ impl<'m> Chat<'m> {
             &ids,
             &opts,
             crate::interrupt::cancel_flag(),
-            on_text,
+            &mut |piece| match &mut splitter {
+                Some(s) => route(s.push(piece), on_text),
+                None => on_text(piece),
+            },
         )?;
         drop(generating);
-        let mut reply = Message::new("assistant", completion.text.clone());
+        if let Some(s) = &mut splitter {
+            route(s.finish(), on_text)?;
+        }
+        let text = if splitter.is_some() {
+            content.trim().to_string()
+        } else {
+            completion.text.clone()
+        };
+        let mut reply = Message::new("assistant", text);
+        if !calls.is_empty() {
+            let list: Vec<Value> = calls.iter().map(ToolCall::to_message).collect();
+            reply.extra.insert("tool_calls".into(), list.into());
+        }
         if completion.finish == FinishReason::Cancelled {
             reply.extra.insert(INTERRUPTED.into(), true.into());
         }
         self.messages.push(reply);
-        Ok(Turn { completion, dropped })
+        Ok(Turn {
+            completion,
+            dropped,
+            calls,
+        })
     }
 
     /// Renders the conversation, dropping the oldest exchanges until it fits with room for an

@@ -1,7 +1,8 @@
 //! Command-line flags (clap), shared by every front end.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use anyhow::{Context, Result};
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 
@@ -9,6 +10,8 @@ use crate::device::{DeviceArg, DtypeArg};
 use crate::loader::ModelSpec;
 use crate::model::Format;
 use crate::settings::SamplingRequest;
+use crate::structured::AnswerShape;
+use crate::tools::{parse_tools, ToolChoice, ToolDef};
 
 /// `--quantize`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -203,6 +206,15 @@ pub struct BenchArgs {
     #[arg(long, value_name = "KIND")]
     pub placement: Option<String>,
 
+    /// Also measure generation constrained to this JSON schema (a file; `tgN+schema`): the
+    /// token mask computed, applied and followed at every step
+    #[arg(long, value_name = "FILE", conflicts_with = "batch")]
+    pub json_schema: Option<PathBuf>,
+
+    /// The tokenizer.json the constrained test uses with --random (a model brings its own)
+    #[arg(long, value_name = "FILE", requires = "json_schema")]
+    pub tokenizer: Option<PathBuf>,
+
     /// Print JSON instead of a table
     #[arg(long)]
     pub json: bool,
@@ -396,6 +408,10 @@ pub struct ChatArgs {
     #[arg(long, help_heading = "Output")]
     pub no_history: bool,
 
+    /// Tools the model may call from the start (a JSON file; /tools FILE loads others)
+    #[arg(long, value_name = "FILE", help_heading = "Tools and structured output")]
+    pub tools: Option<PathBuf>,
+
     #[command(flatten)]
     pub model: ModelArgs,
 
@@ -449,10 +465,94 @@ pub struct RunArgs {
     pub verbose_prompt: bool,
 
     #[command(flatten)]
+    pub shape: ShapeArgs,
+
+    #[command(flatten)]
     pub model: ModelArgs,
 
     #[command(flatten)]
     pub sampling: SamplingArgs,
+}
+
+/// Tool calls and structured answers.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ShapeArgs {
+    /// Tools the model may call: a JSON file with a list of OpenAI-style function definitions.
+    /// Calls are printed as one JSON object per line ({"id", "name", "arguments"}), or under
+    /// "tool_calls" with --json
+    #[arg(long, value_name = "FILE", help_heading = "Tools and structured output")]
+    pub tools: Option<PathBuf>,
+
+    /// With --tools: auto (the model decides; a call it opens follows the tool's schema), required
+    /// (at least one call), none (no calls), or a function's name (that call)
+    #[arg(
+        long,
+        value_name = "CHOICE",
+        requires = "tools",
+        help_heading = "Tools and structured output"
+    )]
+    pub tool_choice: Option<String>,
+
+    /// With --tools: at most one call per answer
+    #[arg(long, requires = "tools", help_heading = "Tools and structured output")]
+    pub no_parallel_tool_calls: bool,
+
+    /// The answer is JSON valid against this JSON schema (a file); decoding is constrained so it
+    /// always parses
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "format",
+        help_heading = "Tools and structured output"
+    )]
+    pub json_schema: Option<PathBuf>,
+
+    /// json: the answer is a JSON object
+    #[arg(
+        long,
+        value_enum,
+        value_name = "FORMAT",
+        help_heading = "Tools and structured output"
+    )]
+    pub format: Option<FormatArg>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FormatArg {
+    Json,
+}
+
+impl ShapeArgs {
+    /// The flags as the library's answer shape (the files read and checked).
+    pub fn shape(&self) -> Result<AnswerShape> {
+        let tools = match &self.tools {
+            Some(path) => read_tools(path)?,
+            None => Vec::new(),
+        };
+        let schema = match (&self.json_schema, self.format) {
+            (Some(path), _) => {
+                let text = crate::bounded::read_text(path, crate::bounded::JSON_CONFIG_LIMIT, "the JSON schema")?;
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+                if !v.is_object() {
+                    anyhow::bail!("{} is not a JSON schema (a JSON object)", path.display());
+                }
+                Some(v)
+            }
+            (None, Some(FormatArg::Json)) => Some(serde_json::json!({"type": "object"})),
+            (None, None) => None,
+        };
+        let choice = self.tool_choice.as_deref().map(ToolChoice::from_name);
+        AnswerShape::new(tools, choice, !self.no_parallel_tool_calls, schema)
+    }
+}
+
+/// Reads a tools file (`--tools`, the chat's `/tools`).
+pub fn read_tools(path: &Path) -> Result<Vec<ToolDef>> {
+    let text = crate::bounded::read_text(path, crate::bounded::JSON_CONFIG_LIMIT, "the tools file")?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+    parse_tools(&v).with_context(|| format!("{}", path.display()))
 }
 
 /// Which model, where it runs, and how its prompt is built.

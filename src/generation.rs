@@ -6,10 +6,13 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use anyhow::{bail, Result};
 use serde::Serialize;
 
 use crate::sampling::{log_softmax, Sampler};
+use crate::structured::{Constraint, Plan};
 use crate::tokenizer::{TextStream, Tokenizer};
 
 /// Why generation ended.
@@ -45,6 +48,8 @@ pub struct GenerateOptions {
     pub ignore_eos: bool,
     /// Report log-probabilities with this many alternatives per token.
     pub logprobs: Option<usize>,
+    /// The shape the answer must have (a JSON schema, tool calls), as a token mask.
+    pub constraint: Option<Arc<Plan>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -187,6 +192,7 @@ pub struct Generation<'t> {
     first_token_at: Option<Instant>,
     stop_token: Option<u32>,
     finish: Option<FinishReason>,
+    constraint: Option<Constraint>,
 }
 
 impl<'t> Generation<'t> {
@@ -199,7 +205,9 @@ impl<'t> Generation<'t> {
         start: Instant,
     ) -> Self {
         let stops = StopMatcher::new(&opts.stop_strings);
+        let constraint = opts.constraint.as_ref().map(|p| p.start());
         Self {
+            constraint,
             tokenizer,
             sampler,
             opts,
@@ -279,6 +287,9 @@ impl<'t> Generation<'t> {
             );
         }
         let raw = self.opts.logprobs.map(|_| logits.to_vec());
+        if let Some(c) = &mut self.constraint {
+            c.mask(logits)?;
+        }
         let token = self.sampler.sample(logits, &self.history);
         if self.first_token_at.is_none() {
             self.first_token_at = Some(Instant::now());
@@ -292,10 +303,14 @@ impl<'t> Generation<'t> {
             self.logprobs.push(lp.clone());
         }
         on_event(Event::Token { id: token, logprob })?;
-        if !self.opts.ignore_eos && self.opts.stop_ids.contains(&token) {
+        // A constrained answer ends when its grammar allows an end token and one is sampled.
+        if (!self.opts.ignore_eos || self.constraint.is_some()) && self.opts.stop_ids.contains(&token) {
             self.stop_token = Some(token);
             self.end(FinishReason::StopToken, on_event)?;
             return Ok(None);
+        }
+        if let Some(c) = &mut self.constraint {
+            c.accept(token)?;
         }
         self.tokens.push(token);
         self.history.push(token);

@@ -28,5 +28,7 @@ pub mod server;
 pub mod session;
 pub mod settings;
 pub mod source;
+pub mod structured;
 pub mod template;
 pub mod tokenizer;
+pub mod tools;

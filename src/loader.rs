@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -15,8 +16,10 @@ use crate::model::gguf::GgufLlama;
 use crate::model::weights::Weights;
 use crate::model::{CpuLlama, Format, GenerationConfig, Llama, LlamaConfig, Model};
 use crate::source::{ModelFiles, Resolved};
+use crate::structured::{AnswerShape, Grammars, Plan, Structure};
 use crate::template::{ChatTemplate, Message, TemplateTokens};
 use crate::tokenizer::{Tokenizer, TokenizerConfig};
+use crate::tools::ToolDef;
 
 /// Markers that end an assistant turn in common chat formats; one is a stop token when the
 /// template uses it and the tokenizer has it as a single token.
@@ -63,6 +66,8 @@ pub struct LoadedModel {
     pub generation: GenerationConfig,
     pub stop_ids: BTreeSet<u32>,
     pub load_time: Duration,
+    /// The constrained-decoding engine, built on first use.
+    pub grammars: OnceLock<Arc<Grammars>>,
 }
 
 /// The dtype used when `--dtype` is not given: the checkpoint's own half type on the CPU (its
@@ -163,10 +168,23 @@ impl LoadedModel {
     /// tokenizes it for a context of `context` tokens; text that certainly cannot fit is refused
     /// before it is rendered or tokenized.
     pub fn encode_messages(&self, messages: &[Message], add_bos: bool, context: usize) -> Result<(String, Vec<u32>)> {
+        self.encode_chat(messages, &[], add_bos, context)
+    }
+
+    /// [`Self::encode_messages`] with tools the template shows the model (none: no `tools`).
+    pub fn encode_chat(
+        &self,
+        messages: &[Message],
+        tools: &[ToolDef],
+        add_bos: bool,
+        context: usize,
+    ) -> Result<(String, Vec<u32>)> {
         for m in messages {
             self.tokenizer.check_fits(&m.content, context, "the prompt")?;
         }
-        let rendered = self.template.render(messages, None, true, &self.template_tokens)?;
+        let defs: Vec<serde_json::Value> = tools.iter().map(|t| t.definition.clone()).collect();
+        let tools = if defs.is_empty() { None } else { Some(defs.as_slice()) };
+        let rendered = self.template.render(messages, tools, true, &self.template_tokens)?;
         self.tokenizer
             .check_fits(&rendered, context, "the prompt rendered by the chat template")?;
         let ids = self.tokenizer.encode_chat(&rendered, add_bos)?;
@@ -186,6 +204,56 @@ impl LoadedModel {
             bail!("prompt token {bad} is not in the vocabulary ({vocab} tokens)");
         }
         Ok(ids)
+    }
+
+    /// Refuses tools when the chat template has no tool syntax (it would drop them silently):
+    /// a probe tool must appear in a rendering.
+    pub fn check_tool_support(&self) -> Result<()> {
+        const PROBE: &str = "zagreus_probe_function";
+        let tool =
+            serde_json::json!({"type": "function", "function": {"name": PROBE, "parameters": {"type": "object"}}});
+        let rendered =
+            self.template
+                .render(&[Message::new("user", "x")], Some(&[tool]), true, &self.template_tokens)?;
+        if !rendered.contains(PROBE) {
+            bail!(
+                "the chat template from {} has no tool syntax (it does not show tools to the model); use a model whose template has it (the Nesso models, Hermes/Qwen2.5 style) or such a chat template",
+                self.template.origin()
+            );
+        }
+        Ok(())
+    }
+
+    /// The constrained-decoding engine for this model (built once, on first use).
+    pub fn grammars(&self) -> Result<Arc<Grammars>> {
+        if let Some(g) = self.grammars.get() {
+            return Ok(g.clone());
+        }
+        let g = Arc::new(Grammars::new(
+            self.tokenizer.inner(),
+            self.model.vocab_size(),
+            &self.stop_ids,
+        )?);
+        Ok(self.grammars.get_or_init(|| g).clone())
+    }
+
+    /// The constraint a request's answer shape needs, if any: tools need a template that shows
+    /// them; a schema or tool calls are compiled (errors name what is wrong).
+    pub fn constraint_for(&self, shape: &AnswerShape) -> Result<Option<Arc<Plan>>> {
+        if !shape.tools.is_empty() {
+            self.check_tool_support()?;
+        }
+        shape.structure().map(|s| self.plan(&s)).transpose()
+    }
+
+    /// Compiles a request for structured output (the error names what is wrong with it).
+    pub fn plan(&self, structure: &Structure) -> Result<Arc<Plan>> {
+        if let Structure::Tools { tools, .. } = structure {
+            if tools.is_empty() {
+                bail!("tool_choice asks for a tool call, but no tools are given");
+            }
+        }
+        self.grammars()?.plan(structure)
     }
 
     /// Whether this looks like a base model without chat formatting (no template, no ChatML tokens).
@@ -427,5 +495,6 @@ fn assemble(p: Parts) -> Result<LoadedModel> {
         generation,
         stop_ids,
         load_time: start.elapsed(),
+        grammars: OnceLock::new(),
     })
 }

@@ -60,6 +60,7 @@ fn main() -> ExitCode {
                 system: r.system,
                 verbose: r.verbose,
                 no_history: false,
+                tools: r.shape.tools,
                 model: r.model,
                 sampling: r.sampling,
             })

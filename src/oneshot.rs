@@ -12,6 +12,7 @@ use crate::sampling::Sampler;
 use crate::session::{generate, Completion, GenerateOptions, Session, TokenLogprob};
 use crate::settings::Settings;
 use crate::template::Message;
+use crate::tools::{parse_answer, CallSplitter, Piece, ToolCall, ToolDef};
 
 const STDOUT: &str = "cannot write the answer to stdout";
 
@@ -52,6 +53,7 @@ pub fn build_prompt(
     m: &LoadedModel,
     text: &str,
     system: Option<&str>,
+    tools: &[ToolDef],
     raw: bool,
     add_bos: bool,
     context: usize,
@@ -60,6 +62,9 @@ pub fn build_prompt(
         if system.is_some() {
             bail!("--system has no effect with --raw (there is no template to put it in)");
         }
+        if !tools.is_empty() {
+            bail!("--tools needs the chat template, which --raw leaves out");
+        }
         return Ok((text.to_string(), m.encode_text(text, add_bos, context)?));
     }
     let mut messages = Vec::new();
@@ -67,7 +72,7 @@ pub fn build_prompt(
         messages.push(Message::new("system", s));
     }
     messages.push(Message::new("user", text));
-    m.encode_messages(&messages, add_bos, context)
+    m.encode_chat(&messages, tools, add_bos, context)
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
@@ -87,10 +92,13 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     let settings = Settings::resolve(&args.sampling.request(), &loaded.generation)?;
     let context = loader::context_size(&args.model.spec(), model)?;
+    let shape = args.shape.shape()?;
+    let constraint = loaded.constraint_for(&shape)?;
     let (rendered, ids) = build_prompt(
         &loaded,
         &text,
         args.system.as_deref(),
+        &shape.tools,
         args.raw,
         !args.model.no_bos,
         context,
@@ -120,10 +128,15 @@ pub fn run(args: RunArgs) -> Result<()> {
         stop_strings: settings.stop.clone(),
         ignore_eos: settings.ignore_eos,
         logprobs: args.logprobs,
+        constraint,
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let stream_text = !args.json;
+    // With tools, calls come out as JSON lines, the text around them as it streams.
+    let salt = settings.sampling.seed.to_string();
+    let mut splitter = shape.parses_calls().then(|| CallSplitter::new(&salt));
+    let mut at_line_start = true;
     let generating = crate::interrupt::generating();
     let completion = generate(
         &mut session,
@@ -134,20 +147,29 @@ pub fn run(args: RunArgs) -> Result<()> {
         crate::interrupt::cancel_flag(),
         &mut |piece| {
             if stream_text {
-                out.write_all(piece.as_bytes())
-                    .and_then(|_| out.flush())
-                    .context(STDOUT)?;
+                match &mut splitter {
+                    Some(s) => print_pieces(&mut out, s.push(piece), &mut at_line_start)?,
+                    None => print_text(&mut out, piece, &mut at_line_start)?,
+                }
             }
             Ok(())
         },
     )?;
     drop(generating);
+    if let (true, Some(s)) = (stream_text, &mut splitter) {
+        print_pieces(&mut out, s.finish(), &mut at_line_start)?;
+    }
+    let parsed = shape.parses_calls().then(|| parse_answer(&completion.text, &salt));
     if args.json {
-        let record = JsonRecord::new(&loaded, &settings, &ids, &completion, args.logprobs.is_some());
+        let mut record = JsonRecord::new(&loaded, &settings, &ids, &completion, args.logprobs.is_some());
+        if let Some(p) = &parsed {
+            record.content = Some(&p.content);
+            record.tool_calls = Some(&p.calls);
+        }
         let mut line = serde_json::to_vec(&record)?;
         line.push(b'\n');
         out.write_all(&line).context(STDOUT)?;
-    } else if !completion.text.is_empty() && !completion.text.ends_with('\n') {
+    } else if !at_line_start {
         out.write_all(b"\n").context(STDOUT)?;
     }
     out.flush().context(STDOUT)?;
@@ -206,10 +228,54 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
+/// Streams answer text to stdout, remembering whether a line is open.
+fn print_text(out: &mut impl Write, text: &str, at_line_start: &mut bool) -> Result<()> {
+    if text.is_empty() {
+        return Ok(());
+    }
+    out.write_all(text.as_bytes())
+        .and_then(|_| out.flush())
+        .context(STDOUT)?;
+    *at_line_start = text.ends_with('\n');
+    Ok(())
+}
+
+/// Content as text; each call as one JSON line (`{"id", "name", "arguments"}`).
+fn print_pieces(out: &mut impl Write, pieces: Vec<Piece>, at_line_start: &mut bool) -> Result<()> {
+    for p in pieces {
+        match p {
+            Piece::Content(text) => {
+                // Whitespace between calls is not worth a line of its own.
+                let text = if *at_line_start {
+                    text.trim_start().to_string()
+                } else {
+                    text
+                };
+                print_text(out, &text, at_line_start)?
+            }
+            Piece::Call(call) => {
+                if !*at_line_start {
+                    out.write_all(b"\n").context(STDOUT)?;
+                }
+                let mut line = serde_json::to_vec(&call)?;
+                line.push(b'\n');
+                out.write_all(&line).and_then(|_| out.flush()).context(STDOUT)?;
+                *at_line_start = true;
+            }
+        }
+    }
+    Ok(())
+}
+
 #[derive(Serialize)]
 struct JsonRecord<'a> {
     model: &'a str,
     text: &'a str,
+    /// With tools: the text outside the calls, and the calls.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<&'a [ToolCall]>,
     finish_reason: &'static str,
     stop_token_id: Option<u32>,
     prompt_token_ids: &'a [u32],
@@ -245,6 +311,8 @@ impl<'a> JsonRecord<'a> {
         Self {
             model: &m.name,
             text: &c.text,
+            content: None,
+            tool_calls: None,
             finish_reason: c.finish.as_str(),
             stop_token_id: c.stop_token,
             prompt_token_ids: ids,

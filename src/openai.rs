@@ -9,7 +9,9 @@ use serde_json::{json, Map, Value};
 
 use crate::generation::{Completion, FinishReason, TokenLogprob};
 use crate::settings::SamplingRequest;
+use crate::structured::AnswerShape;
 use crate::template::Message;
+use crate::tools::{parse_answer, parse_tools, ToolChoice};
 
 /// Which endpoint a request is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +68,8 @@ pub struct Job {
     pub logprobs: Option<usize>,
     /// The `model` the request named (echoed back).
     pub model: Option<String>,
+    /// Chat: `tools`, `tool_choice`, `parallel_tool_calls`; `response_format`'s schema.
+    pub shape: AnswerShape,
 }
 
 impl Job {
@@ -126,6 +130,10 @@ struct Body {
     echo: Option<bool>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
+    response_format: Option<Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -206,9 +214,25 @@ impl Job {
             stop,
             ignore_eos: b.ignore_eos.unwrap_or(false),
         };
+        let tools = match b.tools {
+            None | Some(Value::Null) => Vec::new(),
+            Some(_) if endpoint == Endpoint::Completions => {
+                bail!("tools: tool calls are made through /v1/chat/completions")
+            }
+            Some(t) => parse_tools(&t)?,
+        };
+        let tool_choice = match &b.tool_choice {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(ToolChoice::from_json(v)?),
+        };
+        let json_schema = match &b.response_format {
+            None | Some(Value::Null) => None,
+            Some(f) => response_format(f)?,
+        };
         Ok(Job {
             endpoint,
             inputs,
+            shape: AnswerShape::new(tools, tool_choice, b.parallel_tool_calls.unwrap_or(true), json_schema)?,
             n,
             echo: b.echo.unwrap_or(false),
             stream: b.stream.unwrap_or(false),
@@ -218,6 +242,50 @@ impl Job {
             model: b.model,
         })
     }
+}
+
+/// `response_format`: `{"type": "text"}`, `{"type": "json_object"}` (any JSON object) or
+/// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`.
+fn response_format(f: &Value) -> Result<Option<Value>> {
+    match f.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(json!({"type": "object"}))),
+        Some("json_schema") => {
+            let schema = f
+                .get("json_schema")
+                .and_then(|s| s.get("schema"))
+                .context("response_format: `json_schema` needs a `schema`")?;
+            if !schema.is_object() {
+                bail!("response_format: the schema must be a JSON object");
+            }
+            Ok(Some(schema.clone()))
+        }
+        _ => bail!("response_format {f}: use type \"text\", \"json_object\" or \"json_schema\""),
+    }
+}
+
+/// The assistant's message of a chat choice, and its finish reason: with tools, the answer is
+/// split into `content` (null when empty) and `tool_calls` (finish reason `tool_calls`).
+pub fn chat_message(job: &Job, c: &Completion, salt: &str) -> (Value, &'static str) {
+    let finish = finish_reason(c.finish);
+    if !job.shape.parses_calls() {
+        return (json!({"role": "assistant", "content": c.text}), finish);
+    }
+    let parsed = parse_answer(&c.text, salt);
+    if parsed.calls.is_empty() {
+        return (json!({"role": "assistant", "content": parsed.content}), finish);
+    }
+    let content = if parsed.content.is_empty() {
+        Value::Null
+    } else {
+        json!(parsed.content)
+    };
+    let calls: Vec<Value> = parsed.calls.iter().map(|t| t.to_openai()).collect();
+    let finish = if finish == "stop" { "tool_calls" } else { finish };
+    (
+        json!({"role": "assistant", "content": content, "tool_calls": calls}),
+        finish,
+    )
 }
 
 /// A completion's `prompt`: a string, a list of token ids, or a list of either.
@@ -336,12 +404,15 @@ pub fn response_body(
             "object": "chat.completion",
             "created": created,
             "model": model,
-            "choices": choices.iter().enumerate().map(|(k, c)| json!({
-                "index": k,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": job.logprobs.map(|_| chat_logprobs(&c.logprobs)),
-                "finish_reason": finish_reason(c.finish),
-            })).collect::<Vec<_>>(),
+            "choices": choices.iter().enumerate().map(|(k, c)| {
+                let (message, finish) = chat_message(job, c, &format!("{id}-{k}"));
+                json!({
+                    "index": k,
+                    "message": message,
+                    "logprobs": job.logprobs.map(|_| chat_logprobs(&c.logprobs)),
+                    "finish_reason": finish,
+                })
+            }).collect::<Vec<_>>(),
         }),
         Endpoint::Completions => json!({
             "id": format!("cmpl-{id}"),

@@ -15,6 +15,7 @@ use crate::loader::{self, LoadedModel};
 use crate::session::FinishReason;
 use crate::settings::Settings;
 use crate::template::Message;
+use crate::tools::ToolChoice;
 
 const HELP: &str = "\
 Commands:
@@ -27,13 +28,30 @@ Commands:
   /show                 the model, the settings and the context in use
   /save FILE            save the conversation as JSON chat messages
   /load FILE            load a conversation saved with /save
+  /tools [FILE|off]     tools the model may call (a JSON list of function definitions), or list them
+  /tool-choice CHOICE   auto (the model decides), required, none, or a function's name
+  /tool-result TEXT     answer the model's tool call with TEXT (the model goes on when all are answered)
   /verbose              statistics after each answer on or off
   /bye, /exit           quit (also Ctrl+D)
 Messages over several lines: start and end them with \"\"\", or paste them.
 Ctrl+C stops an answer; the session goes on.";
 
 const COMMANDS: &[&str] = &[
-    "/help", "/system", "/clear", "/regen", "/undo", "/set", "/show", "/save", "/load", "/verbose", "/bye", "/exit",
+    "/help",
+    "/system",
+    "/clear",
+    "/regen",
+    "/undo",
+    "/set",
+    "/show",
+    "/save",
+    "/load",
+    "/tools",
+    "/tool-choice",
+    "/tool-result",
+    "/verbose",
+    "/bye",
+    "/exit",
 ];
 
 /// `zagreus chat`, or `zagreus` with no prompt on a terminal.
@@ -48,6 +66,10 @@ pub fn run(args: ChatArgs) -> Result<()> {
             logprobs: None,
             verbose: args.verbose,
             verbose_prompt: false,
+            shape: crate::cli::ShapeArgs {
+                tools: args.tools.clone(),
+                ..Default::default()
+            },
             model: args.model,
             sampling: args.sampling,
         });
@@ -58,7 +80,10 @@ pub fn run(args: ChatArgs) -> Result<()> {
     }
     let settings = Settings::resolve(&args.sampling.request(), &loaded.generation)?;
     let context = loader::context_size(&args.model.spec(), &loaded.model)?;
-    let chat = Chat::new(&loaded, context, args.system.clone(), settings, !args.model.no_bos);
+    let mut chat = Chat::new(&loaded, context, args.system.clone(), settings, !args.model.no_bos);
+    if let Some(path) = &args.tools {
+        chat.set_tools(crate::cli::read_tools(path)?)?;
+    }
     let history = history_path(args.no_history);
     let mut repl = Repl::new(chat, args.verbose, history)?;
     crate::note!(
@@ -244,10 +269,22 @@ impl<'m> Repl<'m> {
     fn after_answer(&mut self, turn: &Turn) {
         let c = &turn.completion;
         let mut out = std::io::stdout();
-        if !c.text.is_empty() && !c.text.ends_with('\n') {
+        let shown = self
+            .chat
+            .messages()
+            .last()
+            .map(|m| m.content.clone())
+            .unwrap_or_default();
+        if !shown.is_empty() && !c.text.ends_with('\n') {
             let _ = writeln!(out);
         }
+        for call in &turn.calls {
+            let _ = writeln!(out, "→ tool call {} {}  [{}]", call.name, call.arguments, call.id);
+        }
         let _ = out.flush();
+        if !turn.calls.is_empty() {
+            self.note("answer with /tool-result TEXT");
+        }
         if turn.dropped > 0 {
             self.note(&format!(
                 "the conversation did not fit the context of {} tokens: dropped the {} oldest exchange{}",
@@ -350,6 +387,51 @@ impl<'m> Repl<'m> {
                 let n = messages.len();
                 self.chat.load(messages).with_context(|| format!("cannot load {arg}"))?;
                 self.note(&format!("loaded {n} messages from {arg}"));
+            }
+            "/tools" => match arg {
+                "" => {
+                    if self.chat.tools().is_empty() {
+                        writeln!(out, "(no tools)")?;
+                    }
+                    for t in self.chat.tools() {
+                        writeln!(out, "{} {}", t.name, t.parameters)?;
+                    }
+                }
+                "off" => {
+                    self.chat.set_tools(Vec::new())?;
+                    self.note("tools off");
+                }
+                path => {
+                    let tools = crate::cli::read_tools(Path::new(path))?;
+                    let n = tools.len();
+                    self.chat.set_tools(tools)?;
+                    self.note(&format!("{n} tool{} from {path}", if n == 1 { "" } else { "s" }));
+                }
+            },
+            "/tool-choice" => {
+                if arg.is_empty() {
+                    writeln!(out, "{}", self.chat.tool_choice().name())?;
+                } else {
+                    if self.chat.tools().is_empty() {
+                        bail!("/tool-choice: load tools first (/tools FILE)");
+                    }
+                    self.chat.set_tool_choice(ToolChoice::from_name(arg))?;
+                    self.note(&format!("tool choice: {arg}"));
+                }
+            }
+            "/tool-result" => {
+                if arg.is_empty() {
+                    bail!("/tool-result needs the tool's result as text");
+                }
+                let turn = self.chat.tool_result(arg, &mut |piece| {
+                    out.write_all(piece.as_bytes())?;
+                    out.flush()?;
+                    Ok(())
+                })?;
+                match turn {
+                    Some(turn) => self.after_answer(&turn),
+                    None => self.note(&format!("{} more call(s) to answer", self.chat.pending_calls().len())),
+                }
             }
             "/verbose" => {
                 self.verbose = !self.verbose;

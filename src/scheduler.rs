@@ -27,6 +27,7 @@ use crate::loader::LoadedModel;
 use crate::model::{Cache, CpuCache, LogitsFor, RowKind, Step};
 use crate::sampling::Sampler;
 use crate::settings::Settings;
+use crate::structured::Plan;
 
 /// How the scheduler shares the model.
 #[derive(Debug, Clone)]
@@ -77,6 +78,8 @@ pub struct Request {
     /// with this many alternatives (the whole prompt runs, no cached prefix is reused, and it
     /// runs even when no token is to be generated).
     pub prompt_logprobs: Option<usize>,
+    /// The shape the answer must have (structured output, tool calls).
+    pub constraint: Option<Arc<Plan>>,
 }
 
 /// Why a request was refused at submission.
@@ -525,6 +528,7 @@ impl<'m> Worker<'m> {
             stop_strings: s.stop.clone(),
             ignore_eos: s.ignore_eos,
             logprobs: q.req.logprobs,
+            constraint: q.req.constraint.clone(),
         };
         let mut gen = Generation::new(
             &self.lm.tokenizer,

@@ -194,6 +194,11 @@ impl Tokenizer {
         self.bos.as_ref().map(|(id, t)| (*id, t.as_str()))
     }
 
+    /// The underlying Hugging Face tokenizer (shared).
+    pub fn inner(&self) -> Arc<tokenizers::Tokenizer> {
+        self.inner.clone()
+    }
+
     pub fn token_to_id(&self, text: &str) -> Option<u32> {
         self.inner.token_to_id(text)
     }

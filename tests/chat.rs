@@ -57,6 +57,7 @@ fn the_second_turn_runs_only_new_tokens_with_the_same_logits_as_a_fresh_run() {
         stop_strings: vec![],
         ignore_eos: false,
         logprobs: None,
+        constraint: None,
     };
     let mut conv = vec![Message::new("user", "Ciao!")];
     let ids1 = ids_for(&lm, &conv);

@@ -46,6 +46,16 @@ fn the_openai_package_talks_to_the_server() {
     passes(cmd, &s);
 }
 
+#[test]
+fn the_openai_package_calls_tools_and_gets_json() {
+    let template = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/templates/nesso-agentic.jinja");
+    let s = Server::start(&["-m", &smollm2(), "--chat-template", template.to_str().unwrap()]);
+    let mut cmd = Command::new(venv_bin("python"));
+    cmd.arg(clients_dir().join("openai_tools.py"))
+        .arg(format!("http://{}/v1", s.addr));
+    passes(cmd, &s);
+}
+
 /// Runs a client script; it must exit 0 and say that all its checks passed.
 fn passes(mut cmd: Command, s: &Server) {
     let out = cmd.output().unwrap();

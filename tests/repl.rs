@@ -309,3 +309,86 @@ fn a_real_gguf_model_chats_in_the_terminal() {
     s.send_line("/bye").unwrap();
     s.expect(expectrl::Eof).unwrap();
 }
+
+#[test]
+fn tools_in_the_chat_a_call_then_its_result() {
+    let home = tempfile::tempdir().unwrap();
+    let m = common::asset("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let tools = home.path().join("tools.json");
+    std::fs::write(
+        &tools,
+        r#"[{"type": "function", "function": {"name": "meteo", "description": "The weather in a city",
+            "parameters": {"type": "object", "properties": {"citta": {"type": "string", "maxLength": 20}},
+            "required": ["citta"], "additionalProperties": false}}}]"#,
+    )
+    .unwrap();
+    let template = common::fixtures().join("templates/nesso-agentic.jinja");
+    let mut s = spawn(
+        home.path(),
+        &[
+            "chat",
+            "-m",
+            m.to_str().unwrap(),
+            "--chat-template",
+            template.to_str().unwrap(),
+            "--temperature",
+            "0",
+            "-n",
+            "60",
+            "--verbose",
+        ],
+        &[],
+    );
+    prompt(&mut s);
+    s.send_line(format!("/tools {}", tools.display())).unwrap();
+    s.expect("1 tool from").unwrap();
+    prompt(&mut s);
+    s.send_line("/tool-choice meteo").unwrap();
+    s.expect("tool choice: meteo").unwrap();
+    prompt(&mut s);
+    s.send_line("What is the weather in Rome?").unwrap();
+    s.expect("→ tool call meteo {\"citta\":").unwrap();
+    s.expect("/tool-result").unwrap();
+    prompt(&mut s);
+    s.send_line("/tool-choice auto").unwrap();
+    prompt(&mut s);
+    // Each call gets its result (the model may have made more than one); then it answers.
+    let mut results = 0;
+    loop {
+        s.send_line("/tool-result {\"temperatura\": 21, \"cielo\": \"sereno\"}")
+            .unwrap();
+        results += 1;
+        let got = s
+            .expect(expectrl::Regex("more call\\(s\\) to answer|time to first token"))
+            .unwrap();
+        if !String::from_utf8_lossy(got.get(0).unwrap()).contains("more call") {
+            break;
+        }
+        prompt(&mut s);
+        assert!(results < 4);
+    }
+    prompt(&mut s);
+    let conv = saved(&mut s, home.path());
+    let roles: Vec<&str> = conv
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect();
+    let mut want = vec!["user", "assistant"];
+    want.extend(std::iter::repeat_n("tool", results));
+    want.push("assistant");
+    assert_eq!(roles, want, "{conv}");
+    let calls = conv[1]["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), results);
+    for (i, call) in calls.iter().enumerate() {
+        assert_eq!(call["function"]["name"], "meteo");
+        assert_eq!(conv[2 + i]["tool_call_id"], call["id"]);
+    }
+    assert!(conv[2 + results]["content"].as_str().unwrap().contains("21"), "{conv}");
+    s.send_line("/tool-result again").unwrap();
+    s.expect("no tool call waiting").unwrap();
+    prompt(&mut s);
+    s.send_line("/bye").unwrap();
+    s.expect(expectrl::Eof).unwrap();
+}

@@ -44,6 +44,7 @@ fn request(prompt: Vec<u32>, settings: Settings) -> Request {
         settings,
         logprobs: None,
         prompt_logprobs: None,
+        constraint: None,
     }
 }
 
@@ -57,6 +58,7 @@ fn alone(lm: &LoadedModel, req: &Request, context: usize) -> (Vec<u32>, FinishRe
         stop_strings: req.settings.stop.clone(),
         ignore_eos: req.settings.ignore_eos,
         logprobs: None,
+        constraint: None,
     };
     let c = generate(
         &mut session,

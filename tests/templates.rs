@@ -63,3 +63,45 @@ fn builtin_chatml_is_the_recorded_one() {
     let recorded = std::fs::read_to_string(fixtures().join("templates/chatml-builtin.jinja")).unwrap();
     assert_eq!(recorded.trim_end(), CHATML);
 }
+
+/// The tool cases again, as a request brings them: messages and tools through the OpenAI body
+/// reader (`zagreus batch`, the server), tools through the tool parser; the rendering must not
+/// change.
+#[test]
+fn tool_requests_render_exactly_as_transformers() {
+    use zagreus::openai::{Endpoint, Input, Job};
+    let dir = fixtures().join("templates");
+    let cases = read_json(&dir.join("rendered.json"));
+    let mut checked = 0;
+    for case in cases.as_array().unwrap().iter().filter(|c| c["tools"].is_array()) {
+        let name = case["template"].as_str().unwrap();
+        let t = ChatTemplate::from_file(&dir.join(format!("{name}.jinja"))).unwrap();
+        let body = serde_json::json!({"messages": case["messages"], "tools": case["tools"]});
+        let job = Job::from_body(Endpoint::Chat, &body).unwrap();
+        let Input::Chat(messages) = &job.inputs[0] else {
+            panic!("a chat input");
+        };
+        let defs: Vec<serde_json::Value> = job.shape.tools.iter().map(|t| t.definition.clone()).collect();
+        let tokens = TemplateTokens {
+            bos_token: case["bos_token"].as_str().map(String::from),
+            eos_token: case["eos_token"].as_str().map(String::from),
+            ..Default::default()
+        };
+        let got = t
+            .render(
+                messages,
+                Some(&defs),
+                case["add_generation_prompt"].as_bool().unwrap(),
+                &tokens,
+            )
+            .unwrap();
+        assert_eq!(
+            got,
+            case["expected"].as_str().unwrap(),
+            "{name} / {}",
+            case["description"]
+        );
+        checked += 1;
+    }
+    assert!(checked >= 10, "{checked} tool cases");
+}

@@ -23,6 +23,7 @@ use crate::generation::{Completion, Event, TokenLogprob};
 use crate::openai::{self, Endpoint, Input, Job, LegacyLogprobs, Prompt, TextOffsets};
 use crate::scheduler::{Refusal, Request, Update};
 use crate::settings::Settings;
+use crate::tools::{CallSplitter, Piece};
 
 pub async fn chat(
     State(app): State<Arc<App>>,
@@ -134,10 +135,12 @@ async fn start(
     let lm = &r.lm;
     let add_bos = !app.config.spec.no_bos;
     let scoring = job.scores_prompt();
+    // Compiling a schema takes milliseconds (the first one builds the vocabulary's trie).
+    let constraint = tokio::task::block_in_place(|| lm.constraint_for(&job.shape)).map_err(ApiError::invalid)?;
     let mut prompts = Vec::with_capacity(job.inputs.len());
     for input in &job.inputs {
         let (text, ids) = match input {
-            Input::Chat(messages) => lm.encode_messages(messages, add_bos, r.context),
+            Input::Chat(messages) => lm.encode_chat(messages, &job.shape.tools, add_bos, r.context),
             Input::Text(t) => lm.encode_text(t, add_bos, r.context).map(|ids| (t.clone(), ids)),
             Input::Tokens(ids) => lm.check_token_ids(ids).and_then(|ids| {
                 let text = if job.echo {
@@ -196,6 +199,7 @@ async fn start(
                 settings,
                 logprobs: run.job.logprobs,
                 prompt_logprobs: scoring.then(|| run.job.logprobs.unwrap_or(0)),
+                constraint: constraint.clone(),
             };
             let tx = tx.clone();
             match r.sched.submit_to(req, Box::new(move |u| tx.send((k, u)).is_ok())) {
@@ -267,6 +271,15 @@ fn stream(mut run: Run) -> Response {
         queue: VecDeque::new(),
         pending: vec![Vec::new(); choices],
         offsets: (0..choices).map(|k| TextOffsets::after(run.prompt_of(k))).collect(),
+        splitters: (0..choices)
+            .map(|k| {
+                run.job
+                    .shape
+                    .parses_calls()
+                    .then(|| CallSplitter::new(&format!("{}-{k}", run.id)))
+            })
+            .collect(),
+        calls: vec![0; choices],
         done: vec![None; choices],
         ended: false,
         status: 200,
@@ -289,6 +302,10 @@ struct Streamer {
     /// Each choice's token log-probabilities not yet sent (they go with the next text).
     pending: Vec<Vec<TokenLogprob>>,
     offsets: Vec<TextOffsets>,
+    /// With tools: each choice's answer split into content and calls as it streams.
+    splitters: Vec<Option<CallSplitter>>,
+    /// Calls sent per choice.
+    calls: Vec<usize>,
     done: Vec<Option<Completion>>,
     ended: bool,
     status: u16,
@@ -345,11 +362,42 @@ impl Streamer {
         self.push(choice);
     }
 
+    /// Text of choice `k`, through its call splitter when there are tools.
+    fn answer_text(&mut self, k: usize, text: &str, end: bool) {
+        let Some(splitter) = &mut self.splitters[k] else {
+            if !text.is_empty() {
+                self.text(k, text, None);
+            }
+            return;
+        };
+        let mut pieces = splitter.push(text);
+        if end {
+            pieces.extend(splitter.finish());
+        }
+        for p in pieces {
+            match p {
+                Piece::Content(c) => self.text(k, &c, None),
+                Piece::Call(call) => {
+                    // OpenAI's shape: the call's index, id, type and name first, then the
+                    // arguments (here in one fragment, the call being complete).
+                    let index = self.calls[k];
+                    self.calls[k] += 1;
+                    for delta in [
+                        json!({"tool_calls": [{"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}]}),
+                        json!({"tool_calls": [{"index": index, "function": {"arguments": call.arguments.to_string()}}]}),
+                    ] {
+                        self.push(json!({"index": k, "delta": delta, "logprobs": null, "finish_reason": null}));
+                    }
+                }
+            }
+        }
+    }
+
     fn update(&mut self, k: usize, u: Update) {
         let scored = self.run.job.scores_prompt();
         match u {
             Update::Event(Event::Token { logprob: Some(lp), .. }) if !scored => self.pending[k].push(lp),
-            Update::Event(Event::Text(t)) if !scored => self.text(k, &t, None),
+            Update::Event(Event::Text(t)) if !scored => self.answer_text(k, &t, false),
             Update::Event(_) => {}
             Update::Done(c) => {
                 if scored {
@@ -366,7 +414,12 @@ impl Streamer {
                     });
                     self.push(choice);
                 } else {
-                    self.text(k, "", Some(openai::finish_reason(c.finish)));
+                    self.answer_text(k, "", true);
+                    let finish = match openai::finish_reason(c.finish) {
+                        "stop" if self.calls[k] > 0 => "tool_calls",
+                        f => f,
+                    };
+                    self.text(k, "", Some(finish));
                 }
                 if !c.tokens.is_empty() || c.stop_token.is_some() {
                     self.run.app.metrics.first_token(c.stats.time_to_first_token);
