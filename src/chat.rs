@@ -22,6 +22,8 @@ pub struct Turn {
     pub dropped: usize,
     /// Tool calls the answer made (its text outside them went to `on_text`).
     pub calls: Vec<ToolCall>,
+    /// The text that went to `on_text`.
+    pub shown: String,
 }
 
 pub struct Chat<'m> {
@@ -37,6 +39,9 @@ pub struct Chat<'m> {
     tool_choice: ToolChoice,
     /// Calls the model opens (or must make) follow the tools' schemas.
     constraint: Option<Arc<Plan>>,
+    /// After tool results the model answers with `auto`, whatever the choice (a forced call
+    /// there would call again and again).
+    after_results: Option<Arc<Plan>>,
 }
 
 /// Marks an assistant message whose generation was interrupted.
@@ -56,6 +61,7 @@ impl<'m> Chat<'m> {
             tools: Vec::new(),
             tool_choice: ToolChoice::Auto,
             constraint: None,
+            after_results: None,
         }
     }
 
@@ -81,11 +87,19 @@ impl<'m> Chat<'m> {
         if tools.is_empty() {
             self.tools.clear();
             self.constraint = None;
+            self.after_results = None;
             self.tool_choice = ToolChoice::Auto;
             return Ok(());
         }
         let shape = AnswerShape::new(tools, Some(choice), true, None)?;
         self.constraint = self.lm.constraint_for(&shape)?;
+        self.after_results = match shape.tool_choice {
+            ToolChoice::Required | ToolChoice::Named(_) => {
+                let auto = AnswerShape::new(shape.tools.clone(), Some(ToolChoice::Auto), true, None)?;
+                self.lm.constraint_for(&auto)?
+            }
+            _ => self.constraint.clone(),
+        };
         self.tools = shape.tools;
         self.tool_choice = shape.tool_choice;
         Ok(())
@@ -124,7 +138,14 @@ impl<'m> Chat<'m> {
         if !self.pending_calls().is_empty() {
             return Ok(None);
         }
-        self.answer(on_text).map(Some)
+        match self.answer(on_text) {
+            Ok(turn) => Ok(Some(turn)),
+            Err(e) => {
+                // A failed answer leaves the result unsent, so it can be given again.
+                self.messages.pop();
+                Err(e)
+            }
+        }
     }
 
     pub fn model(&self) -> &'m LoadedModel {
@@ -262,7 +283,7 @@ impl<'m> Chat<'m> {
             Some(m) if m.role == "assistant" => {
                 self.messages.pop();
             }
-            Some(m) if m.role == "user" => {}
+            Some(m) if m.role == "user" || m.role == "tool" => {}
             _ => bail!("there is no answer to regenerate yet"),
         }
         self.answer(on_text)
@@ -277,7 +298,11 @@ impl<'m> Chat<'m> {
             stop_strings: self.settings.stop.clone(),
             ignore_eos: self.settings.ignore_eos,
             logprobs: None,
-            constraint: self.constraint.clone(),
+            constraint: if self.messages.last().is_some_and(|m| m.role == "tool") {
+                self.after_results.clone()
+            } else {
+                self.constraint.clone()
+            },
         };
         // With tools, the text outside calls streams; calls are collected.
         let salt = format!("{}-{}", self.sampler.params().seed, self.messages.len());
@@ -314,12 +339,12 @@ impl<'m> Chat<'m> {
         if let Some(s) = &mut splitter {
             route(s.finish(), on_text)?;
         }
-        let text = if splitter.is_some() {
-            content.trim().to_string()
+        let shown = if splitter.is_some() {
+            content
         } else {
             completion.text.clone()
         };
-        let mut reply = Message::new("assistant", text);
+        let mut reply = Message::new("assistant", shown.clone());
         if !calls.is_empty() {
             let list: Vec<Value> = calls.iter().map(ToolCall::to_message).collect();
             reply.extra.insert("tool_calls".into(), list.into());
@@ -332,6 +357,7 @@ impl<'m> Chat<'m> {
             completion,
             dropped,
             calls,
+            shown,
         })
     }
 

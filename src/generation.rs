@@ -303,8 +303,10 @@ impl<'t> Generation<'t> {
             self.logprobs.push(lp.clone());
         }
         on_event(Event::Token { id: token, logprob })?;
-        // A constrained answer ends when its grammar allows an end token and one is sampled.
-        if (!self.opts.ignore_eos || self.constraint.is_some()) && self.opts.stop_ids.contains(&token) {
+        // Under a grammar an end token is sampled only where the grammar allows one: it ends
+        // the answer even with `ignore_eos`.
+        let bound = self.constraint.as_ref().is_some_and(|c| c.binds());
+        if (!self.opts.ignore_eos || bound) && self.opts.stop_ids.contains(&token) {
             self.stop_token = Some(token);
             self.end(FinishReason::StopToken, on_event)?;
             return Ok(None);

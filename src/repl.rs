@@ -30,6 +30,8 @@ Commands:
   /load FILE            load a conversation saved with /save
   /tools [FILE|off]     tools the model may call (a JSON list of function definitions), or list them
   /tool-choice CHOICE   auto (the model decides), required, none, or a function's name
+                        (a forced choice applies to answers to your messages; after tool
+                        results the model decides)
   /tool-result TEXT     answer the model's tool call with TEXT (the model goes on when all are answered)
   /verbose              statistics after each answer on or off
   /bye, /exit           quit (also Ctrl+D)
@@ -269,13 +271,7 @@ impl<'m> Repl<'m> {
     fn after_answer(&mut self, turn: &Turn) {
         let c = &turn.completion;
         let mut out = std::io::stdout();
-        let shown = self
-            .chat
-            .messages()
-            .last()
-            .map(|m| m.content.clone())
-            .unwrap_or_default();
-        if !shown.is_empty() && !c.text.ends_with('\n') {
+        if !turn.shown.is_empty() && !turn.shown.ends_with('\n') {
             let _ = writeln!(out);
         }
         for call in &turn.calls {

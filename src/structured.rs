@@ -184,19 +184,59 @@ fn json_options(mut schema: Value) -> Result<Value> {
     Ok(schema)
 }
 
-/// The schema of one Hermes call: `{"name": <the tool>, "arguments": <its parameters>}`.
+/// The schema of one Hermes call: `{"name": <the tool>, "arguments": <its parameters>}`. The
+/// parameters' definitions move to the wrapper's root and their references are rewritten, so
+/// `$ref`s (`#/$defs/X`, `#`, `#/properties/...`) resolve as they did in the parameters alone.
+/// Keywords the engine does not implement are ignored rather than refused (a tool's call must
+/// not fail over `uniqueItems`).
 fn call_schema(tool: &ToolDef) -> Value {
-    let params = match &tool.parameters {
+    const AT: &str = "#/properties/arguments";
+    let mut params = match &tool.parameters {
         Value::Object(m) if !m.is_empty() => tool.parameters.clone(),
         _ => json!({"type": "object"}),
     };
-    json_options(json!({
-        "type": "object",
-        "properties": {"name": {"const": tool.name}, "arguments": params},
-        "required": ["name", "arguments"],
-        "additionalProperties": false,
-    }))
-    .expect("an object schema")
+    let mut root = serde_json::Map::new();
+    if let Value::Object(m) = &mut params {
+        for key in ["$defs", "definitions"] {
+            if let Some(defs) = m.remove(key) {
+                root.insert(key.to_string(), defs);
+            }
+        }
+    }
+    fn rewrite(v: &mut Value) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m.iter_mut() {
+                    match x {
+                        Value::String(r) if k == "$ref" => {
+                            let defs = r.starts_with("#/$defs/") || r.starts_with("#/definitions/");
+                            if r == "#" {
+                                *r = AT.to_string();
+                            } else if r.starts_with("#/") && !defs {
+                                *r = format!("{AT}{}", &r[1..]);
+                            }
+                        }
+                        _ => rewrite(x),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter_mut().for_each(rewrite),
+            _ => {}
+        }
+    }
+    rewrite(&mut params);
+    for defs in root.values_mut() {
+        rewrite(defs);
+    }
+    root.insert("type".into(), json!("object"));
+    root.insert(
+        "properties".into(),
+        json!({"name": {"const": tool.name}, "arguments": params}),
+    );
+    root.insert("required".into(), json!(["name", "arguments"]));
+    root.insert("additionalProperties".into(), json!(false));
+    root.insert("x-guidance".into(), json!({"lenient": true}));
+    json_options(Value::Object(root)).expect("an object schema")
 }
 
 /// What a request asks of the answer's shape: tools it may (or must) call, or a JSON schema.
@@ -233,8 +273,8 @@ impl AnswerShape {
                 bail!("tool_choice names the function `{name}`, which is not among the tools");
             }
         }
-        if json_schema.is_some() && matches!(tool_choice, ToolChoice::Required | ToolChoice::Named(_)) {
-            bail!("a JSON schema for the answer and a forced tool call exclude each other");
+        if json_schema.is_some() && !tools.is_empty() && tool_choice.parses_calls() {
+            bail!("a JSON schema for the answer and tool calls exclude each other (with tools, use tool_choice none)");
         }
         Ok(Self {
             tools,
@@ -367,6 +407,11 @@ impl Constraint {
             }
         }
         Ok(())
+    }
+
+    /// Whether a grammar holds now (not the free text before a lazy grammar's trigger).
+    pub fn binds(&self) -> bool {
+        !matches!(self.state, State::Free)
     }
 
     /// Whether the grammar is finished: only an end-of-generation token may follow.

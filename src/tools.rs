@@ -219,10 +219,10 @@ impl CallSplitter {
         let mut out = Vec::new();
         loop {
             if self.in_call {
-                let Some(end) = self.held.find(CALL_CLOSE) else {
+                let Some(end) = self.call_end() else {
                     break;
                 };
-                let block: String = self.held.drain(..end + CALL_CLOSE.len()).collect();
+                let block: String = self.held.drain(..end).collect();
                 self.in_call = false;
                 self.block(&mut out, &block);
             } else if let Some(at) = self.held.find(CALL_OPEN) {
@@ -247,6 +247,22 @@ impl CallSplitter {
         out
     }
 
+    /// Where the held call ends: after the first `</tool_call>` whose JSON before it is not
+    /// cut short (a closing tag inside an argument string does not end the call). `None`: wait
+    /// for more text.
+    fn call_end(&self) -> Option<usize> {
+        let mut from = 0;
+        while let Some(at) = self.held[from..].find(CALL_CLOSE) {
+            let end = from + at + CALL_CLOSE.len();
+            let inner = call_json(&self.held[..end]);
+            match serde_json::from_str::<Value>(inner) {
+                Err(e) if e.is_eof() => from = end,
+                _ => return Some(end),
+            }
+        }
+        None
+    }
+
     /// The end of the answer: what is held comes out (an unclosed call as content, unless it
     /// parses without its closing tag).
     pub fn finish(&mut self) -> Vec<Piece> {
@@ -263,11 +279,7 @@ impl CallSplitter {
 
     /// A call block (`<tool_call>` to `</tool_call>`, or to the end).
     fn call(&mut self, block: &str) -> Piece {
-        let mut inner = block.strip_prefix(CALL_OPEN).unwrap_or(block).trim_end();
-        if let Some(body) = inner.strip_suffix(CALL_CLOSE) {
-            inner = body;
-        }
-        let inner = inner.trim();
+        let inner = call_json(block);
         let parsed = serde_json::from_str::<Value>(inner).ok().and_then(|v| {
             let name = v.get("name")?.as_str()?.to_string();
             let arguments = match v.get("arguments") {
@@ -295,6 +307,15 @@ impl CallSplitter {
             None => Piece::Content(block.to_string()),
         }
     }
+}
+
+/// The JSON of a call block: between the tags, trimmed.
+fn call_json(block: &str) -> &str {
+    let mut inner = block.strip_prefix(CALL_OPEN).unwrap_or(block).trim_end();
+    if let Some(body) = inner.strip_suffix(CALL_CLOSE) {
+        inner = body;
+    }
+    inner.trim()
 }
 
 /// A whole answer split into content and calls.
@@ -373,15 +394,25 @@ mod tests {
         // Unclosed, cut off: kept as text too.
         let cut = "<tool_call>\n{\"name\": \"meteo\", \"argu";
         assert_eq!(parse_answer(cut, "s").content, cut);
+        // A closing tag inside an argument string does not end the call.
+        let inside = parse_answer(
+            "<tool_call>{\"name\": \"echo\", \"arguments\": {\"t\": \"a</tool_call>b\"}}</tool_call>",
+            "s",
+        );
+        assert_eq!(inside.calls.len(), 1, "{inside:?}");
+        assert_eq!(inside.calls[0].arguments, json!({"t": "a</tool_call>b"}));
         // Plain text is untouched, including a lone `<`.
         assert_eq!(parse_answer("a < b <tool", "s").content, "a < b <tool");
     }
 
     #[test]
     fn streamed_pieces_give_what_the_whole_text_gives() {
-        let text = "Vediamo. <tool_call>\n{\"name\": \"a\", \"arguments\": {\"q\": \"è\"}}\n</tool_call>\n<tool_call>{\"name\": \"b\", \"arguments\": {}}</tool_call>";
-        let whole = parse_answer(text, "z");
-        for step in [1, 2, 3, 5, 7] {
+        let texts = [
+            "Vediamo. <tool_call>\n{\"name\": \"a\", \"arguments\": {\"q\": \"è\"}}\n</tool_call>\n<tool_call>{\"name\": \"b\", \"arguments\": {}}</tool_call>",
+            "x <tool_call>{\"name\": \"e\", \"arguments\": {\"t\": \"</tool_call>\"}}</tool_call> y <tool_call>{\"name\": \"f\", \"a",
+        ];
+        for (text, step) in texts.iter().flat_map(|t| [1, 2, 3, 5, 7].map(|s| (*t, s))) {
+            let whole = parse_answer(text, "z");
             let mut s = CallSplitter::new("z");
             let mut pieces = Vec::new();
             let chars: Vec<char> = text.chars().collect();

@@ -301,6 +301,39 @@ fn fifty_seeds_of_forced_tool_calls_name_a_given_tool_with_valid_arguments() {
 }
 
 #[test]
+fn tool_parameters_with_definitions_and_references_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = long_context_model(dir.path());
+    // As pydantic writes them: `$defs` and `$ref`s into them, a reference to the root.
+    let tools = json!([{"type": "function", "function": {"name": "ordina", "parameters": {
+        "$defs": {"Unita": {"enum": ["kg", "pezzi"]},
+                  "Riga": {"type": "object", "properties": {"cosa": {"type": "string", "maxLength": 8}, "unita": {"$ref": "#/$defs/Unita"}},
+                           "required": ["cosa", "unita"], "additionalProperties": false}},
+        "type": "object",
+        "properties": {"righe": {"type": "array", "items": {"$ref": "#/$defs/Riga"}, "minItems": 1, "maxItems": 2},
+                       "urgente": {"type": "boolean"}},
+        "required": ["righe", "urgente"], "additionalProperties": false}}}]);
+    let bodies: Vec<Value> = (0..10)
+        .map(|seed| {
+            json!({"messages": [{"role": "user", "content": "Ordina"}], "tools": tools, "tool_choice": "required",
+                "parallel_tool_calls": false, "seed": seed, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "max_tokens": 300})
+        })
+        .collect();
+    for a in batch(&model, Some(&nesso_template()), &bodies) {
+        let c = &a["choices"][0];
+        assert_eq!(c["finish_reason"], "tool_calls", "{c}");
+        let args: Value =
+            serde_json::from_str(c["message"]["tool_calls"][0]["function"]["arguments"].as_str().unwrap()).unwrap();
+        let righe = args["righe"].as_array().unwrap();
+        assert!((1..=2).contains(&righe.len()) && args["urgente"].is_boolean(), "{args}");
+        for r in righe {
+            assert!(["kg", "pezzi"].contains(&r["unita"].as_str().unwrap()), "{args}");
+            assert!(r["cosa"].as_str().unwrap().chars().count() <= 8, "{args}");
+        }
+    }
+}
+
+#[test]
 fn the_cli_prints_calls_as_json_lines_and_json_answers_that_validate() {
     let dir = tempfile::tempdir().unwrap();
     let model = long_context_model(dir.path());
@@ -405,6 +438,25 @@ fn bad_tool_and_schema_requests_are_one_line_errors() {
     assert_clean_error(
         &run(&["-m", &m, "--json-schema", schema.to_str().unwrap(), "x"], b""),
         &["grammar"],
+    );
+    let schema_file = dir.path().join("obj.json");
+    std::fs::write(&schema_file, r#"{"type": "object"}"#).unwrap();
+    assert_clean_error(
+        &run(
+            &[
+                "-m",
+                &m,
+                "--chat-template",
+                &t,
+                "--tools",
+                &tools,
+                "--json-schema",
+                schema_file.to_str().unwrap(),
+                "x",
+            ],
+            b"",
+        ),
+        &["exclude each other"],
     );
     let out: Out = run(&["-m", &m, "--tool-choice", "auto", "x"], b"");
     assert_eq!(out.code, 2, "{}", out.stderr);
