@@ -30,6 +30,13 @@ fn nesso_template() -> String {
     fixtures().join("templates/nesso-agentic.jinja").display().to_string()
 }
 
+/// `zagreus -m MODEL --chat-template <Nesso-style> --tools TOOLS ARGS...`.
+fn run_with_tools(model: &str, tools: &str, args: &[&str]) -> Out {
+    let t = nesso_template();
+    let head = ["-m", model, "--chat-template", t.as_str(), "--tools", tools];
+    run(&[&head[..], args].concat(), b"")
+}
+
 /// A schema a random model can finish: every string and list is bounded.
 fn person_schema() -> Value {
     json!({
@@ -342,21 +349,11 @@ fn the_cli_prints_calls_as_json_lines_and_json_answers_that_validate() {
     std::fs::write(&tools, tools_json().to_string()).unwrap();
     let schema = dir.path().join("schema.json");
     std::fs::write(&schema, person_schema().to_string()).unwrap();
-    let t = nesso_template();
     let (tools, schema) = (tools.display().to_string(), schema.display().to_string());
     for seed in ["1", "2", "3"] {
         let with_tools = |extra: &[&str]| {
-            let head = [
-                "-m",
-                m.as_str(),
-                "--chat-template",
-                t.as_str(),
-                "--tools",
-                tools.as_str(),
-            ];
             let tail = ["--no-parallel-tool-calls", "--seed", seed, "-n", "300", "Ciao"];
-            let args: Vec<&str> = head.iter().chain(extra).chain(&tail).copied().collect();
-            run(&args, b"")
+            run_with_tools(&m, &tools, &[extra, &tail].concat())
         };
         // Text mode: the stdout line is the call.
         let out = with_tools(&["--tool-choice", "required"]);
@@ -404,21 +401,9 @@ fn bad_tool_and_schema_requests_are_one_line_errors() {
     let t = nesso_template();
     // The fixture's own template (ChatML) has no tool syntax.
     assert_clean_error(&run(&["-m", &m, "--tools", &tools, "x"], b""), &["no tool syntax"]);
+    let with_tools = |extra: &[&str]| run_with_tools(&m, &tools, &[extra, &["x"]].concat());
     assert_clean_error(
-        &run(
-            &[
-                "-m",
-                &m,
-                "--chat-template",
-                &t,
-                "--tools",
-                &tools,
-                "--tool-choice",
-                "oroscopo",
-                "x",
-            ],
-            b"",
-        ),
+        &with_tools(&["--tool-choice", "oroscopo"]),
         &["oroscopo", "not among the tools"],
     );
     assert_clean_error(
@@ -442,20 +427,7 @@ fn bad_tool_and_schema_requests_are_one_line_errors() {
     let schema_file = dir.path().join("obj.json");
     std::fs::write(&schema_file, r#"{"type": "object"}"#).unwrap();
     assert_clean_error(
-        &run(
-            &[
-                "-m",
-                &m,
-                "--chat-template",
-                &t,
-                "--tools",
-                &tools,
-                "--json-schema",
-                schema_file.to_str().unwrap(),
-                "x",
-            ],
-            b"",
-        ),
+        &with_tools(&["--json-schema", schema_file.to_str().unwrap()]),
         &["exclude each other"],
     );
     let out: Out = run(&["-m", &m, "--tool-choice", "auto", "x"], b"");
