@@ -245,11 +245,7 @@ impl<'m> Chat<'m> {
     }
 
     fn render(&self) -> Result<String> {
-        let defs: Vec<Value> = self.tools.iter().map(|t| t.definition.clone()).collect();
-        let tools = if defs.is_empty() { None } else { Some(defs.as_slice()) };
-        self.lm
-            .template
-            .render(&self.messages(), tools, true, &self.lm.template_tokens)
+        self.lm.render(&self.messages(), &self.tools)
     }
 
     /// [`Self::prompt_ids`], or `None` without tokenizing when the rendered conversation is

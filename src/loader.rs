@@ -68,6 +68,8 @@ pub struct LoadedModel {
     pub load_time: Duration,
     /// The constrained-decoding engine, built on first use.
     pub grammars: OnceLock<Arc<Grammars>>,
+    /// Why the chat template cannot show tools (`None`: it can), found on first use.
+    pub tool_support: OnceLock<Option<String>>,
 }
 
 /// The dtype used when `--dtype` is not given: the checkpoint's own half type on the CPU (its
@@ -182,9 +184,7 @@ impl LoadedModel {
         for m in messages {
             self.tokenizer.check_fits(&m.content, context, "the prompt")?;
         }
-        let defs: Vec<serde_json::Value> = tools.iter().map(|t| t.definition.clone()).collect();
-        let tools = if defs.is_empty() { None } else { Some(defs.as_slice()) };
-        let rendered = self.template.render(messages, tools, true, &self.template_tokens)?;
+        let rendered = self.render(messages, tools)?;
         self.tokenizer
             .check_fits(&rendered, context, "the prompt rendered by the chat template")?;
         let ids = self.tokenizer.encode_chat(&rendered, add_bos)?;
@@ -206,22 +206,38 @@ impl LoadedModel {
         Ok(ids)
     }
 
+    /// Renders a conversation with the chat template, ready for the assistant's answer; `tools`
+    /// are shown to the model (none: no `tools` at all, as transformers without them).
+    pub fn render(&self, messages: &[Message], tools: &[ToolDef]) -> Result<String> {
+        let defs = crate::tools::template_values(tools);
+        let tools = if defs.is_empty() { None } else { Some(defs.as_slice()) };
+        self.template.render(messages, tools, true, &self.template_tokens)
+    }
+
     /// Refuses tools when the chat template has no tool syntax (it would drop them silently):
     /// a probe tool must appear in a rendering.
     pub fn check_tool_support(&self) -> Result<()> {
         const PROBE: &str = "zagreus_probe_function";
-        let tool =
-            serde_json::json!({"type": "function", "function": {"name": PROBE, "parameters": {"type": "object"}}});
-        let rendered =
-            self.template
-                .render(&[Message::new("user", "x")], Some(&[tool]), true, &self.template_tokens)?;
-        if !rendered.contains(PROBE) {
-            bail!(
-                "the chat template from {} has no tool syntax (it does not show tools to the model); use a model whose template has it (the Nesso models, Hermes/Qwen2.5 style) or such a chat template",
-                self.template.origin()
-            );
+        // The answer does not change: the probe renders once per model.
+        let refusal = self.tool_support.get_or_init(|| {
+            let probe = ToolDef {
+                name: PROBE.into(),
+                parameters: serde_json::json!({"type": "object"}),
+                definition: serde_json::json!({"type": "function", "function": {"name": PROBE, "parameters": {"type": "object"}}}),
+            };
+            match self.render(&[Message::new("user", "x")], &[probe]) {
+                Ok(rendered) if rendered.contains(PROBE) => None,
+                Ok(_) => Some(format!(
+                    "the chat template from {} has no tool syntax (it does not show tools to the model); use a model whose template has it (the Nesso models, Hermes/Qwen2.5 style) or such a chat template",
+                    self.template.origin()
+                )),
+                Err(e) => Some(format!("{e:#}")),
+            }
+        });
+        match refusal {
+            Some(why) => bail!("{why}"),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// The constrained-decoding engine for this model (built once, on first use).
@@ -496,5 +512,6 @@ fn assemble(p: Parts) -> Result<LoadedModel> {
         stop_ids,
         load_time: start.elapsed(),
         grammars: OnceLock::new(),
+        tool_support: OnceLock::new(),
     })
 }

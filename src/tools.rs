@@ -64,6 +64,11 @@ pub fn parse_tools(v: &Value) -> Result<Vec<ToolDef>> {
     Ok(out)
 }
 
+/// The definitions as the chat template receives them (`tools=[...]` in transformers).
+pub fn template_values(tools: &[ToolDef]) -> Vec<Value> {
+    tools.iter().map(|t| t.definition.clone()).collect()
+}
+
 /// Whether and how the model must call a tool.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum ToolChoice {

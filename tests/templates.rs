@@ -6,6 +6,15 @@ mod common;
 use common::{fixtures, read_json};
 use zagreus::template::{ChatTemplate, TemplateTokens, CHATML};
 
+/// The special-token strings a recorded case was rendered with.
+fn case_tokens(case: &serde_json::Value) -> TemplateTokens {
+    TemplateTokens {
+        bos_token: case["bos_token"].as_str().map(String::from),
+        eos_token: case["eos_token"].as_str().map(String::from),
+        ..Default::default()
+    }
+}
+
 #[test]
 fn family_templates_render_exactly_as_transformers() {
     let dir = fixtures().join("templates");
@@ -19,11 +28,7 @@ fn family_templates_render_exactly_as_transformers() {
         let t = ChatTemplate::from_file(&dir.join(format!("{name}.jinja"))).unwrap();
         let messages = case["messages"].as_array().unwrap();
         let tools = case["tools"].as_array().map(|v| v.as_slice());
-        let tokens = TemplateTokens {
-            bos_token: case["bos_token"].as_str().map(String::from),
-            eos_token: case["eos_token"].as_str().map(String::from),
-            ..Default::default()
-        };
+        let tokens = case_tokens(case);
         let got = t
             .render(
                 messages,
@@ -81,12 +86,8 @@ fn tool_requests_render_exactly_as_transformers() {
         let Input::Chat(messages) = &job.inputs[0] else {
             panic!("a chat input");
         };
-        let defs: Vec<serde_json::Value> = job.shape.tools.iter().map(|t| t.definition.clone()).collect();
-        let tokens = TemplateTokens {
-            bos_token: case["bos_token"].as_str().map(String::from),
-            eos_token: case["eos_token"].as_str().map(String::from),
-            ..Default::default()
-        };
+        let defs = zagreus::tools::template_values(&job.shape.tools);
+        let tokens = case_tokens(case);
         let got = t
             .render(
                 messages,
