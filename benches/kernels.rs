@@ -133,3 +133,27 @@ fn gemm_rows_bf16_in_cache(bencher: Bencher, rows: usize) {
         .counter(divan::counter::ItemsCount::new(flops))
         .bench_local(|| zagreus::model::cpu::qmatrix::matmul_rows(&arena, &m, &x, 0, rows, &mut out));
 }
+
+/// Decoding 1, 4, 8 and 16 sequences at once with Q8_0 weights and the integer kernels (weights
+/// in L2): the integer small-M kernels' compute rate.
+#[divan::bench(args = [1, 4, 8, 16], sample_count = 50)]
+fn gemv_rows_q8_in_cache(bencher: Bencher, rows: usize) {
+    let (arena, m) = matrix(FORMATS[3], 768, 960);
+    let x: Vec<f32> = (0..rows * 960).map(|i| (i % 13) as f32 / 13.0).collect();
+    let mut out = vec![0f32; rows * 768];
+    let flops: usize = 2 * rows * 768 * 960;
+    bencher
+        .counter(divan::counter::ItemsCount::new(flops))
+        .bench_local(|| zagreus::model::cpu::qmatrix::matmul_rows(&arena, &m, &x, rows, rows, &mut out));
+}
+
+/// Quantizing 1, 4, 8 and 16 rows of 960 activations for the integer kernels (part of every
+/// integer product, on the calling thread).
+#[divan::bench(args = [1, 4, 8, 16], sample_count = 50)]
+fn quantize_rows_960(bencher: Bencher, rows: usize) {
+    let x: Vec<f32> = (0..rows * 960).map(|i| (i % 13) as f32 / 13.0 - 0.4).collect();
+    let mut acts = zagreus::model::cpu::quant::QuantActs::default();
+    bencher
+        .counter(divan::counter::ItemsCount::new(rows * 960))
+        .bench_local(|| acts.quantize(&x, rows, 960));
+}

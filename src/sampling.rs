@@ -187,6 +187,33 @@ impl Sampler {
 
 /// Index of the largest logit (the first on ties, as `torch.argmax`).
 pub fn argmax(logits: &[f32]) -> u32 {
+    // The largest value in 16 lanes (the compiler vectorises this), then its first position: a
+    // greedy step over a 128k vocabulary for many sequences stays off the critical path. A NaN
+    // anywhere (seen through `x · 0`, which is also NaN for infinities) takes the plain loop.
+    const LANES: usize = 16;
+    let mut top = [f32::NEG_INFINITY; LANES];
+    let mut probe = [0f32; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for j in 0..LANES {
+            top[j] = if c[j] > top[j] { c[j] } else { top[j] };
+            probe[j] += c[j] * 0.0;
+        }
+    }
+    let finite = probe.iter().chain(tail).all(|v| (v * 0.0) == 0.0);
+    if !finite {
+        return argmax_plain(logits);
+    }
+    let max = top
+        .iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |m, v| if *v > m { *v } else { m });
+    logits.iter().position(|v| *v == max).unwrap_or(0) as u32
+}
+
+/// `argmax` one logit at a time (NaNs skipped unless nothing else is left).
+fn argmax_plain(logits: &[f32]) -> u32 {
     let mut best = 0;
     for (i, l) in logits.iter().enumerate() {
         if *l > logits[best] || logits[best].is_nan() {
@@ -207,6 +234,27 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn argmax_takes_the_first_largest_and_survives_odd_values() {
+        let plain = |v: &[f32]| argmax_plain(v);
+        let mut v: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1013) as f32 / 100.0 - 5.0).collect();
+        assert_eq!(argmax(&v), plain(&v));
+        v[517] = 50.0;
+        v[900] = 50.0;
+        assert_eq!(argmax(&v), 517, "the first of equal maxima");
+        v[999] = 60.0;
+        assert_eq!(argmax(&v), 999, "in the tail past the last whole chunk");
+        for odd in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [0, 3, 500, 999] {
+                let mut w = v.clone();
+                w[at] = odd;
+                assert_eq!(argmax(&w), plain(&w), "{odd} at {at}");
+            }
+        }
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 40]), 0);
+        assert_eq!(argmax(&[1.0]), 0);
+    }
 
     fn params() -> SamplingParams {
         SamplingParams {

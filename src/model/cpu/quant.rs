@@ -7,6 +7,8 @@
 // closer to the math than iterator chains.
 #![allow(clippy::needless_range_loop)]
 
+use super::kernels::{quantize_row, QRowMut};
+
 pub const BLOCK: usize = 32;
 
 /// Quantizes one row: `q` gets `src.len()` bytes, `d` one scale per started block.
@@ -58,14 +60,6 @@ pub fn dequantize_row_q8_0(q: &[i8], d: &[f32], dst: &mut [f32]) {
     }
 }
 
-/// Rounds to the nearest integer (ties to even) for |x| < 2^22 with two additions that
-/// vectorise, where `f32::round` is a library call on baseline x86-64.
-#[inline(always)]
-fn round_near(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
-    (x + MAGIC) - MAGIC
-}
-
 /// Activation rows quantized for the integer kernels: per row and block of 32, a scale
 /// `d = max|x| / 127`, value bytes `q = round(x / d)`, residual bytes
 /// `lo = round((x - d·q) · 256 / d)` (so x ≈ d/256 · (256·q + lo), within d/512), and the sum of
@@ -87,35 +81,25 @@ impl QuantActs {
         let kp = super::kernels::padded(k);
         let nb = kp / BLOCK;
         self.kp = kp;
-        self.q.clear();
+        // Every entry is written below (padding included), so old contents need no clearing.
         self.q.resize(rows * kp, 0);
-        self.lo.clear();
         self.lo.resize(rows * kp, 0);
-        self.x16.clear();
         self.x16.resize(rows * kp, 0);
         self.d.resize(rows * nb, 0.0);
         self.s.resize(rows * nb, 0);
-        for r in 0..rows {
-            let xr = &x[r * k..(r + 1) * k];
-            for (b, chunk) in xr.chunks(BLOCK).enumerate() {
-                let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let d = amax / 127.0;
-                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-                let at = r * kp + b * BLOCK..r * kp + b * BLOCK + chunk.len();
-                let (q, lo, x16) = (&mut self.q[at.clone()], &mut self.lo[at.clone()], &mut self.x16[at]);
-                let mut sum = 0i32;
-                for (((qv, lv), wide), v) in q.iter_mut().zip(lo.iter_mut()).zip(x16.iter_mut()).zip(chunk) {
-                    // NaN becomes 0 here; a NaN activation is already a broken model.
-                    let hi = round_near(v * inv).clamp(-127.0, 127.0);
-                    let rest = round_near((v * inv - hi) * 256.0).clamp(-127.0, 127.0);
-                    *qv = hi as i8;
-                    *lv = rest as i8;
-                    *wide = (256.0 * hi + rest) as i16;
-                    sum += 256 * hi as i32 + rest as i32;
-                }
-                self.d[r * nb + b] = d / 256.0;
-                self.s[r * nb + b] = sum;
-            }
+        if kp == 0 {
+            return;
+        }
+        let isa = super::isa::Isa::get();
+        let chunks = self
+            .q
+            .chunks_mut(kp)
+            .zip(self.lo.chunks_mut(kp))
+            .zip(self.x16.chunks_mut(kp))
+            .zip(self.d.chunks_mut(nb))
+            .zip(self.s.chunks_mut(nb));
+        for (r, ((((q, lo), x16), d), s)) in chunks.enumerate().take(rows) {
+            quantize_row(isa, &x[r * k..(r + 1) * k], QRowMut { q, lo, x16, d, s });
         }
     }
 
@@ -130,6 +114,7 @@ impl QuantActs {
             s: &self.s[r0 * nb..(r0 + n) * nb],
             rows: n,
             kp: self.kp,
+            first: r0 == 0,
         }
     }
 

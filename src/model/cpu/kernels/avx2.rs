@@ -8,7 +8,32 @@
 
 use std::arch::x86_64::*;
 
-use super::{Panel, QRows, PANEL, QBLOCK};
+use super::{act_scale, Panel, QRowMut, QRows, PANEL, QBLOCK};
+
+/// `[e(0), e(1), e(2), e(3)]` written out. Closures (`array::from_fn`) do not inherit the
+/// caller's target features, so the intrinsics inside them would become calls.
+macro_rules! four {
+    (|$j:ident| $e:expr) => {
+        [
+            {
+                let $j = 0usize;
+                $e
+            },
+            {
+                let $j = 1usize;
+                $e
+            },
+            {
+                let $j = 2usize;
+                $e
+            },
+            {
+                let $j = 3usize;
+                $e
+            },
+        ]
+    };
+}
 
 /// See `avx512.rs`: software prefetch across 4 KiB pages.
 const PREFETCH_BYTES: usize = 8192;
@@ -69,7 +94,7 @@ pub unsafe fn gemv(p: Panel, x: &[f32], rows: usize, k: usize, t0: usize, t1: us
 pub unsafe fn gemv_finish(p: Panel, rows: usize, acc: &mut [[f32; PANEL]]) {
     if matches!(p, Panel::Bf16(_) | Panel::Q4 { .. }) {
         for a in acc.iter_mut().take(rows) {
-            let v: [__m256; 4] = std::array::from_fn(|j| _mm256_loadu_ps(a.as_ptr().add(8 * j)));
+            let v: [__m256; 4] = four!(|j| _mm256_loadu_ps(a.as_ptr().add(8 * j)));
             store_interleaved(v[0], v[1], a.as_mut_ptr());
             store_interleaved(v[2], v[3], a.as_mut_ptr().add(16));
         }
@@ -79,15 +104,13 @@ pub unsafe fn gemv_finish(p: Panel, rows: usize, acc: &mut [[f32; PANEL]]) {
 /// The running sums of `acc` (zero at the first step).
 #[inline(always)]
 unsafe fn carried<const R: usize>(t0: usize, acc: &[[f32; PANEL]]) -> [[__m256; 4]; R] {
-    std::array::from_fn(|r| {
-        std::array::from_fn(|j| {
-            if t0 == 0 {
-                _mm256_setzero_ps()
-            } else {
-                _mm256_loadu_ps(acc[r].as_ptr().add(8 * j))
-            }
-        })
-    })
+    let mut tot = [[_mm256_setzero_ps(); 4]; R];
+    if t0 != 0 {
+        for r in 0..R {
+            tot[r] = four!(|j| _mm256_loadu_ps(acc[r].as_ptr().add(8 * j)));
+        }
+    }
+    tot
 }
 
 #[inline(always)]
@@ -104,15 +127,15 @@ unsafe fn keep<const R: usize>(tot: &[[__m256; 4]; R], acc: &mut [[f32; PANEL]])
 unsafe fn load256(p: Panel, t: usize) -> [__m256; 4] {
     let i = t * PANEL;
     match p {
-        Panel::F32(w) => std::array::from_fn(|j| _mm256_loadu_ps(w.as_ptr().add(i + 8 * j))),
-        Panel::Bf16(w) => std::array::from_fn(|j| {
+        Panel::F32(w) => four!(|j| _mm256_loadu_ps(w.as_ptr().add(i + 8 * j))),
+        Panel::Bf16(w) => four!(|j| {
             let v = _mm_loadu_si128(w.as_ptr().add(i + 8 * j) as *const __m128i);
             _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16))
         }),
         Panel::F16(w) => {
-            std::array::from_fn(|j| _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(i + 8 * j) as *const __m128i)))
+            four!(|j| _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(i + 8 * j) as *const __m128i)))
         }
-        Panel::Q8_0 { q, .. } => std::array::from_fn(|j| {
+        Panel::Q8_0 { q, .. } => four!(|j| {
             _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
                 q.as_ptr().add(i + 8 * j) as *const __m128i
             )))
@@ -283,7 +306,7 @@ pub unsafe fn widen(p: Panel, k: usize, dst: &mut [f32]) {
                     _mm256_and_si256(v1, low),
                     _mm256_srli_epi32(v1, 4),
                 ];
-                let v: [__m256; 4] = std::array::from_fn(|j| {
+                let v: [__m256; 4] = four!(|j| {
                     let dj = _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().add(s + at[j]) as *const __m128i));
                     let mj = _mm256_cvtph_ps(_mm_loadu_si128(m.as_ptr().add(s + at[j]) as *const __m128i));
                     _mm256_fmadd_ps(_mm256_cvtepi32_ps(n[j]), dj, mj)
@@ -296,7 +319,7 @@ pub unsafe fn widen(p: Panel, k: usize, dst: &mut [f32]) {
             for t0 in (0..k).step_by(4) {
                 let s = (t0 / QBLOCK) * PANEL;
                 let base = q.as_ptr().add(t0 * PANEL) as *const __m256i;
-                let v: [__m256i; 4] = std::array::from_fn(|i| _mm256_loadu_si256(base.add(i)));
+                let v: [__m256i; 4] = four!(|i| _mm256_loadu_si256(base.add(i)));
                 for j in 0..4.min(k - t0) {
                     let sh = _mm_cvtsi32_si128(24 - 8 * j as i32);
                     for i in 0..4 {
@@ -315,8 +338,8 @@ pub unsafe fn widen(p: Panel, k: usize, dst: &mut [f32]) {
             for t0 in (0..k).step_by(8) {
                 let s = (t0 / QBLOCK) * PANEL;
                 let base = q.as_ptr().add(t0 * PANEL / 2) as *const __m256i;
-                let v: [__m256i; 4] = std::array::from_fn(|i| _mm256_loadu_si256(base.add(i)));
-                let dm: [(__m256, __m256); 4] = std::array::from_fn(|i| {
+                let v: [__m256i; 4] = four!(|i| _mm256_loadu_si256(base.add(i)));
+                let dm: [(__m256, __m256); 4] = four!(|i| {
                     (
                         _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().add(s + 8 * i) as *const __m128i)),
                         _mm256_cvtph_ps(_mm_loadu_si128(m.as_ptr().add(s + 8 * i) as *const __m128i)),
@@ -500,7 +523,7 @@ unsafe fn q8x4_madd<const R: usize>(p: Panel, a: &QRows, b0: usize, b1: usize, o
                     prefetch(base.add(64));
                 }
                 let w: [__m256i; 4] =
-                    std::array::from_fn(|i| _mm256_cvtepi8_epi16(_mm_loadu_si128(base.add(16 * i) as *const __m128i)));
+                    four!(|i| _mm256_cvtepi8_epi16(_mm_loadu_si128(base.add(16 * i) as *const __m128i)));
                 for r in 0..R {
                     let xv = _mm256_set1_epi64x((a.x16.as_ptr().add(r * a.kp + t) as *const i64).read_unaligned());
                     for i in 0..4 {
@@ -593,5 +616,74 @@ unsafe fn q4x8<const R: usize, const VNNI: bool>(p: Panel, a: &QRows, b0: usize,
                 _mm256_storeu_ps(o.add(8), _mm256_fmadd_ps(xs, m1, f1));
             }
         }
+    }
+}
+
+/// # Safety
+/// AVX2, FMA and F16C; `dst` holds whole blocks for `x.len()` values (checked by the caller).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_row(x: &[f32], dst: QRowMut) {
+    const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    let k = x.len();
+    let (lim_lo, lim_hi, f256) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0), _mm256_set1_ps(256.0));
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    // Dwords of two `packs` rounds back in input order.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let mut tail = [0f32; QBLOCK];
+    for b in 0..k.div_ceil(QBLOCK) {
+        let t0 = b * QBLOCK;
+        let src = if k - t0 >= QBLOCK {
+            x.as_ptr().add(t0)
+        } else {
+            // Only the last block is short: the rest of `tail` stays zero.
+            tail[..k - t0].copy_from_slice(&x[t0..]);
+            tail.as_ptr()
+        };
+        let v = four!(|j| _mm256_loadu_ps(src.add(8 * j)));
+        let m = _mm256_max_ps(
+            _mm256_max_ps(_mm256_and_ps(v[0], abs), _mm256_and_ps(v[1], abs)),
+            _mm256_max_ps(_mm256_and_ps(v[2], abs), _mm256_and_ps(v[3], abs)),
+        );
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+        let (d, inv) = act_scale(_mm_cvtss_f32(m));
+        let inv = _mm256_set1_ps(inv);
+        let mut hi = [_mm256_setzero_si256(); 4];
+        let mut rest = [_mm256_setzero_si256(); 4];
+        for j in 0..4 {
+            let y = _mm256_mul_ps(v[j], inv);
+            let h = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps::<NEAREST>(y), lim_lo), lim_hi);
+            let r = _mm256_round_ps::<NEAREST>(_mm256_mul_ps(_mm256_sub_ps(y, h), f256));
+            let r = _mm256_min_ps(_mm256_max_ps(r, lim_lo), lim_hi);
+            hi[j] = _mm256_cvttps_epi32(h);
+            rest[j] = _mm256_cvttps_epi32(r);
+        }
+        let wide = four!(|j| _mm256_add_epi32(_mm256_slli_epi32(hi[j], 8), rest[j]));
+        macro_rules! bytes {
+            ($v:expr) => {
+                _mm256_permutevar8x32_epi32(
+                    _mm256_packs_epi16(_mm256_packs_epi32($v[0], $v[1]), _mm256_packs_epi32($v[2], $v[3])),
+                    order,
+                )
+            };
+        }
+        _mm256_storeu_si256(dst.q.as_mut_ptr().add(t0) as *mut __m256i, bytes!(hi));
+        _mm256_storeu_si256(dst.lo.as_mut_ptr().add(t0) as *mut __m256i, bytes!(rest));
+        let x16 = dst.x16.as_mut_ptr().add(t0) as *mut __m256i;
+        _mm256_storeu_si256(
+            x16,
+            _mm256_permute4x64_epi64::<0xD8>(_mm256_packs_epi32(wide[0], wide[1])),
+        );
+        _mm256_storeu_si256(
+            x16.add(1),
+            _mm256_permute4x64_epi64::<0xD8>(_mm256_packs_epi32(wide[2], wide[3])),
+        );
+        let s = _mm256_add_epi32(_mm256_add_epi32(wide[0], wide[1]), _mm256_add_epi32(wide[2], wide[3]));
+        let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        dst.d[b] = d / 256.0;
+        dst.s[b] = _mm_cvtsi128_si32(s);
     }
 }

@@ -264,6 +264,9 @@ pub struct QRows<'a> {
     pub s: &'a [i32],
     pub rows: usize,
     pub kp: usize,
+    /// Whether these are the first rows of their product: only they prefetch the weights (the
+    /// others find them in cache).
+    pub first: bool,
 }
 
 impl<'a> QRows<'a> {
@@ -278,6 +281,7 @@ impl<'a> QRows<'a> {
             s: &self.s[r0 * nb..],
             rows: n,
             kp: self.kp,
+            first: self.first && r0 == 0,
         }
     }
 
@@ -292,6 +296,45 @@ impl<'a> QRows<'a> {
                 && self.s.len() >= self.rows * nb,
             "kernels: quantized activations do not match their shape"
         );
+    }
+}
+
+/// One activation row's destination for `quantize_row` (see `quant::QuantActs`): `padded(k)`
+/// value bytes, residual bytes and 16-bit values, and one unit and one sum per block.
+pub struct QRowMut<'a> {
+    pub q: &'a mut [i8],
+    pub lo: &'a mut [i8],
+    pub x16: &'a mut [i16],
+    pub d: &'a mut [f32],
+    pub s: &'a mut [i32],
+}
+
+/// A block's scale from its largest magnitude, and its inverse (0 for an all-zero block).
+#[inline(always)]
+fn act_scale(amax: f32) -> (f32, f32) {
+    let d = amax / 127.0;
+    (d, if d > 0.0 { 1.0 / d } else { 0.0 })
+}
+
+/// Quantizes one row of `k` activations for the integer kernels: per block of 32, value bytes
+/// `q = round(x / d)` and residual bytes `lo = round((x / d - q) · 256)` (both clamped to ±127,
+/// rounding half to even), `x16 = 256 · q + lo`, the unit `d / 256` and the sum of `x16`.
+/// Positions past `k` are written as zeros. Every level gives the same bits for finite inputs.
+pub fn quantize_row(isa: Isa, x: &[f32], dst: QRowMut) {
+    let kp = padded(x.len());
+    let nb = kp / QBLOCK;
+    assert!(
+        dst.q.len() >= kp && dst.lo.len() >= kp && dst.x16.len() >= kp && dst.d.len() >= nb && dst.s.len() >= nb,
+        "kernels: quantized row buffers too short for {} values",
+        x.len()
+    );
+    match isa {
+        // SAFETY: as in `gemv_steps`; the buffers hold whole blocks (checked above).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { avx512::quantize_row(x, dst) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::quantize_row(x, dst) },
+        _ => portable::quantize_row(x, dst),
     }
 }
 
@@ -621,6 +664,54 @@ mod tests {
                     m: &f.m4n,
                 };
                 assert_eq!(panel_value(q4, t, c), panel_value(q4x8, t, c));
+            }
+        }
+    }
+
+    #[test]
+    fn every_level_quantizes_activations_to_the_same_bits() {
+        for k in [1, 5, 31, 32, 33, 64, 95, 960] {
+            let mut x = rand_vec(k, 21);
+            // An all-zero block, a tie for rounding, and values far apart in one block.
+            if k >= 64 {
+                x[32..64].fill(0.0);
+                x[1] = 1e4;
+            }
+            let kp = padded(k);
+            let nb = kp / QBLOCK;
+            let run = |isa: Isa| {
+                let (mut q, mut lo, mut x16) = (vec![9i8; kp], vec![9i8; kp], vec![9i16; kp]);
+                let (mut d, mut s) = (vec![f32::NAN; nb], vec![7i32; nb]);
+                let dst = QRowMut {
+                    q: &mut q,
+                    lo: &mut lo,
+                    x16: &mut x16,
+                    d: &mut d,
+                    s: &mut s,
+                };
+                quantize_row(isa, &x, dst);
+                (q, lo, x16, d, s)
+            };
+            let want = run(Isa::Portable);
+            for isa in Isa::supported() {
+                assert!(run(isa) == want, "{isa:?} k={k}");
+            }
+            let (q, lo, x16, d, s) = want;
+            assert!(q[k..].iter().chain(&lo[k..]).all(|v| *v == 0) && x16[k..].iter().all(|v| *v == 0));
+            for t in 0..k {
+                assert_eq!(x16[t] as i32, 256 * q[t] as i32 + lo[t] as i32);
+                let back = x16[t] as f32 * d[t / QBLOCK];
+                assert!(
+                    (back - x[t]).abs() <= d[t / QBLOCK] + 1e-6,
+                    "k={k} t={t}: {back} vs {}",
+                    x[t]
+                );
+            }
+            for b in 0..nb {
+                assert_eq!(
+                    s[b],
+                    x16[b * QBLOCK..(b + 1) * QBLOCK].iter().map(|v| *v as i32).sum::<i32>()
+                );
             }
         }
     }

@@ -1,7 +1,7 @@
 //! Plain-Rust kernels: the reference the SIMD ones are tested against, and what CPUs without a
 //! supported vector level run (the compiler vectorises them for the baseline target).
 
-use super::{panel_value, q4x8_nibble, quad_index, Panel, QRows, PANEL, QBLOCK};
+use super::{act_scale, panel_value, q4x8_nibble, quad_index, Panel, QRowMut, QRows, PANEL, QBLOCK};
 
 pub fn widen(p: Panel, k: usize, dst: &mut [f32]) {
     for t in 0..k {
@@ -98,5 +98,40 @@ pub fn gemv_int(p: Panel, a: &QRows, b0: usize, b1: usize, out: &mut [[f32; PANE
                 };
             }
         }
+    }
+}
+
+/// Rounds to the nearest integer (ties to even) for |x| < 2^22 with two additions that
+/// vectorise, where `f32::round` is a library call on baseline x86-64.
+#[inline(always)]
+fn round_near(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+    (x + MAGIC) - MAGIC
+}
+
+pub fn quantize_row(x: &[f32], dst: QRowMut) {
+    for (b, chunk) in x.chunks(QBLOCK).enumerate() {
+        let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let (d, inv) = act_scale(amax);
+        let at = b * QBLOCK..(b + 1) * QBLOCK;
+        let (q, lo, x16) = (&mut dst.q[at.clone()], &mut dst.lo[at.clone()], &mut dst.x16[at]);
+        let mut sum = 0i32;
+        for i in 0..QBLOCK {
+            let (hi, rest) = match chunk.get(i) {
+                Some(v) => {
+                    // NaN becomes 0 here; a NaN activation is already a broken model.
+                    let y = v * inv;
+                    let hi = round_near(y).clamp(-127.0, 127.0);
+                    (hi, round_near((y - hi) * 256.0).clamp(-127.0, 127.0))
+                }
+                None => (0.0, 0.0),
+            };
+            q[i] = hi as i8;
+            lo[i] = rest as i8;
+            x16[i] = (256.0 * hi + rest) as i16;
+            sum += 256 * hi as i32 + rest as i32;
+        }
+        dst.d[b] = d / 256.0;
+        dst.s[b] = sum;
     }
 }
