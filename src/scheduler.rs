@@ -357,20 +357,81 @@ struct Worker<'m> {
     /// Most recently used last.
     idle: Vec<Idle>,
     logits: Vec<f32>,
+    /// How many prompt tokens may run beside decoding ones.
+    share: PromptShare,
+}
+
+/// While sequences are decoding, prompt work beside them may take at most this share of the
+/// time decoding takes: decoding keeps at least 1 / (1 + share) of its speed, on average.
+const BUSY_SHARE: f64 = 0.5;
+/// Prompt tokens per step beside decoding ones before anything is measured.
+const BUSY_START: usize = 8;
+/// Most decoding steps' worth of prompt time saved up for one step: bounds how much longer than
+/// usual a decoding sequence waits for a token.
+const BUSY_SAVED_STEPS: f64 = 4.0;
+
+fn average(old: Option<f64>, new: f64) -> Option<f64> {
+    Some(old.map_or(new, |o| 0.8 * o + 0.2 * new))
+}
+
+/// The prompt tokens a step may run beside decoding sequences, from measured step times.
+///
+/// Every step earns the prompts `BUSY_SHARE` of a decoding step's time (saved up to
+/// `BUSY_SAVED_STEPS` steps' worth); a step with prompt tokens spends what it took beyond a
+/// decoding step, and prompts run only on credit, as many tokens as it pays for at the measured
+/// cost per token. A step's cost is not linear in its prompt tokens (a quantized model widens
+/// every weight panel once for any number of prompt rows): a fixed cost larger than one step's
+/// share makes prompt steps rarer and larger instead of slowing every decoding step, so decoding
+/// keeps its share on average either way. When the savings are full and still short, one token
+/// runs anyway: a prompt beside decoding sequences always advances.
+#[derive(Debug, Default)]
+struct PromptShare {
     /// Seconds a step of decoding tokens only takes (a moving average).
     decode_step: Option<f64>,
     /// Seconds one prompt token adds to a step (a moving average).
     prompt_token: Option<f64>,
+    /// Seconds of prompt work the decoding sequences can still grant.
+    credit: f64,
 }
 
-/// While sequences are decoding, the prompt tokens beside them in a step may add at most this
-/// share of a decoding step's time: decoding keeps at least 1 / (1 + share) of its speed.
-const BUSY_SHARE: f64 = 0.5;
-/// Prompt tokens per step beside decoding ones before anything is measured.
-const BUSY_START: usize = 8;
+impl PromptShare {
+    /// Prompt tokens for the next step beside `decoders` decoding sequences (`chunk` when none).
+    fn budget(&mut self, decoders: usize, chunk: usize) -> usize {
+        let chunk = chunk.max(1);
+        if decoders == 0 {
+            self.credit = 0.0;
+            return chunk;
+        }
+        // A step of decoding alone measures what the budget is a share of.
+        let Some(d) = self.decode_step else { return 0 };
+        let full = d * BUSY_SAVED_STEPS;
+        self.credit = (self.credit + d * BUSY_SHARE).min(full);
+        let per_token = match self.prompt_token {
+            Some(p) if p > 0.0 => p,
+            _ => d * BUSY_SHARE / BUSY_START as f64,
+        };
+        if self.credit < per_token && self.credit < full {
+            return 0;
+        }
+        ((self.credit / per_token) as usize).clamp(1, chunk)
+    }
 
-fn average(old: Option<f64>, new: f64) -> Option<f64> {
-    Some(old.map_or(new, |o| 0.8 * o + 0.2 * new))
+    /// Records a step of `secs` that ran `prompt` prompt tokens beside `decoders` decoding ones.
+    fn record(&mut self, secs: f64, prompt: usize, decoders: usize) {
+        if prompt == 0 {
+            self.decode_step = average(self.decode_step, secs);
+            return;
+        }
+        let decode = if decoders > 0 {
+            self.decode_step.unwrap_or(0.0)
+        } else {
+            0.0
+        };
+        self.prompt_token = average(self.prompt_token, (secs - decode).max(0.0) / prompt as f64);
+        if decoders > 0 {
+            self.credit -= secs - decode;
+        }
+    }
 }
 
 impl<'m> Worker<'m> {
@@ -383,27 +444,8 @@ impl<'m> Worker<'m> {
             active: Vec::new(),
             idle: Vec::new(),
             logits: Vec::new(),
-            decode_step: None,
-            prompt_token: None,
+            share: PromptShare::default(),
         }
-    }
-
-    /// Prompt tokens this step may run beside `decoders` decoding sequences: a full chunk when
-    /// none, else what fits in `BUSY_SHARE` of a decoding step, plus one per decoding sequence
-    /// (a step's cost grows with its rows: as many prompt rows as decoding ones keep the same
-    /// share).
-    fn prompt_budget(&self, decoders: usize) -> usize {
-        let chunk = self.config.prefill_chunk.max(1);
-        if decoders == 0 {
-            return chunk;
-        }
-        let base = match (self.decode_step, self.prompt_token) {
-            // A step of decoding alone measures what the budget is a share of.
-            (None, _) => return 0,
-            (Some(d), Some(p)) if p > 0.0 => (d * BUSY_SHARE / p) as usize,
-            _ => BUSY_START,
-        };
-        (base + decoders - 1).clamp(1, chunk)
     }
 
     fn run(mut self) {
@@ -570,7 +612,7 @@ impl<'m> Worker<'m> {
             .iter()
             .filter(|s| !s.gen.is_finished() && !s.prefilling() && s.next.is_some())
             .count();
-        let budget = self.prompt_budget(decoders);
+        let budget = self.share.budget(decoders, self.config.prefill_chunk);
         // The prompt budget shared out evenly among the sequences still prefilling (in the order
         // they came): a short prompt is not stuck behind a long one, and none waits for ever.
         let prefilling: Vec<(usize, usize)> = self
@@ -646,16 +688,7 @@ impl<'m> Worker<'m> {
             let t = Instant::now();
             self.lm.model.forward_batch(&mut steps, &mut self.logits)?;
             let secs = t.elapsed().as_secs_f64();
-            if ran == 0 {
-                self.decode_step = average(self.decode_step, secs);
-            } else {
-                let decode = if decoders > 0 {
-                    self.decode_step.unwrap_or(0.0)
-                } else {
-                    0.0
-                };
-                self.prompt_token = average(self.prompt_token, (secs - decode).max(0.0) / ran as f64);
-            }
+            self.share.record(secs, ran, decoders);
         }
         let vocab = self.lm.model.vocab_size();
         let context = self.config.context;
@@ -760,4 +793,51 @@ fn send(sink: &mut Sink, u: Update) -> Result<()> {
         bail!("the request was dropped");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `steps` steps of one decoding sequence beside a long prompt, on a model whose decoding
+    /// step takes `d` seconds and whose prompt tokens add `fixed` (once per step with any) plus
+    /// `per` each. Returns the share of its speed decoding keeps and the prompt tokens run.
+    fn beside_a_prompt(d: f64, fixed: f64, per: f64, steps: usize) -> (f64, usize) {
+        let mut share = PromptShare::default();
+        // Decoding alone first (what the share is measured against).
+        share.record(d, 0, 1);
+        let (mut total, mut ran) = (0.0, 0);
+        for _ in 0..steps {
+            let n = share.budget(1, 512);
+            let secs = d + if n > 0 { fixed + n as f64 * per } else { 0.0 };
+            share.record(secs, n, 1);
+            total += secs;
+            ran += n;
+        }
+        (steps as f64 * d / total, ran)
+    }
+
+    #[test]
+    fn decoding_keeps_its_share_and_the_prompt_still_advances() {
+        // Linear costs, a fixed cost under one step's share, one of several steps, and one far
+        // beyond what a step may save up.
+        for (fixed, per) in [(0.0, 0.003), (0.01, 0.003), (0.06, 0.001), (0.5, 0.001)] {
+            let (kept, ran) = beside_a_prompt(0.03, fixed, per, 2000);
+            assert!(
+                kept > 0.6,
+                "fixed {fixed}, per token {per}: decoding kept {kept:.2} of its speed"
+            );
+            assert!(ran >= 40, "fixed {fixed}, per token {per}: {ran} prompt tokens");
+        }
+    }
+
+    #[test]
+    fn without_decoding_a_prompt_takes_whole_chunks_and_nothing_runs_before_a_measure() {
+        let mut share = PromptShare::default();
+        assert_eq!(share.budget(0, 256), 256);
+        // Decoding sequences but no decoding step measured yet: decode alone first.
+        assert_eq!(share.budget(3, 256), 0);
+        share.record(0.02, 0, 3);
+        assert!(share.budget(3, 256) > 0);
+    }
 }
