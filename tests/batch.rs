@@ -138,6 +138,16 @@ fn a_file_of_requests_and_stdin_give_the_same_results() {
     assert!(out.stderr.contains("--parallel") && out.stdout.is_empty());
 }
 
+/// A run the test kills; killed on drop too, so a failing test leaves no process behind.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn a_killed_run_resumes_without_losing_or_repeating_a_request() {
     let dir = tempfile::tempdir().unwrap();
@@ -161,12 +171,14 @@ fn a_killed_run_resumes_without_losing_or_repeating_a_request() {
         results.to_str().unwrap(),
         input.to_str().unwrap(),
     ];
-    let mut child = zagreus()
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Running(
+        zagreus()
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     // Kill it once a few results are in, long before all of them are.
     let t = Instant::now();
     loop {
@@ -178,13 +190,13 @@ fn a_killed_run_resumes_without_losing_or_repeating_a_request() {
         }
         assert!(t.elapsed() < Duration::from_secs(120), "no results after two minutes");
         assert!(
-            child.try_wait().unwrap().is_none(),
+            child.0.try_wait().unwrap().is_none(),
             "the run ended before it was killed"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
     let partial = std::fs::read_to_string(&results).unwrap();
     let before = partial.lines().count();
     assert!(before < n, "{before} of {n} done before the kill");
