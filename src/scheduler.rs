@@ -376,22 +376,66 @@ fn average(old: Option<f64>, new: f64) -> Option<f64> {
 
 /// The prompt tokens a step may run beside decoding sequences, from measured step times.
 ///
-/// Every step earns the prompts `BUSY_SHARE` of a decoding step's time (saved up to
-/// `BUSY_SAVED_STEPS` steps' worth); a step with prompt tokens spends what it took beyond a
-/// decoding step, and prompts run only on credit, as many tokens as it pays for at the measured
-/// cost per token. A step's cost is not linear in its prompt tokens (a quantized model widens
-/// every weight panel once for any number of prompt rows): a fixed cost larger than one step's
-/// share makes prompt steps rarer and larger instead of slowing every decoding step, so decoding
-/// keeps its share on average either way. When the savings are full and still short, one token
-/// runs anyway: a prompt beside decoding sequences always advances.
+/// Every step earns the prompts `BUSY_SHARE` of a decoding step's time, saved up to a cap; a step
+/// with prompt tokens spends what it took beyond a decoding step. A step's prompt cost is fitted
+/// as a fixed part plus a part per token (a quantized model widens every weight panel once for
+/// any number of prompt rows, whatever their count): prompts run once the credit pays the fixed
+/// part at most a quarter of the spend, or once it reaches the cap, as many tokens as the rest
+/// pays for. With no fixed cost prompt tokens run beside every few decoding steps; with one,
+/// prompt steps are rarer and larger instead of paying it for a token or two, and decoding keeps
+/// its share on average either way. The cap is `BUSY_SAVED_STEPS` decoding steps, or the fixed
+/// cost and `BUSY_START` tokens if that is more, so a prompt beside decoding always advances.
 #[derive(Debug, Default)]
 struct PromptShare {
     /// Seconds a step of decoding tokens only takes (a moving average).
     decode_step: Option<f64>,
-    /// Seconds one prompt token adds to a step (a moving average).
-    prompt_token: Option<f64>,
+    /// What prompt tokens add to a step.
+    cost: CostFit,
     /// Seconds of prompt work the decoding sequences can still grant.
     credit: f64,
+}
+
+/// A line `extra = fixed + per · tokens` fitted to recent steps (least squares, older steps
+/// weighing less).
+#[derive(Debug, Default)]
+struct CostFit {
+    w: f64,
+    n: f64,
+    y: f64,
+    nn: f64,
+    ny: f64,
+}
+
+impl CostFit {
+    fn add(&mut self, tokens: usize, extra: f64) {
+        const KEEP: f64 = 0.9;
+        let n = tokens as f64;
+        self.w = KEEP * self.w + 1.0;
+        self.n = KEEP * self.n + n;
+        self.y = KEEP * self.y + extra;
+        self.nn = KEEP * self.nn + n * n;
+        self.ny = KEEP * self.ny + n * extra;
+    }
+
+    /// `(fixed, per token)`, both non-negative and the second positive; `None` before any step.
+    fn line(&self) -> Option<(f64, f64)> {
+        if self.w == 0.0 || self.n <= 0.0 {
+            return None;
+        }
+        let (mn, my) = (self.n / self.w, self.y / self.w);
+        let var = self.nn / self.w - mn * mn;
+        let through_zero = (0.0, (my / mn).max(1e-9));
+        // All steps of (nearly) one size say nothing about a fixed part.
+        if var <= 1e-9 * mn * mn {
+            return Some(through_zero);
+        }
+        let per = (self.ny / self.w - mn * my) / var;
+        let fixed = my - per * mn;
+        if per <= 0.0 || fixed < 0.0 {
+            return Some(through_zero);
+        }
+        Some((fixed, per))
+    }
 }
 
 impl PromptShare {
@@ -404,16 +448,16 @@ impl PromptShare {
         }
         // A step of decoding alone measures what the budget is a share of.
         let Some(d) = self.decode_step else { return 0 };
-        let full = d * BUSY_SAVED_STEPS;
-        self.credit = (self.credit + d * BUSY_SHARE).min(full);
-        let per_token = match self.prompt_token {
-            Some(p) if p > 0.0 => p,
-            _ => d * BUSY_SHARE / BUSY_START as f64,
-        };
-        if self.credit < per_token && self.credit < full {
+        let d = d.max(1e-6);
+        let (fixed, per) = self.cost.line().unwrap_or((0.0, d * BUSY_SHARE / BUSY_START as f64));
+        let cap = (d * BUSY_SAVED_STEPS).max(fixed + per * BUSY_START as f64);
+        self.credit = (self.credit + d * BUSY_SHARE).min(cap);
+        let affords = ((self.credit - fixed) / per).floor();
+        let worth = self.credit >= 4.0 * fixed && affords >= 1.0;
+        if !(worth || self.credit >= cap) {
             return 0;
         }
-        ((self.credit / per_token) as usize).clamp(1, chunk)
+        (affords.max(1.0) as usize).min(chunk)
     }
 
     /// Records a step of `secs` that ran `prompt` prompt tokens beside `decoders` decoding ones.
@@ -427,9 +471,10 @@ impl PromptShare {
         } else {
             0.0
         };
-        self.prompt_token = average(self.prompt_token, (secs - decode).max(0.0) / prompt as f64);
+        let extra = (secs - decode).max(0.0);
+        self.cost.add(prompt, extra);
         if decoders > 0 {
-            self.credit -= secs - decode;
+            self.credit -= extra;
         }
     }
 }
@@ -820,15 +865,42 @@ mod tests {
     #[test]
     fn decoding_keeps_its_share_and_the_prompt_still_advances() {
         // Linear costs, a fixed cost under one step's share, one of several steps, and one far
-        // beyond what a step may save up.
-        for (fixed, per) in [(0.0, 0.003), (0.01, 0.003), (0.06, 0.001), (0.5, 0.001)] {
+        // beyond what a step may save up; the prompt tokens each should reach (80-90% of what the
+        // share pays for, the fixed cost paid once per step that runs prompt tokens: 10000,
+        // 2000 steps of 0.015 s in steps of 10 tokens at 0.04 s, of 60 at 0.12 s, of 8 at 0.508 s).
+        for (fixed, per, least) in [
+            (0.0, 0.003, 9000),
+            (0.01, 0.003, 6700),
+            (0.06, 0.001, 13500),
+            (0.5, 0.001, 380),
+        ] {
             let (kept, ran) = beside_a_prompt(0.03, fixed, per, 2000);
             assert!(
                 kept > 0.6,
                 "fixed {fixed}, per token {per}: decoding kept {kept:.2} of its speed"
             );
-            assert!(ran >= 40, "fixed {fixed}, per token {per}: {ran} prompt tokens");
+            assert!(ran >= least, "fixed {fixed}, per token {per}: {ran} prompt tokens");
         }
+    }
+
+    #[test]
+    fn a_fitted_cost_separates_the_fixed_part() {
+        let mut fit = CostFit::default();
+        assert_eq!(fit.line(), None);
+        for n in [4, 40, 9, 100, 1] {
+            fit.add(n, 0.05 + 0.002 * n as f64);
+        }
+        let (fixed, per) = fit.line().unwrap();
+        assert!(
+            (fixed - 0.05).abs() < 1e-9 && (per - 0.002).abs() < 1e-9,
+            "{fixed} {per}"
+        );
+        // One size only: all of it per token.
+        let mut fit = CostFit::default();
+        fit.add(8, 0.08);
+        fit.add(8, 0.08);
+        let (fixed, per) = fit.line().unwrap();
+        assert!(fixed == 0.0 && (per - 0.01).abs() < 1e-12, "{fixed} {per}");
     }
 
     #[test]

@@ -592,7 +592,9 @@ pub unsafe fn quantize_row(x: &[f32], dst: QRowMut) {
         };
         let v = [
             _mm512_maskz_loadu_ps(mask(0), x.as_ptr().add(t0)),
-            _mm512_maskz_loadu_ps(mask(16), x.as_ptr().add(t0 + 16)),
+            // The second half may lie past the end: masked off, but the address must not be formed
+            // with `add`.
+            _mm512_maskz_loadu_ps(mask(16), x.as_ptr().wrapping_add(t0 + 16)),
         ];
         let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
         let (d, inv) = act_scale(amax);

@@ -309,11 +309,14 @@ pub struct QRowMut<'a> {
     pub s: &'a mut [i32],
 }
 
-/// A block's scale from its largest magnitude, and its inverse (0 for an all-zero block).
+/// A block's scale from its largest magnitude, and its inverse: 0 for an all-zero block, and for
+/// a block so small (below ~4e-37) that the inverse would overflow, which then quantizes to zeros
+/// (an error below `d`, as for any block) instead of clamping every value, padding included.
 #[inline(always)]
 fn act_scale(amax: f32) -> (f32, f32) {
     let d = amax / 127.0;
-    (d, if d > 0.0 { 1.0 / d } else { 0.0 })
+    let inv = 1.0 / d;
+    (d, if d > 0.0 && inv.is_finite() { inv } else { 0.0 })
 }
 
 /// Quantizes one row of `k` activations for the integer kernels: per block of 32, value bytes
@@ -672,10 +675,21 @@ mod tests {
     fn every_level_quantizes_activations_to_the_same_bits() {
         for k in [1, 5, 31, 32, 33, 64, 95, 960] {
             let mut x = rand_vec(k, 21);
-            // An all-zero block, a tie for rounding, and values far apart in one block.
+            // An all-zero block and values far apart in one block.
             if k >= 64 {
                 x[32..64].fill(0.0);
                 x[1] = 1e4;
+            }
+            // A block too small to invert its scale, and one with unit scale (largest 127) that
+            // holds exact rounding ties: 2.5 for the value byte, 1.5/256 for the residual.
+            if k >= 128 {
+                x[64..96].fill(1e-38);
+                x[65] = 0.0;
+                x[66] = -1e-38;
+                x[96] = 127.0;
+                x[97] = 2.5;
+                x[98] = -3.0 - 1.5 / 256.0;
+                x[99] = 0.5 / 256.0;
             }
             let kp = padded(k);
             let nb = kp / QBLOCK;

@@ -119,7 +119,7 @@ pub fn quantize_row(x: &[f32], dst: QRowMut) {
         for i in 0..QBLOCK {
             let (hi, rest) = match chunk.get(i) {
                 Some(v) => {
-                    // NaN becomes 0 here; a NaN activation is already a broken model.
+                    // NaN becomes 0 here (the SIMD levels clamp it); a NaN activation is a broken model.
                     let y = v * inv;
                     let hi = round_near(y).clamp(-127.0, 127.0);
                     (hi, round_near((y - hi) * 256.0).clamp(-127.0, 127.0))
