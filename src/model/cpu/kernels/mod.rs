@@ -315,8 +315,9 @@ pub struct QRowMut<'a> {
 #[inline(always)]
 fn act_scale(amax: f32) -> (f32, f32) {
     let d = amax / 127.0;
+    // 1/0 and an overflowing inverse are both infinite.
     let inv = 1.0 / d;
-    (d, if d > 0.0 && inv.is_finite() { inv } else { 0.0 })
+    (d, if inv.is_finite() { inv } else { 0.0 })
 }
 
 /// Quantizes one row of `k` activations for the integer kernels: per block of 32, value bytes
