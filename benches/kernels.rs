@@ -122,6 +122,19 @@ fn gemv_rows_bf16_in_cache(bencher: Bencher, rows: usize) {
         .bench_local(|| zagreus::model::cpu::qmatrix::matmul_rows(&arena, &m, &x, rows, rows, &mut out));
 }
 
+/// The same with the fast precision's BF16 dot products (activations rounded to BF16).
+#[divan::bench(args = [1, 4, 8, 16], sample_count = 50)]
+fn gemv_rows_bf16_dot_in_cache(bencher: Bencher, rows: usize) {
+    let storage = Storage::new(Format::Bf16, Variant::Bf16Dot);
+    let (arena, m) = matrix(storage, 768, 960);
+    let x: Vec<f32> = (0..rows * 960).map(|i| (i % 13) as f32 / 13.0).collect();
+    let mut out = vec![0f32; rows * 768];
+    let flops: usize = 2 * rows * 768 * 960;
+    bencher
+        .counter(divan::counter::ItemsCount::new(flops))
+        .bench_local(|| zagreus::model::cpu::qmatrix::matmul_rows(&arena, &m, &x, rows, rows, &mut out));
+}
+
 /// The same rows as prompt rows (widened panel, micro-kernel), for comparison.
 #[divan::bench(args = [1, 4, 8, 16], sample_count = 50)]
 fn gemm_rows_bf16_in_cache(bencher: Bencher, rows: usize) {

@@ -11,9 +11,10 @@
 #
 # Usage: scripts/compare-llamacpp.sh [ROUNDS]
 # Env: ISA=native|avx2 WORK=/tmp/llamacpp THREADS=2 BATCH=1 (batched decoding) EXTRA=1 (depth, pages, busy core)
+#      PRECISION=exact|fast (zagreus' --precision; fast rounds BF16 activations as llama.cpp does)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ROUNDS=${1:-3} WORK=${WORK:-/tmp/llamacpp} THREADS=${THREADS:-2} ISA=${ISA:-native}
+ROUNDS=${1:-3} WORK=${WORK:-/tmp/llamacpp} THREADS=${THREADS:-2} ISA=${ISA:-native} PRECISION=${PRECISION:-exact}
 TOOL=../shared/tools/llamacpp-bench.sh
 [[ -x $TOOL ]] || { echo "compare-llamacpp: $TOOL not found" >&2; exit 1; }
 WORK=$WORK REPS=1 PP=8 TG=4 "$TOOL" bf16 q8_0 >/dev/null || exit 1
@@ -36,13 +37,13 @@ Z=target/release/zagreus G=$WORK/gguf
 # One line per test: "tool format test t/s".
 llama() { "$LB" -m "$G/zagreus-$1.gguf" -t "$THREADS" "${@:2}" -o md 2>/dev/null |
   awk -F'|' -v f="$1" '$7 ~ /(pp|tg)/ {gsub(/ /,"",$7); split($8,a," "); print "llama.cpp", f, $7, a[1]}'; }
-ours() { local f=$1; shift; ZAGREUS_ISA=$ZISA "$Z" bench --random zagreus-0.4b "$@" 2>/dev/null |
+ours() { local f=$1; shift; ZAGREUS_ISA=$ZISA "$Z" bench --random zagreus-0.4b --precision "$PRECISION" "$@" 2>/dev/null |
   awk -F'|' -v f="$f" '$7 ~ /(pp|tg)/ {gsub(/ /,"",$7); split($8,a," "); print "zagreus", f, $7, a[1]; k=$5}
     END {if (k) print "# zagreus kernels:" k > "/dev/stderr"}'; }
 
 results=$(mktemp)
 trap 'rm -f "$results" "$results".[lz]' EXIT
-echo "== ISA=$ISA, $THREADS threads, $ROUNDS rounds, load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "== ISA=$ISA, precision $PRECISION, $THREADS threads, $ROUNDS rounds, load $(cut -d' ' -f1-3 /proc/loadavg)"
 for r in $(seq "$ROUNDS"); do
   { llama bf16 -p 128 -n 64 -r 5; ours bf16 -p 128 -n 64 -r 5
     llama q8_0 -p 128 -n 64 -r 5; ours q8_0 --quantize q8_0 -p 128 -n 64 -r 5; } | sed "s/^/$r /" | tee -a "$results"
@@ -72,7 +73,7 @@ if [[ ${BATCH:-1} == 1 ]]; then
     # One after the other (never at the same time: they would share the cores).
     "$BB" -m "$G/zagreus-$f.gguf" -t "$THREADS" -c 4096 -b 2048 -ub 512 -npp 128 -ntg 64 -npl 1,2,4,8,16 2>/dev/null |
       awk -F'|' '$2 ~ /^ *128 *$/ {gsub(/ /,""); print $4, $9}' > "$results.l"
-    ZAGREUS_ISA=$ZISA "$Z" bench --random zagreus-0.4b $q -p 128 -n 64 -r 1 --batch 1,2,4,8,16 2>/dev/null |
+    ZAGREUS_ISA=$ZISA "$Z" bench --random zagreus-0.4b --precision "$PRECISION" $q -p 128 -n 64 -r 1 --batch 1,2,4,8,16 2>/dev/null |
       awk -F'|' '$8 ~ /[0-9]/ {gsub(/ /,"",$10); print $10}' > "$results.z"
     paste "$results.l" "$results.z" | awk '{printf "%s %s %s %.2f\n", $1, $2, $3, $3 / $2}'
   done

@@ -215,7 +215,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 Some(other) => bail!("--placement {other}: use huge or normal"),
             };
             (
-                Model::Cpu(CpuLlama::random(&cfg, format, placement, 42)?),
+                Model::Cpu(CpuLlama::random(
+                    &cfg,
+                    format,
+                    placement,
+                    args.model.spec().precision,
+                    42,
+                )?),
                 format!("{shape} (random)"),
                 schema_plan(args, None, cfg.vocab_size)?,
             )

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::device::{DeviceArg, DtypeArg};
 use crate::loader::ModelSpec;
-use crate::model::Format;
+use crate::model::{Format, Precision};
 use crate::settings::SamplingRequest;
 use crate::structured::AnswerShape;
 use crate::tools::{parse_tools, ToolChoice, ToolDef};
@@ -22,6 +22,17 @@ pub enum QuantizeArg {
     /// 4-bit blocks of 32 with a scale each (llama.cpp's Q4_0): half the bytes of q8_0, less accurate
     #[value(name = "q4_0")]
     Q4_0,
+}
+
+/// `--precision`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PrecisionArg {
+    /// f32 activations: BF16 models compute what transformers computes in f32
+    #[default]
+    Exact,
+    /// activations rounded to BF16 for BF16 dot products (CPUs with AVX-512 BF16), as llama.cpp
+    /// does: faster batches and prompts, logits further from transformers'
+    Fast,
 }
 
 impl QuantizeArg {
@@ -576,6 +587,17 @@ pub struct ModelArgs {
     #[arg(long, value_enum, value_name = "TYPE", help_heading = "Model")]
     pub quantize: Option<QuantizeArg>,
 
+    /// How exactly the CPU multiplies: exact keeps activations in f32; fast rounds them to BF16
+    /// for BF16 dot products (AVX-512 BF16 CPUs), as llama.cpp does
+    #[arg(
+        long,
+        value_enum,
+        value_name = "MODE",
+        default_value = "exact",
+        help_heading = "Model"
+    )]
+    pub precision: PrecisionArg,
+
     /// CPU threads [default: all cores]
     #[arg(short, long, value_name = "N", help_heading = "Model", value_parser = count::<1, MAX_THREADS>)]
     pub threads: Option<usize>,
@@ -610,6 +632,10 @@ impl ModelArgs {
             device: self.device,
             dtype: self.dtype,
             quantize: self.quantize.map(QuantizeArg::format),
+            precision: match self.precision {
+                PrecisionArg::Exact => Precision::Exact,
+                PrecisionArg::Fast => Precision::Fast,
+            },
             threads: self.threads,
             ctx_size: self.ctx_size,
             chat_template: self.chat_template.clone(),

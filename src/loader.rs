@@ -14,7 +14,7 @@ use crate::model::cpu::arena::Placement;
 use crate::model::cpu::source::Tensors;
 use crate::model::gguf::GgufLlama;
 use crate::model::weights::Weights;
-use crate::model::{CpuLlama, Format, GenerationConfig, Llama, LlamaConfig, Model};
+use crate::model::{CpuLlama, Format, GenerationConfig, Llama, LlamaConfig, Model, Precision};
 use crate::source::{ModelFiles, Resolved};
 use crate::structured::{AnswerShape, Grammars, Plan, Structure};
 use crate::template::{ChatTemplate, Message, TemplateTokens};
@@ -53,6 +53,8 @@ pub struct LoadOptions<'a> {
     /// `--tokenizer FILE`: a tokenizer.json to use instead of the model's.
     pub tokenizer: Option<&'a Path>,
     pub engine: Engine,
+    /// How exactly the CPU engine multiplies.
+    pub precision: Precision,
 }
 
 pub struct LoadedModel {
@@ -95,6 +97,8 @@ pub struct ModelSpec {
     pub dtype: DtypeArg,
     /// Quantize the weights at load (CPU engine).
     pub quantize: Option<Format>,
+    /// How exactly the CPU engine multiplies (`exact` by default).
+    pub precision: Precision,
     /// CPU threads (all cores when `None`).
     pub threads: Option<usize>,
     /// Context size in tokens (the model's own when `None`).
@@ -123,6 +127,7 @@ pub fn load_for(args: &ModelSpec) -> Result<(LoadedModel, usize)> {
         chat_template: args.chat_template.as_deref(),
         tokenizer: args.tokenizer.as_deref(),
         engine: Engine::Auto,
+        precision: args.precision,
     };
     let loaded = match resolved {
         Resolved::Files(files) => load(&files, &opts)?,
@@ -150,6 +155,7 @@ impl LoadOptions<'_> {
             chat_template: None,
             tokenizer: None,
             engine: Engine::Auto,
+            precision: Precision::Exact,
         }
     }
 }
@@ -314,7 +320,13 @@ fn load_network(config: &LlamaConfig, files: &ModelFiles, opts: &LoadOptions) ->
                 (None, DType::F16) => Format::F16,
                 (None, _) => Format::F32,
             };
-            Model::Cpu(CpuLlama::load(config, &weights, Some(format), Placement::from_env())?)
+            Model::Cpu(CpuLlama::load(
+                config,
+                &weights,
+                Some(format),
+                Placement::from_env(),
+                opts.precision,
+            )?)
         }
         _ => {
             if opts.quantize.is_some() {
@@ -398,7 +410,13 @@ pub fn load_gguf(path: &Path, name: &str, opts: &LoadOptions) -> Result<LoadedMo
         (None, Some(_)) => Some(Format::F32),
         (None, None) => None,
     };
-    let model = Model::Cpu(CpuLlama::load(&gguf.config, &gguf, format, Placement::from_env())?);
+    let model = Model::Cpu(CpuLlama::load(
+        &gguf.config,
+        &gguf,
+        format,
+        Placement::from_env(),
+        opts.precision,
+    )?);
     let template = choose_template(opts, None, tcfg.chat_template.as_deref(), &path.display().to_string())?;
     assemble(Parts {
         name: name.to_string(),

@@ -6,19 +6,22 @@ mod common;
 
 use common::{floats, ids, model_dir, read_json};
 use zagreus::loader::{load, LoadOptions, LoadedModel};
-use zagreus::model::{Chunk, CpuCache, CpuLlama, Format, LogitsFor, Model, RowKind};
+use zagreus::model::{Chunk, CpuCache, CpuLlama, Format, LogitsFor, Model, Precision, RowKind};
 use zagreus::source::ModelFiles;
 
 fn load_model(name: &str, quantize: Option<Format>) -> LoadedModel {
-    let files = ModelFiles::from_dir(&model_dir(name)).unwrap();
-    load(
-        &files,
-        &LoadOptions {
+    load_with(
+        name,
+        LoadOptions {
             quantize,
             ..LoadOptions::cpu()
         },
     )
-    .unwrap()
+}
+
+fn load_with(name: &str, opts: LoadOptions) -> LoadedModel {
+    let files = ModelFiles::from_dir(&model_dir(name)).unwrap();
+    load(&files, &opts).unwrap()
 }
 
 fn engine(m: &LoadedModel) -> &CpuLlama {
@@ -129,35 +132,58 @@ fn sequences(r: &serde_json::Value) -> Vec<Seq> {
     ]
 }
 
+/// Every sequence of the model's reference, alone and in batches of staggered starts and
+/// different prompt chunkings (down to one token per step: decoding rows of some sequences beside
+/// prompt rows of others), must get the same bits.
+fn check_batches_match_alone(m: &LoadedModel, name: &str, label: &str) {
+    let e = engine(m);
+    let r = read_json(&model_dir(name).join("reference.json"));
+    let seqs = sequences(&r);
+    let want: Vec<_> = seqs.iter().map(|s| alone(e, s)).collect();
+    for (start, chunk) in [
+        (vec![0, 0, 0, 0], vec![64, 64, 64, 64]),
+        (vec![0, 2, 5, 1], vec![3, 1, 7, 2]),
+        (vec![3, 0, 0, 9], vec![1, 5, 64, 1]),
+    ] {
+        let got = batched(e, &seqs, &start, &chunk);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.len(), w.len(), "{name} {label} sequence {i}");
+            for (step, (a, b)) in g.iter().zip(w).enumerate() {
+                assert!(
+                    a == b,
+                    "{name} {label} sequence {i} step {step} (starts {start:?}, chunks {chunk:?}): \
+                     logits differ from the sequence alone"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn a_batch_gives_each_sequence_the_same_bits_as_running_alone() {
     for name in ["tied-bf16", "untied-f32-sharded", "llama3-rope"] {
         for quantize in [None, Some(Format::Q8_0), Some(Format::Q4_0)] {
             let m = load_model(name, quantize);
-            let e = engine(&m);
-            let r = read_json(&model_dir(name).join("reference.json"));
-            let seqs = sequences(&r);
-            let want: Vec<_> = seqs.iter().map(|s| alone(e, s)).collect();
-            // Staggered starts and different prompt chunkings (down to one token per step):
-            // decoding rows of some sequences beside prompt rows of others.
-            for (start, chunk) in [
-                (vec![0, 0, 0, 0], vec![64, 64, 64, 64]),
-                (vec![0, 2, 5, 1], vec![3, 1, 7, 2]),
-                (vec![3, 0, 0, 9], vec![1, 5, 64, 1]),
-            ] {
-                let got = batched(e, &seqs, &start, &chunk);
-                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                    assert_eq!(g.len(), w.len(), "{name} {quantize:?} sequence {i}");
-                    for (step, (a, b)) in g.iter().zip(w).enumerate() {
-                        assert!(
-                            a == b,
-                            "{name} {quantize:?} sequence {i} step {step} (starts {start:?}, chunks {chunk:?}): \
-                             logits differ from the sequence alone"
-                        );
-                    }
-                }
-            }
+            check_batches_match_alone(&m, name, &format!("{quantize:?}"));
         }
+    }
+}
+
+#[test]
+fn the_fast_precision_gives_each_sequence_the_same_bits_alone_or_batched() {
+    // BF16 weights in the fast precision: activations rounded to BF16, BF16 dot products where
+    // the CPU has them (one kernel for decoding and prompt rows alike).
+    for name in ["tied-bf16", "untied-f32-sharded"] {
+        let m = load_with(
+            name,
+            LoadOptions {
+                dtype: Some(candle_core::DType::BF16),
+                precision: Precision::Fast,
+                ..LoadOptions::cpu()
+            },
+        );
+        eprintln!("{name}: kernels {}", engine(&m).kernels());
+        check_batches_match_alone(&m, name, "bf16 fast");
     }
 }
 

@@ -7,13 +7,16 @@ use assert_cmd::cargo::cargo_bin;
 
 /// `zagreus bench` on a small random Q8_0 model; returns the `kernels` field and stderr.
 fn bench_kernels(env: &[(&str, &str)]) -> (String, String) {
+    bench_with(&["--quantize", "q8_0"], env)
+}
+
+/// `zagreus bench` on a small random model with `args`; returns the `kernels` field and stderr.
+fn bench_with(args: &[&str], env: &[(&str, &str)]) -> (String, String) {
     let mut c = Command::new(cargo_bin("zagreus"));
     c.args([
         "bench",
         "--random",
         "smollm2-135m",
-        "--quantize",
-        "q8_0",
         "-p",
         "4",
         "-n",
@@ -22,6 +25,7 @@ fn bench_kernels(env: &[(&str, &str)]) -> (String, String) {
         "1",
         "--json",
     ])
+    .args(args)
     .env_remove("ZAGREUS_KERNEL")
     .env_remove("ZAGREUS_ISA");
     for (k, v) in env {
@@ -79,4 +83,37 @@ fn a_lower_instruction_level_can_be_chosen_and_an_unknown_one_is_reported() {
         stderr.contains("ZAGREUS_ISA=sse9: unknown level") && stderr.contains("portable"),
         "{stderr}"
     );
+}
+
+#[test]
+fn the_fast_precision_says_what_it_runs() {
+    let cache = tempfile::tempdir().unwrap();
+    let dir = cache.path().to_str().unwrap();
+    let (fast, _) = bench_with(&["--precision", "fast"], &[("XDG_CACHE_HOME", dir)]);
+    // BF16 dot products where the CPU has them and they were faster, else exact, said so.
+    assert!(
+        fast.contains("bf16-dot (measured on this CPU), fast precision") || fast.contains(", exact: "),
+        "{fast}"
+    );
+    if fast.starts_with("avx512") || fast.starts_with("avx2") {
+        let (avx2, _) = bench_with(
+            &["--precision", "fast"],
+            &[("XDG_CACHE_HOME", dir), ("ZAGREUS_ISA", "avx2")],
+        );
+        assert!(avx2.ends_with("exact: no BF16 dot products at this level"), "{avx2}");
+    }
+    let (q8, _) = bench_with(
+        &["--precision", "fast", "--quantize", "q8_0"],
+        &[("XDG_CACHE_HOME", dir)],
+    );
+    assert!(q8.ends_with("exact: the fast precision is for BF16 weights"), "{q8}");
+    let (exact, _) = bench_with(&[], &[("XDG_CACHE_HOME", dir)]);
+    assert!(!exact.contains("precision"), "{exact}");
+    let out = Command::new(cargo_bin("zagreus"))
+        .args(["bench", "--random", "smollm2-135m", "--precision", "fastest"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--precision") && err.contains("fastest"), "{err}");
 }

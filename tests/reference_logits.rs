@@ -8,7 +8,7 @@ mod common;
 use candle_core::DType;
 use common::{floats, ids, model_dir, read_json};
 use zagreus::loader::{load, Engine, LoadOptions, LoadedModel};
-use zagreus::model::{Format, LogitsFor};
+use zagreus::model::{Format, LogitsFor, Model, Precision};
 use zagreus::source::ModelFiles;
 
 const MODELS: &[&str] = &["tied-bf16", "untied-f32-sharded", "llama3-rope"];
@@ -45,6 +45,16 @@ struct Diffs {
 /// Checks greedy agreement when `exact_greedy`.
 fn diffs(name: &str, dtype: Option<DType>, quantize: Option<Format>, engine: Engine, exact_greedy: bool) -> Diffs {
     let m = load_model(name, dtype, quantize, engine);
+    let d = diffs_of(m, name, exact_greedy);
+    eprintln!(
+        "{name} {dtype:?} {quantize:?} {engine:?}: max |Δlogit| prompt {:e}, steps {:e}; relative RMS {:e}",
+        d.prompt, d.steps, d.relative_rms
+    );
+    d
+}
+
+/// As `diffs`, for a loaded model.
+fn diffs_of(m: LoadedModel, name: &str, exact_greedy: bool) -> Diffs {
     let r = read_json(&model_dir(name).join("reference.json"));
     let prompt = ids(&r["prompt_ids"]);
     let greedy = ids(&r["greedy_ids"]);
@@ -79,7 +89,7 @@ fn diffs(name: &str, dtype: Option<DType>, quantize: Option<Format>, engine: Eng
             assert_eq!(
                 zagreus::sampling::argmax(&last),
                 tok,
-                "{name} {dtype:?} {quantize:?} {engine:?}: greedy token {i} differs"
+                "{name}: greedy token {i} differs"
             );
         }
         m.model.forward(&[tok], &mut cache, LogitsFor::Last, &mut last).unwrap();
@@ -88,10 +98,6 @@ fn diffs(name: &str, dtype: Option<DType>, quantize: Option<Format>, engine: Eng
         acc(&last, &want);
     }
     d.relative_rms = (err2 / ref2).sqrt() as f32;
-    eprintln!(
-        "{name} {dtype:?} {quantize:?} {engine:?}: max |Δlogit| prompt {:e}, steps {:e}; relative RMS {:e}",
-        d.prompt, d.steps, d.relative_rms
-    );
     d
 }
 
@@ -123,6 +129,41 @@ fn bf16_checkpoints_in_bf16_are_exact() {
                 d.prompt,
                 d.steps
             );
+        }
+    }
+}
+
+#[test]
+fn the_fast_precision_stays_within_its_stated_tolerance() {
+    // BF16 weights with activations rounded to BF16 (BF16 dot products where the CPU has them):
+    // further from transformers' f32 logits than the exact precision, by what rounding every
+    // product's input to 8 significant bits costs.
+    for (name, dtype) in [("tied-bf16", None), ("untied-f32-sharded", Some(DType::BF16))] {
+        let files = ModelFiles::from_dir(&model_dir(name)).unwrap();
+        let opts = LoadOptions {
+            dtype,
+            precision: Precision::Fast,
+            ..LoadOptions::cpu()
+        };
+        let m = load(&files, &opts).unwrap();
+        let Model::Cpu(e) = &m.model else {
+            panic!("the CPU engine")
+        };
+        let kernels = e.kernels();
+        let d = diffs_of(m, name, false);
+        eprintln!(
+            "{name} fast ({kernels}): {} / {} relative RMS {}",
+            d.prompt, d.steps, d.relative_rms
+        );
+        assert!(
+            d.prompt.max(d.steps) <= 0.15,
+            "{name}: {} / {} > 0.15",
+            d.prompt,
+            d.steps
+        );
+        if kernels.contains("bf16-dot") && dtype.is_none() {
+            // Not the exact precision's result (which is within 1e-3).
+            assert!(d.prompt.max(d.steps) > 1e-3, "{name}: the activations were not rounded");
         }
     }
 }

@@ -17,7 +17,7 @@ use candle_core::Device;
 pub use config::{GenerationConfig, LlamaConfig};
 pub use cpu::engine::{Chunk, CpuLlama};
 pub use cpu::kv::CpuCache;
-pub use cpu::qmatrix::Format;
+pub use cpu::qmatrix::{Format, Precision};
 pub use kv_cache::KvCache;
 pub use llama::Llama;
 pub use plan::{LogitsFor, RowKind};

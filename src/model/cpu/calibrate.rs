@@ -63,7 +63,7 @@ pub fn choose(level: Level, format: Format) -> Choice {
         };
     }
     if let Ok(v) = std::env::var("ZAGREUS_KERNEL") {
-        match Variant::from_name(&v) {
+        match Variant::from_name(&v).filter(|v| *v != Variant::Bf16Dot) {
             Some(variant) => {
                 return Choice {
                     variant,
@@ -82,8 +82,28 @@ pub fn choose(level: Level, format: Format) -> Choice {
             reason: Reason::Only,
         };
     }
-    static CHOICES: OnceLock<Mutex<HashMap<(Level, Family), Choice>>> = OnceLock::new();
     let family = Family::of(format);
+    remembered(level, family, || measure(level, family.format()))
+}
+
+/// The kernels BF16 weights run with at `level` in the fast precision: BF16 dot products where
+/// the level has them and they beat the exact float kernels (timed once per CPU, as the integer
+/// kernels are: on some CPUs `vdpbf16ps` runs far below the FMA rate), the float kernels
+/// otherwise.
+pub fn choose_fast_bf16(level: Level) -> Choice {
+    if !level.bf16_dot() {
+        return Choice {
+            variant: Variant::Float,
+            reason: Reason::Only,
+        };
+    }
+    remembered(level, Family::Bf16Fast, || measure_bf16(level))
+}
+
+/// The choice made for `family` at `level` in this process, else in the cache file, else
+/// measured now (and written to the cache file).
+fn remembered(level: Level, family: Family, measure: impl FnOnce() -> (Variant, Vec<(&'static str, f64)>)) -> Choice {
+    static CHOICES: OnceLock<Mutex<HashMap<(Level, Family), Choice>>> = OnceLock::new();
     let mut known = CHOICES
         .get_or_init(Default::default)
         .lock()
@@ -102,7 +122,7 @@ pub fn choose(level: Level, format: Format) -> Choice {
                 reason: Reason::Cached,
             };
         }
-        let (variant, timings) = measure(level, family.format());
+        let (variant, timings) = measure();
         write_cache(&key, variant, &timings);
         Choice {
             variant,
@@ -116,6 +136,8 @@ pub fn choose(level: Level, format: Format) -> Choice {
 enum Family {
     Q8,
     Q4,
+    /// BF16 in the fast precision: BF16 dot products or f32 arithmetic.
+    Bf16Fast,
 }
 
 impl Family {
@@ -131,6 +153,7 @@ impl Family {
         match self {
             Family::Q8 => Format::Q8_0,
             Family::Q4 => Format::Q4_1,
+            Family::Bf16Fast => Format::Bf16,
         }
     }
 
@@ -138,6 +161,7 @@ impl Family {
         match self {
             Family::Q8 => "q8_0",
             Family::Q4 => "q4",
+            Family::Bf16Fast => "bf16 fast",
         }
     }
 }
@@ -186,6 +210,18 @@ fn measure(level: Level, format: Format) -> (Variant, Vec<(&'static str, f64)>) 
     };
     timings.extend([("prefill_int8_us", pi), ("prefill_float_us", pf)]);
     (if pi <= pf { Variant::Int } else { Variant::IntFloat }, timings)
+}
+
+/// Times 8 decoding rows (where the two differ most: the arithmetic, not the memory, is what
+/// is compared) in f32 against BF16 dot products.
+fn measure_bf16(level: Level) -> (Variant, Vec<(&'static str, f64)>) {
+    let run =
+        |variant: Variant| matrix(Storage::new(Format::Bf16, variant), 256, 1024).map(|(a, w)| time(level, &a, &w, 8));
+    let (Some(float), Some(dot)) = (run(Variant::Float), run(Variant::Bf16Dot)) else {
+        return (Variant::Float, Vec::new());
+    };
+    let variant = if dot < float { Variant::Bf16Dot } else { Variant::Float };
+    (variant, vec![("rows8_float_us", float), ("rows8_bf16_dot_us", dot)])
 }
 
 fn cache_file() -> Option<PathBuf> {
@@ -256,6 +292,25 @@ mod tests {
             assert!(timings.iter().all(|(_, us)| us.is_finite() && *us > 0.0));
             let (float, int) = (timings[0].1, timings[1].1);
             assert_eq!(v == Variant::Float, float <= int, "{} {timings:?}", level.name());
+        }
+    }
+
+    #[test]
+    fn the_fast_bf16_kernels_are_chosen_by_timing_where_the_cpu_has_them() {
+        for level in Level::supported() {
+            if !level.bf16_dot() {
+                assert_eq!(choose_fast_bf16(level).variant, Variant::Float, "{}", level.name());
+                continue;
+            }
+            let (v, timings) = measure_bf16(level);
+            assert_eq!(timings.len(), 2, "{timings:?}");
+            assert!(timings.iter().all(|(_, us)| us.is_finite() && *us > 0.0));
+            assert_eq!(
+                v == Variant::Bf16Dot,
+                timings[1].1 < timings[0].1,
+                "{} {timings:?}",
+                level.name()
+            );
         }
     }
 }

@@ -18,7 +18,7 @@ use super::isa::{Isa, Level};
 use super::kv::CpuCache;
 use super::load::{fill, fill_random};
 use super::ops::{add_in_place, rms_norm, rope_heads, silu_mul};
-use super::qmatrix::{matmul_rows, Format, QMatrix, Storage};
+use super::qmatrix::{matmul_rows, Format, Precision, QMatrix, Storage, Variant};
 use super::source::{common_format, Rows, Tensors};
 use crate::model::config::LlamaConfig;
 use crate::model::plan::{self, LogitsFor, Product, RowKind};
@@ -52,13 +52,19 @@ pub struct CpuLlama {
     norm: Vec<f32>,
     inv_freq: Vec<f32>,
     format: Format,
+    precision: Precision,
     /// The step buffers (one step runs at a time).
     scratch: Mutex<Box<Scratch>>,
 }
 
-/// How `format` is stored on this CPU (integer or float layout, as measured).
-fn storage(format: Format) -> Storage {
-    Storage::new(format, calibrate::choose(Level::get(), format).variant)
+/// How `format` is stored on this CPU in `precision` (integer or float layout, as measured; BF16
+/// dot products for BF16 in the fast precision where the CPU has them).
+fn storage(format: Format, precision: Precision) -> Storage {
+    let level = Level::get();
+    if format == Format::Bf16 && precision == Precision::Fast {
+        return Storage::new(format, calibrate::choose_fast_bf16(level).variant);
+    }
+    Storage::new(format, calibrate::choose(level, format).variant)
 }
 
 /// The format holding most of the layers' weight bytes (what a mixed GGUF mostly is).
@@ -106,7 +112,14 @@ pub struct Chunk<'a> {
 impl CpuLlama {
     /// Builds the engine from a checkpoint's tensors, keeping every matrix in `format`, or, when
     /// `format` is `None`, in the format that holds its stored values (a GGUF's quantization).
-    pub fn load(cfg: &LlamaConfig, w: &dyn Tensors, format: Option<Format>, placement: Placement) -> Result<Self> {
+    pub fn load(
+        cfg: &LlamaConfig,
+        w: &dyn Tensors,
+        format: Option<Format>,
+        placement: Placement,
+        precision: Precision,
+    ) -> Result<Self> {
+        let storage = |f| storage(f, precision);
         let h = cfg.hidden_size;
         let vocab = plan::vocab_from_embedding(cfg, w.shape(plan::EMBED))?;
         // Tied or not is decided by what the file holds, not only by the config flag.
@@ -175,6 +188,7 @@ impl CpuLlama {
         };
         let dominant = format.unwrap_or_else(|| dominant_format(&layers));
         Ok(Self {
+            precision,
             inv_freq: inv_freq(cfg),
             norm: w.vector(plan::FINAL_NORM, h)?,
             cfg: cfg.clone(),
@@ -190,12 +204,18 @@ impl CpuLlama {
 
     /// A model of this shape with random weights (deterministic in `seed`), for benchmarks that
     /// need no download. Scales follow fan-in so activations stay in a realistic range.
-    pub fn random(cfg: &LlamaConfig, format: Format, placement: Placement, seed: u64) -> Result<Self> {
+    pub fn random(
+        cfg: &LlamaConfig,
+        format: Format,
+        placement: Placement,
+        precision: Precision,
+        seed: u64,
+    ) -> Result<Self> {
         let h = cfg.hidden_size;
         let products: Vec<Product> = (0..cfg.num_hidden_layers)
             .flat_map(|i| plan::layer_products(cfg, i))
             .collect();
-        let st = storage(format);
+        let st = storage(format, precision);
         let mut size = st.arena_bytes(cfg.vocab_size, h);
         for p in &products {
             size += st.arena_bytes(p.rows(), p.cols);
@@ -238,6 +258,7 @@ impl CpuLlama {
             tied: true,
             layers,
             format,
+            precision,
             scratch: Mutex::new(Box::default()),
         })
     }
@@ -258,7 +279,24 @@ impl CpuLlama {
     /// `avx512-vnni, int8 (measured on this CPU)`.
     pub fn kernels(&self) -> String {
         let level = Level::get();
-        format!("{}, {}", level.name(), calibrate::choose(level, self.format).describe())
+        let exact = calibrate::choose(level, self.format).describe();
+        let kernels = match (self.precision, self.format) {
+            (Precision::Exact, _) => exact,
+            (Precision::Fast, Format::Bf16) => {
+                let c = calibrate::choose_fast_bf16(level);
+                match (c.variant, level.bf16_dot()) {
+                    (Variant::Bf16Dot, _) => format!("{}, fast precision", c.describe()),
+                    (_, true) => format!("{}, exact: BF16 dot products were slower on this CPU", c.describe()),
+                    _ => format!("{exact}, exact: no BF16 dot products at this level"),
+                }
+            }
+            (Precision::Fast, _) => format!("{exact}, exact: the fast precision is for BF16 weights"),
+        };
+        format!("{}, {kernels}", level.name())
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     pub fn tied_embeddings(&self) -> bool {

@@ -117,6 +117,19 @@ impl Level {
             .unwrap_or(Self::PORTABLE)
     }
 
+    /// Whether this level has BF16 dot products (`vdpbf16ps`: AVX-512 BF16), which the BF16
+    /// kernels of the fast precision use.
+    pub fn bf16_dot(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.isa == Isa::Avx512 && std::arch::is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
     #[cfg(target_arch = "x86_64")]
     fn runs_here(self) -> bool {
         use std::arch::is_x86_feature_detected as has;

@@ -22,8 +22,8 @@ use super::arena::{Arena, ArenaWriter, Region};
 use super::gemm::{gemm_panel, gemm_panels, Out};
 pub use super::kernels::PANEL;
 use super::kernels::{
-    gemv_finish, gemv_int, gemv_int_blocks, gemv_steps, octet_index, padded, panel_value, q4_scale_index, quad_index,
-    Isa, Level, Panel, GEMV_ROWS, INT_ROWS, QBLOCK,
+    bf16_pairs, gemv_bf16_pairs, gemv_bf16_pairs_finish, gemv_finish, gemv_int, gemv_int_blocks, gemv_steps,
+    octet_index, padded, panel_value, q4_scale_index, quad_index, Isa, Level, Panel, GEMV_ROWS, INT_ROWS, QBLOCK,
 };
 use super::pool::Exec;
 use super::quant::{quantize_row_q4, quantize_row_q8_0, QuantActs};
@@ -71,6 +71,29 @@ impl Format {
     }
 }
 
+/// How exactly the CPU kernels multiply, chosen at load.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Activations stay f32: BF16, F16 and F32 models compute exactly what transformers
+    /// computes in f32, and the integer kernels of Q8_0 and Q4 take 16-bit activations.
+    #[default]
+    Exact,
+    /// Activations rounded to what the CPU multiplies fastest, as llama.cpp does: BF16 models
+    /// round them to BF16 and use BF16 dot products (on CPUs with AVX-512 BF16; elsewhere they
+    /// compute exactly). About twice the multiply-adds per instruction, for batches and prompts.
+    Fast,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Exact => "exact",
+            Precision::Fast => "fast",
+        }
+    }
+}
+
 /// Which kernels a quantized matrix is laid out for (see the module notes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Variant {
@@ -80,6 +103,9 @@ pub enum Variant {
     Int,
     /// Quad layout, integer dot products for decoding, widened weights for prefill.
     IntFloat,
+    /// BF16 only (the fast precision): steps layout, activations rounded to BF16 and BF16 dot
+    /// products (`vdpbf16ps`) for every row, decoding and prefill alike.
+    Bf16Dot,
 }
 
 impl Variant {
@@ -88,17 +114,18 @@ impl Variant {
             Variant::Float => "float",
             Variant::Int => "int8",
             Variant::IntFloat => "int8+float",
+            Variant::Bf16Dot => "bf16-dot",
         }
     }
 
     pub fn from_name(s: &str) -> Option<Variant> {
-        [Variant::Float, Variant::Int, Variant::IntFloat]
+        [Variant::Float, Variant::Int, Variant::IntFloat, Variant::Bf16Dot]
             .into_iter()
             .find(|v| v.name() == s.trim())
     }
 
     fn quads(self) -> bool {
-        self != Variant::Float
+        matches!(self, Variant::Int | Variant::IntFloat)
     }
 }
 
@@ -110,9 +137,15 @@ pub struct Storage {
 }
 
 impl Storage {
-    /// `variant` applies to quantized formats; the others are always `Float`.
+    /// `variant` applies to quantized formats (integer or float kernels) and to BF16 (`Bf16Dot`
+    /// or not); anything else is `Float`.
     pub fn new(format: Format, variant: Variant) -> Self {
-        let variant = if format.quantized() { variant } else { Variant::Float };
+        let variant = match (format, variant) {
+            (Format::Bf16, Variant::Bf16Dot) => Variant::Bf16Dot,
+            (_, Variant::Bf16Dot) => Variant::Float,
+            (f, v) if f.quantized() => v,
+            _ => Variant::Float,
+        };
         Self { format, variant }
     }
 
@@ -431,6 +464,8 @@ thread_local! {
     static ACTS: RefCell<QuantActs> = RefCell::new(QuantActs::default());
     /// The calling thread's step-major activations for the float decode kernels.
     static STEP_MAJOR: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The calling thread's activations rounded to BF16 pairs for the BF16 dot kernels.
+    static BF16_PAIRS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `m` rows of `k` values, in groups of `group` rows, each group step-major: group `g` starts at
@@ -544,6 +579,10 @@ fn product(
         return;
     }
     let isa = level.isa;
+    if w.variant == Variant::Bf16Dot {
+        bf16_dot(exec, level, arena, w, x, m, out);
+        return;
+    }
     if !w.variant.quads() {
         if class == RowClass::Prompt {
             gemm_panels(exec, isa, x, m, k, n, out, &|b| w.panel(arena, b));
@@ -636,6 +675,35 @@ fn float_decode(
             },
             |p, rows, acc| gemv_finish(isa, w.panel(arena, p), rows, acc),
             then,
+        );
+    });
+}
+
+/// Every row of a `Bf16Dot` matrix, decoding or prompt: the activations rounded to BF16 once,
+/// then every panel streamed once for all rows in groups of `GEMV_ROWS` (each group after the
+/// first takes a piece of the panel from cache). One kernel for every row, so a row's bits never
+/// depend on how many rows are computed with it or on their class.
+fn bf16_dot(exec: Exec, level: Level, arena: &Arena, w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) {
+    let k = w.cols;
+    let kh = k.div_ceil(2);
+    BF16_PAIRS.with(|xp| {
+        let mut xp = xp.borrow_mut();
+        bf16_pairs(x, m, k, &mut xp);
+        let xp = &*xp;
+        stream_panels(
+            exec,
+            w,
+            out,
+            m,
+            GEMV_ROWS,
+            |p, r0, rows, steps, acc| {
+                let Panel::Bf16(wp) = w.panel(arena, p) else {
+                    unreachable!("Bf16Dot matrices hold BF16 panels")
+                };
+                gemv_bf16_pairs(level, wp, &xp[r0 * kh..(r0 + rows) * kh], rows, k, steps, acc)
+            },
+            |_, rows, acc| gemv_bf16_pairs_finish(level, rows, acc),
+            |_| {},
         );
     });
 }

@@ -212,6 +212,104 @@ unsafe fn gemv_bf16<const R: usize>(w: &[half::bf16], x: &[f32], t0: usize, t1: 
     keep(&a, acc);
 }
 
+/// # Safety
+/// AVX-512 F/BW/VL and BF16; `w` a BF16 steps panel checked for input length `k`, `xp` holds
+/// `rows * kh` pairs (`kh = k.div_ceil(2)`, row `r` at `r * kh`), `1 <= rows <= GEMV_ROWS`, `acc` has `rows` rows, `t0 <= t1 <= k`
+/// with `t0` a multiple of `QBLOCK`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma,f16c")]
+pub unsafe fn gemv_bf16_pairs(
+    w: &[half::bf16],
+    xp: &[u32],
+    rows: usize,
+    kh: usize,
+    t0: usize,
+    t1: usize,
+    acc: &mut [[f32; PANEL]],
+) {
+    match rows {
+        1 => bf16_pairs::<1>(w, xp, kh, t0, t1, acc),
+        2 => bf16_pairs::<2>(w, xp, kh, t0, t1, acc),
+        3 => bf16_pairs::<3>(w, xp, kh, t0, t1, acc),
+        4 => bf16_pairs::<4>(w, xp, kh, t0, t1, acc),
+        5 => bf16_pairs::<5>(w, xp, kh, t0, t1, acc),
+        6 => bf16_pairs::<6>(w, xp, kh, t0, t1, acc),
+        7 => bf16_pairs::<7>(w, xp, kh, t0, t1, acc),
+        _ => bf16_pairs::<8>(w, xp, kh, t0, t1, acc),
+    }
+}
+
+/// Two steps of a BF16 panel interleaved per column (`vpunpck[lh]wd` of the two 64-byte steps):
+/// each 32-bit lane holds one column's weights for steps t and t + 1, which `vdpbf16ps`
+/// multiplies with the row's two activations broadcast to every lane. Lane `4i + j` of the first
+/// vector is column `8i + j`, of the second `8i + 4 + j`; `gemv_bf16_pairs_finish` reorders.
+#[inline(always)]
+unsafe fn bf16_pairs<const R: usize>(
+    w: &[half::bf16],
+    xp: &[u32],
+    kh: usize,
+    t0: usize,
+    t1: usize,
+    acc: &mut [[f32; PANEL]],
+) {
+    let wp = w.as_ptr();
+    let mut a = carried::<R>(t0, acc);
+    let mut rows = [xp.as_ptr(); R];
+    for r in 0..R {
+        rows[r] = xp.as_ptr().add(r * kh + t0 / 2);
+    }
+    #[inline(always)]
+    unsafe fn pair<const R: usize>(
+        a: &mut [[__m512; 2]; R],
+        v0: __m512i,
+        v1: __m512i,
+        rows: &[*const u32; R],
+        h: usize,
+    ) {
+        let lo: __m512bh = std::mem::transmute(_mm512_unpacklo_epi16(v0, v1));
+        let hi: __m512bh = std::mem::transmute(_mm512_unpackhi_epi16(v0, v1));
+        for r in 0..R {
+            let xb: __m512bh = std::mem::transmute(_mm512_set1_epi32(*rows[r].add(h) as i32));
+            a[r][0] = _mm512_dpbf16_ps(a[r][0], lo, xb);
+            a[r][1] = _mm512_dpbf16_ps(a[r][1], hi, xb);
+        }
+    }
+    let full = t0 + (t1 - t0) / 2 * 2;
+    let mut t = t0;
+    while t < full {
+        let s = wp.add(t * PANEL);
+        // One prefetch per 64-byte step.
+        prefetch(s);
+        prefetch(s.add(PANEL));
+        let v0 = _mm512_loadu_si512(s as *const __m512i);
+        let v1 = _mm512_loadu_si512(s.add(PANEL) as *const __m512i);
+        pair(&mut a, v0, v1, &rows, (t - t0) / 2);
+        t += 2;
+    }
+    if full < t1 {
+        // The panel's last step when `k` is odd; its pair's high half is zero.
+        let v0 = _mm512_loadu_si512(wp.add(full * PANEL) as *const __m512i);
+        pair(&mut a, v0, _mm512_setzero_si512(), &rows, (full - t0) / 2);
+    }
+    keep(&a, acc);
+}
+
+/// Puts `gemv_bf16_pairs`' sums in column order.
+///
+/// # Safety
+/// AVX-512 F; `acc` has `rows` rows.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn gemv_bf16_pairs_finish(rows: usize, acc: &mut [[f32; PANEL]]) {
+    // Column c = 8i + j comes from lane 4i + j of the first vector (j < 4) or 4i + j - 4 of the
+    // second (index + 16).
+    let first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    let second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for a in acc.iter_mut().take(rows) {
+        let (e, o) = (_mm512_loadu_ps(a.as_ptr()), _mm512_loadu_ps(a.as_ptr().add(16)));
+        _mm512_storeu_ps(a.as_mut_ptr(), _mm512_permutex2var_ps(e, first, o));
+        _mm512_storeu_ps(a.as_mut_ptr().add(16), _mm512_permutex2var_ps(e, second, o));
+    }
+}
+
 /// Q4 steps panel: per step, 16 bytes widen to 16 lanes whose low nibbles are the even columns
 /// and high nibbles the odd ones. Per block of 32 steps the sums are scaled by `d` and the
 /// block's activation sum is added times `m`; `gemv_finish` interleaves the columns back.

@@ -251,6 +251,84 @@ pub fn widen(isa: Isa, p: Panel, k: usize, dst: &mut [f32]) {
     }
 }
 
+/// `v` rounded to BF16 bits, to nearest with ties to even (as `bf16::from_f32`, written without
+/// branches so that the loops over rows vectorise).
+#[inline(always)]
+fn bf16_bits(v: f32) -> u32 {
+    let b = v.to_bits();
+    let rounded = b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16;
+    // NaN stays NaN (quiet) instead of rounding into infinity.
+    if b & 0x7FFF_FFFF > 0x7F80_0000 {
+        (b >> 16) | 0x40
+    } else {
+        rounded
+    }
+}
+
+/// `m` rows of `k` activations rounded to BF16 for `gemv_bf16_pairs`: row `r` holds its values
+/// of steps `2h` (low half) and `2h + 1` (high half, zero past `k`) in word `r * k.div_ceil(2) +
+/// h`, which is the row's BF16 values in order.
+pub fn bf16_pairs(x: &[f32], m: usize, k: usize, out: &mut Vec<u32>) {
+    let kh = k.div_ceil(2);
+    assert!(x.len() >= m * k, "kernels: activations shorter than {m} rows of {k}");
+    out.resize(m * kh, 0);
+    for (src, dst) in x[..m * k].chunks_exact(k).zip(out.chunks_exact_mut(kh)) {
+        let (pairs, tail) = src.split_at(k / 2 * 2);
+        for (d, p) in dst.iter_mut().zip(pairs.chunks_exact(2)) {
+            *d = bf16_bits(p[0]) | bf16_bits(p[1]) << 16;
+        }
+        if let Some(v) = tail.first() {
+            dst[kh - 1] = bf16_bits(*v);
+        }
+    }
+}
+
+/// `out[r][c] = Σ_t x[r][t] · P[t][c]` over steps `steps` for a BF16 panel and `rows ≤
+/// GEMV_ROWS` rows of BF16 activation pairs (`bf16_pairs`, row `r` at `r * k.div_ceil(2)`), added to `acc` as `gemv_steps`
+/// does (from zero at step 0; `steps.start` a multiple of `QBLOCK`), in the kernel's own column
+/// order until `gemv_bf16_pairs_finish`. With AVX-512 BF16 (`Level::bf16_dot`) one `vdpbf16ps`
+/// does two steps of 16 columns; elsewhere plain code computes the same sums. Each output is one
+/// chain over the pairs whatever the number of rows.
+pub fn gemv_bf16_pairs(
+    level: Level,
+    w: &[bf16],
+    xp: &[u32],
+    rows: usize,
+    k: usize,
+    steps: std::ops::Range<usize>,
+    acc: &mut [[f32; PANEL]],
+) {
+    Panel::Bf16(w).check(k);
+    assert!((1..=GEMV_ROWS).contains(&rows) && acc.len() >= rows && xp.len() >= rows * k.div_ceil(2));
+    assert!(
+        steps.start.is_multiple_of(QBLOCK) && steps.start <= steps.end && steps.end <= k,
+        "kernels: steps {steps:?} of {k}"
+    );
+    let (t0, t1) = (steps.start, steps.end);
+    // A piece ends on a pair boundary unless it ends the panel.
+    assert!(t1 == k || t1.is_multiple_of(2), "kernels: steps {steps:?} split a pair");
+    if level.bf16_dot() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `bf16_dot` holds only for AVX-512 CPUs reporting BF16; lengths checked above.
+        unsafe {
+            return avx512::gemv_bf16_pairs(w, xp, rows, k.div_ceil(2), t0, t1, acc);
+        }
+    }
+    portable::gemv_bf16_pairs(w, xp, rows, k.div_ceil(2), t0, t1, acc)
+}
+
+/// Puts `gemv_bf16_pairs`' sums in column order, after the last steps.
+pub fn gemv_bf16_pairs_finish(level: Level, rows: usize, acc: &mut [[f32; PANEL]]) {
+    assert!(rows <= acc.len());
+    if level.bf16_dot() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `gemv_bf16_pairs`; only `rows` rows of `acc` are touched.
+        unsafe {
+            avx512::gemv_bf16_pairs_finish(rows, acc)
+        }
+    }
+}
+
 /// Activation rows quantized per block of 32 for the integer kernels: `q` holds `rows` rows of
 /// `kp` signed value bytes (zero-padded) and `lo` the residual bytes, so that an activation is
 /// `d · (256 · q + lo)`; `s` is that integer's sum per row and block, `d` the unit per row and
@@ -610,6 +688,109 @@ mod tests {
                 }
                 assert_eq!(pieces[..rows], whole[..rows], "{}", level.name());
             }
+        }
+    }
+
+    /// `gemv_bf16_pairs` over the pieces between `bounds` then finished, for `rows` rows of `x`
+    /// (row-major).
+    fn bf16_dot(level: Level, w: &[bf16], x: &[f32], rows: usize, k: usize, bounds: &[usize]) -> Vec<[f32; PANEL]> {
+        let mut xp = Vec::new();
+        bf16_pairs(x, rows, k, &mut xp);
+        let mut acc = vec![[f32::NAN; PANEL]; rows];
+        for b in bounds.windows(2) {
+            gemv_bf16_pairs(level, w, &xp, rows, k, b[0]..b[1], &mut acc);
+        }
+        gemv_bf16_pairs_finish(level, rows, &mut acc);
+        acc
+    }
+
+    #[test]
+    fn bf16_dot_kernels_multiply_bf16_rounded_activations_at_every_level() {
+        let levels = Level::supported();
+        eprintln!(
+            "BF16 dot products here: {:?}",
+            levels
+                .iter()
+                .filter(|l| l.bf16_dot())
+                .map(|l| l.name())
+                .collect::<Vec<_>>()
+        );
+        for k in [1, 2, 3, 31, 32, 33, 64, 95, 960] {
+            let f = formats(k);
+            let p = Panel::Bf16(&f.bf);
+            for rows in 1..=GEMV_ROWS {
+                let x = rand_vec(rows * k, 9);
+                let rounded: Vec<f32> = x.iter().map(|v| bf16::from_f32(*v).to_f32()).collect();
+                for &level in &levels {
+                    let got = bf16_dot(level, &f.bf, &x, rows, k, &[0, k]);
+                    for r in 0..rows {
+                        for c in 0..PANEL {
+                            let want = reference(p, &rounded, k, r, c);
+                            assert!(
+                                (got[r][c] as f64 - want).abs() < 1e-4 * (k as f64).sqrt(),
+                                "{} k={k} rows={rows} r={r} c={c}: {} vs {want}",
+                                level.name(),
+                                got[r][c]
+                            );
+                        }
+                    }
+                    // Not the exact product: the activations were rounded.
+                    if k == 960 && rows == 1 {
+                        let exact = reference(p, &x, k, 0, 0);
+                        assert!((got[0][0] as f64 - exact).abs() > 1e-6, "{}", level.name());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn activations_round_to_bf16_as_the_half_crate_does() {
+        // Ties both ways, the largest finite values, infinities, subnormals and odd lengths.
+        let mut x: Vec<f32> = [
+            1.0f32 + 2f32.powi(-8),
+            1.0 + 3.0 * 2f32.powi(-8),
+            -1.0 - 2f32.powi(-8),
+            f32::MAX,
+        ]
+        .into_iter()
+        .chain([f32::MIN, f32::INFINITY, f32::NEG_INFINITY, 1e-40, -3e-39, 0.0, -0.0])
+        .collect();
+        x.extend(rand_vec(40, 17).iter().map(|v| v * 1e3));
+        for k in [x.len(), x.len() - 1] {
+            let mut xp = Vec::new();
+            bf16_pairs(&x[..k], 1, k, &mut xp);
+            assert_eq!(xp.len(), k.div_ceil(2));
+            for t in 0..k {
+                let got = (xp[t / 2] >> (16 * (t % 2))) as u16;
+                assert_eq!(got, bf16::from_f32(x[t]).to_bits(), "{} at {t}", x[t]);
+            }
+            if k % 2 == 1 {
+                assert_eq!(xp[k / 2] >> 16, 0, "the pad is zero");
+            }
+        }
+        let mut xp = Vec::new();
+        bf16_pairs(&[f32::NAN, -f32::NAN], 1, 2, &mut xp);
+        assert!(bf16::from_bits(xp[0] as u16).is_nan() && bf16::from_bits((xp[0] >> 16) as u16).is_nan());
+    }
+
+    #[test]
+    fn bf16_dot_rows_and_pieces_do_not_change_a_rows_bits() {
+        let k = 160;
+        let f = formats(k);
+        let x = rand_vec(GEMV_ROWS * k, 14);
+        for level in Level::supported() {
+            let all = bf16_dot(level, &f.bf, &x, GEMV_ROWS, k, &[0, k]);
+            for rows in 1..GEMV_ROWS {
+                assert_eq!(
+                    bf16_dot(level, &f.bf, &x, rows, k, &[0, k]),
+                    all[..rows],
+                    "{} rows={rows}",
+                    level.name()
+                );
+            }
+            let pieces = bf16_dot(level, &f.bf, &x, 3, k, &[0, 64, 96, 160]);
+            assert_eq!(pieces, all[..3], "{}", level.name());
         }
     }
 

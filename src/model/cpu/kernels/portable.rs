@@ -135,3 +135,34 @@ pub fn quantize_row(x: &[f32], dst: QRowMut) {
         dst.s[b] = sum;
     }
 }
+
+/// BF16 weights times BF16-rounded activations in pairs of steps, as `vdpbf16ps` does it (the
+/// products are exact in f32; the odd step's is added first): what CPUs without BF16 dot
+/// products compute for `gemv_bf16_pairs`, in column order.
+pub fn gemv_bf16_pairs(
+    w: &[half::bf16],
+    xp: &[u32],
+    rows: usize,
+    kh: usize,
+    t0: usize,
+    t1: usize,
+    out: &mut [[f32; PANEL]],
+) {
+    for r in 0..rows {
+        let mut a = if t0 == 0 { [0f32; PANEL] } else { out[r] };
+        for t in (t0..t1).step_by(2) {
+            let x = xp[r * kh + t / 2];
+            let (x0, x1) = (f32::from_bits(x << 16), f32::from_bits(x & 0xFFFF_0000));
+            for (c, ac) in a.iter_mut().enumerate() {
+                let w0 = super::bf16_to_f32(w[t * PANEL + c]);
+                let w1 = if t + 1 < t1 {
+                    super::bf16_to_f32(w[(t + 1) * PANEL + c])
+                } else {
+                    0.0
+                };
+                *ac = (*ac + x1 * w1) + x0 * w0;
+            }
+        }
+        out[r] = a;
+    }
+}
