@@ -198,6 +198,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 if args.model.quantize.is_some() {
                     bail!("--quantize works on the CPU only");
                 }
+                if args.model.spec().precision != crate::model::Precision::Exact {
+                    bail!("--precision fast works on the CPU only");
+                }
                 let dtype = args.model.dtype.to_dtype().unwrap_or(candle_core::DType::BF16);
                 let model = Model::Candle(crate::model::Llama::random(&cfg, dtype, &device)?);
                 let plan = schema_plan(args, None, cfg.vocab_size)?;

@@ -332,6 +332,12 @@ fn load_network(config: &LlamaConfig, files: &ModelFiles, opts: &LoadOptions) ->
             if opts.quantize.is_some() {
                 bail!("quantizing at load works on the CPU only (device cpu)");
             }
+            if opts.precision != Precision::Exact {
+                bail!(
+                    "precision {} is a choice of the CPU kernels (device cpu)",
+                    opts.precision.name()
+                );
+            }
             Model::Candle(Llama::load(config, &weights, dtype, &opts.device)?)
         }
     })

@@ -166,6 +166,15 @@ fn the_fast_precision_stays_within_its_stated_tolerance() {
             assert!(d.prompt.max(d.steps) > 1e-3, "{name}: the activations were not rounded");
         }
     }
+    // The candle path (GPUs) has no such kernels: refused, not ignored.
+    let files = ModelFiles::from_dir(&model_dir("tied-bf16")).unwrap();
+    let opts = LoadOptions {
+        precision: Precision::Fast,
+        engine: Engine::Candle,
+        ..LoadOptions::cpu()
+    };
+    let err = load(&files, &opts).err().expect("refused").to_string();
+    assert!(err.contains("precision fast") && err.contains("device cpu"), "{err}");
 }
 
 #[test]
