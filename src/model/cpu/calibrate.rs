@@ -9,6 +9,10 @@
 //! `$XDG_CACHE_HOME/zagreus/kernels.json` (default `~/.cache`), keyed by the CPU model, the
 //! instruction level and the zagreus version. `ZAGREUS_KERNEL=float|int8|int8+float` forces a
 //! choice (`int8+float`: integer decoding, float prefill).
+//!
+//! BF16 in the fast precision is chosen the same way between f32 arithmetic and BF16 dot
+//! products (`vdpbf16ps`), where the CPU has them: some run them at the FMA rate with twice the
+//! multiply-adds, others far below it.
 
 use std::collections::HashMap;
 use std::path::PathBuf;

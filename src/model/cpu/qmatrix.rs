@@ -9,6 +9,9 @@
 //! bits per block and integer dot products do the work; prefill either runs the same integer
 //! kernel over tiles of rows or widens the quads to f32 (whichever `calibrate.rs` measured
 //! faster on this CPU).
+//! `Bf16Dot` (BF16 in the fast precision): every row, decoding or prompt, has its activations
+//! rounded to BF16 and goes through the BF16 dot-product kernel, each panel streamed once for
+//! all rows.
 
 // Register-blocked kernels index several arrays with the same counters; explicit loops read
 // closer to the math than iterator chains.

@@ -5,7 +5,9 @@
 //! - **Steps** (`F32`, `Bf16`, `F16`, `Q8_0`, `Q4`): transposed, `P[t][c]` is weight (row c,
 //!   input t), so one step over `t` reads 32 consecutive weights that feed 32 outputs. The float
 //!   kernels widen them to f32 in registers and multiply with f32 activations: no horizontal sums,
-//!   and BF16 models compute exactly what transformers computes in f32.
+//!   and BF16 models compute exactly what transformers computes in f32. In the fast precision
+//!   BF16 panels are instead read two steps at a time, interleaved per column in registers, and
+//!   multiplied with BF16-rounded activations by `vdpbf16ps` (`gemv_bf16_pairs`).
 //! - **Quads** (`Q8x4`, `Q4x8`): for integer dot products, which sum four adjacent byte products
 //!   into one 32-bit lane, each column's weights for 4 consecutive steps are adjacent:
 //!   byte `(t / 4) · 128 + c · 4 + t % 4`. Q4 packs two such groups per byte (steps 0-3 of each
