@@ -363,13 +363,14 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
     let r = request(&s.addr, "GET", "/health", &[("origin", "http://example.test")], b"").unwrap();
     assert_eq!(r.header("access-control-allow-origin"), Some("http://example.test"));
     // Every request got its access-log line.
-    let log = s.stderr();
-    for line in [
+    let lines = [
         "\"POST /v1/chat/completions\" 400",
         "\"GET /v1/nothing\" 404",
         "\"GET /v1/models\" 401",
         "\"POST /v1/completions\" 413",
-    ] {
+    ];
+    let log = s.stderr_with(&lines);
+    for line in lines {
         assert!(log.contains(line), "no {line} in\n{log}");
     }
 }
@@ -397,7 +398,8 @@ fn a_full_queue_answers_503_and_a_client_that_hangs_up_frees_its_sequence() {
     s.wait_for(10, "no sequence running", |s| {
         s.metric("zagreus_sequences_running") == 0.0
     });
-    assert!(s.stderr().contains("499"), "{}", s.stderr());
+    let log = s.stderr_with(&["499"]);
+    assert!(log.contains("499"), "{log}");
     // A whole (not streamed) request whose client hangs up stops too.
     let waiting = send(
         &s.addr,
@@ -527,7 +529,7 @@ fn sigterm_lets_running_requests_finish_then_exits_0() {
     assert_eq!(r.json()["usage"]["completion_tokens"], 64);
     let status = s.child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{}", s.stderr());
-    assert!(s.stderr().contains("shutting down"));
+    assert!(s.stderr_with(&["shutting down"]).contains("shutting down"));
     assert!(
         request(&s.addr, "GET", "/health", &[], b"").is_err(),
         "still accepting after the shutdown"

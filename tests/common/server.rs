@@ -75,6 +75,19 @@ impl Server {
         self.stderr.lock().unwrap().join("\n")
     }
 
+    /// Stderr once it holds every one of `needles`, or after 10 s (the server writes a request's
+    /// access-log line after answering it, and a reader thread collects the lines).
+    pub fn stderr_with(&self, needles: &[&str]) -> String {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let log = self.stderr();
+            if needles.iter().all(|n| log.contains(n)) || std::time::Instant::now() > until {
+                return log;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     pub fn try_request(
         &self,
         method: &str,
