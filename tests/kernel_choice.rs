@@ -92,7 +92,9 @@ fn the_fast_precision_says_what_it_runs() {
     let (fast, _) = bench_with(&["--precision", "fast"], &[("XDG_CACHE_HOME", dir)]);
     // BF16 dot products where the CPU has them and they were faster, else exact, said so.
     assert!(
-        fast.contains("bf16-dot (measured on this CPU), fast precision") || fast.contains(", exact: "),
+        fast.contains("bf16-dot (measured on this CPU), fast precision")
+            || fast.ends_with(", exact: BF16 dot products were slower on this CPU")
+            || fast.ends_with(", exact: no BF16 dot products at this level"),
         "{fast}"
     );
     if fast.starts_with("avx512") || fast.starts_with("avx2") {

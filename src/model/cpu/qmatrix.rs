@@ -856,6 +856,48 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_bf16_dot_variant_matches_a_reference_on_rounded_activations_and_keeps_each_rows_bits() {
+        // Shapes past one piece of steps (256) with several groups of rows (more than 8), odd
+        // input lengths and partial panels.
+        for &(m, k, n) in &[(1, 1, 1), (2, 3, 5), (9, 300, 45), (16, 257, 64), (17, 513, 33)] {
+            let wf = rand_vec(n * k, 11);
+            let x = rand_vec(m * k, 12);
+            let (arena, w) = build(Storage::new(Format::Bf16, Variant::Bf16Dot), &wf, n, k);
+            let mut deq = vec![0f32; n * k];
+            for r in 0..n {
+                w.row_f32(&arena, r, &mut deq[r * k..(r + 1) * k]);
+            }
+            let xr: Vec<f32> = x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+            for level in Level::supported() {
+                let mut out = vec![f32::NAN; m * n];
+                matmul_with(level, &arena, &w, &x, m, &mut out);
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k).map(|t| xr[i * k + t] as f64 * deq[j * k + t] as f64).sum();
+                        let got = out[i * n + j] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-4 * (k as f64).sqrt(),
+                            "{} m={m} k={k} n={n} [{i},{j}]: {got} vs {want}",
+                            level.name()
+                        );
+                    }
+                    // Alone, the row gets the same bits as among the others.
+                    let mut alone = vec![f32::NAN; n];
+                    matmul_with(level, &arena, &w, &x[i * k..(i + 1) * k], 1, &mut alone);
+                    assert!(
+                        alone
+                            .iter()
+                            .zip(&out[i * n..(i + 1) * n])
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{} m={m} k={k} n={n}: row {i} alone differs",
+                        level.name()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn integer_kernels_stay_close_to_the_exact_product() {
         // What activation quantization costs: the int8 path against f32 activations.
         let (m, k, n) = (3, 960, 64);

@@ -274,6 +274,9 @@ pub fn bf16_pairs(x: &[f32], m: usize, k: usize, out: &mut Vec<u32>) {
     let kh = k.div_ceil(2);
     assert!(x.len() >= m * k, "kernels: activations shorter than {m} rows of {k}");
     out.resize(m * kh, 0);
+    if k == 0 {
+        return;
+    }
     for (src, dst) in x[..m * k].chunks_exact(k).zip(out.chunks_exact_mut(kh)) {
         let (pairs, tail) = src.split_at(k / 2 * 2);
         for (d, p) in dst.iter_mut().zip(pairs.chunks_exact(2)) {
@@ -774,6 +777,9 @@ mod tests {
         let mut xp = Vec::new();
         bf16_pairs(&[f32::NAN, -f32::NAN], 1, 2, &mut xp);
         assert!(bf16::from_bits(xp[0] as u16).is_nan() && bf16::from_bits((xp[0] >> 16) as u16).is_nan());
+        // Rows of no values are no pairs (not a panic).
+        bf16_pairs(&[], 3, 0, &mut xp);
+        assert!(xp.is_empty());
     }
 
     #[test]

@@ -136,9 +136,11 @@ pub fn quantize_row(x: &[f32], dst: QRowMut) {
     }
 }
 
-/// BF16 weights times BF16-rounded activations in pairs of steps, as `vdpbf16ps` does it (the
+/// BF16 weights times BF16-rounded activations in pairs of steps, in `vdpbf16ps`'s order (the
 /// products are exact in f32; the odd step's is added first): what CPUs without BF16 dot
-/// products compute for `gemv_bf16_pairs`, in column order.
+/// products compute for `gemv_bf16_pairs`, in column order. Unlike the instruction, subnormal
+/// inputs and results are kept, not flushed to zero, so the two agree except where values are
+/// that small.
 pub fn gemv_bf16_pairs(
     w: &[half::bf16],
     xp: &[u32],
