@@ -4,7 +4,7 @@
 use divan::counter::BytesCount;
 use divan::Bencher;
 use zagreus::model::cpu::arena::{Arena, Placement};
-use zagreus::model::cpu::attention::{attention, AttnScratch, AttnSeq, LayerKv};
+use zagreus::model::cpu::attention::{attention, key_group_len, AttnScratch, AttnSeq, LayerKv};
 use zagreus::model::cpu::isa::Isa;
 use zagreus::model::cpu::qmatrix::{matmul, Format, QMatrix, Storage, Variant, PANEL};
 
@@ -82,8 +82,10 @@ fn gemm_pp128_gate_up(bencher: Bencher, format: Storage) {
 fn attention_decode_ctx2048(bencher: Bencher) {
     let (heads, kvh, hd, len) = (15, 5, 64, 2048);
     let cap = len;
-    let kt: Vec<f32> = (0..kvh * hd * cap).map(|i| (i % 7) as f32 / 7.0).collect();
-    let v = kt.clone();
+    let kt: Vec<f32> = (0..kvh * key_group_len(hd, cap))
+        .map(|i| (i % 7) as f32 / 7.0)
+        .collect();
+    let v: Vec<f32> = (0..kvh * cap * hd).map(|i| (i % 7) as f32 / 7.0).collect();
     let q: Vec<f32> = (0..heads * hd).map(|i| (i % 5) as f32 / 5.0).collect();
     let mut out = vec![0f32; heads * hd];
     let mut sc = AttnScratch::default();

@@ -1,12 +1,13 @@
-//! One sequence's key/value cache in the CPU engine's layout: per layer, keys transposed
-//! `[kv_heads][head_dim][cap]` (so scores for many keys are one vector FMA chain) and values
+//! One sequence's key/value cache in the CPU engine's layout: per layer, keys transposed in
+//! tiles of positions `[kv_heads][tile][head_dim][KEY_TILE]` (so scores for many keys are one
+//! vector FMA chain over one contiguous stream; `attention::key_at`) and values
 //! `[kv_heads][cap][head_dim]`, grown by doubling (never past the context size) and truncatable.
 //! Nothing else lives here: the per-step buffers belong to the engine, so any number of
 //! sequences can share one model.
 
 use anyhow::Result;
 
-use super::attention::LayerKv;
+use super::attention::{key_at, key_group_len, LayerKv};
 use crate::model::plan::kv_capacity;
 
 pub struct CpuCache {
@@ -53,9 +54,9 @@ impl CpuCache {
         self.kt.iter().chain(&self.v).map(|v| v.len() * 4).sum()
     }
 
-    /// Bytes a cache of `positions` positions holds for this model shape.
+    /// Bytes a cache of `positions` positions holds for this model shape (keys in whole tiles).
     pub fn bytes_for(layers: usize, kv_heads: usize, head_dim: usize, positions: usize) -> usize {
-        2 * layers * kv_heads * head_dim * positions * 4
+        layers * kv_heads * (key_group_len(head_dim, positions) + positions * head_dim) * 4
     }
 
     /// Makes room for `extra` more positions.
@@ -65,10 +66,13 @@ impl CpuCache {
             return Ok(());
         }
         let (g, hd, old, len) = (self.kv_heads, self.head_dim, self.cap, self.len);
+        let (glen, old_glen) = (key_group_len(hd, cap), key_group_len(hd, old));
+        // The tiles holding the cached positions, whole (a tile's unused tail is zero).
+        let used = key_group_len(hd, len);
         for kt in &mut self.kt {
-            let mut fresh = vec![0f32; g * hd * cap];
-            for row in 0..g * hd {
-                fresh[row * cap..row * cap + len].copy_from_slice(&kt[row * old..row * old + len]);
+            let mut fresh = vec![0f32; g * glen];
+            for gi in 0..g {
+                fresh[gi * glen..gi * glen + used].copy_from_slice(&kt[gi * old_glen..gi * old_glen + used]);
             }
             *kt = fresh;
         }
@@ -90,9 +94,11 @@ impl CpuCache {
             p < cap && k.len() == g * hd && v.len() == g * hd,
             "kv: position {p} outside the cache"
         );
-        let kt = &mut self.kt[layer];
-        for (i, kd) in k.iter().enumerate() {
-            kt[i * cap + p] = *kd;
+        let (kt, glen) = (&mut self.kt[layer], key_group_len(hd, cap));
+        for gi in 0..g {
+            for d in 0..hd {
+                kt[gi * glen + key_at(hd, d, p)] = k[gi * hd + d];
+            }
         }
         for gi in 0..g {
             self.v[layer][(gi * cap + p) * hd..(gi * cap + p + 1) * hd].copy_from_slice(&v[gi * hd..(gi + 1) * hd]);
@@ -109,6 +115,54 @@ impl CpuCache {
             kt: &self.kt[layer],
             v: &self.v[layer],
             cap: self.cap,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_values_survive_growth_and_truncation_in_their_tiles() {
+        // A context that is not a whole number of tiles, grown twice (256, 512, 700).
+        let (layers, g, hd) = (2, 3, 8);
+        let mut c = CpuCache::new(layers, g, hd, 700);
+        let key = |l: usize, p: usize, i: usize| (l * 100_000 + p * 100 + i) as f32;
+        let val = |l: usize, p: usize, i: usize| -key(l, p, i);
+        let mut stored = 0;
+        for n in [5, 300, 395] {
+            c.reserve(n).unwrap();
+            for p in stored..stored + n {
+                for l in 0..layers {
+                    let k: Vec<f32> = (0..g * hd).map(|i| key(l, p, i)).collect();
+                    let v: Vec<f32> = (0..g * hd).map(|i| val(l, p, i)).collect();
+                    c.store(l, p, &k, &v);
+                }
+            }
+            c.advance(n);
+            stored += n;
+            if stored == 305 {
+                // Dropping the last 10 positions, then storing different ones there.
+                c.truncate(295);
+                stored = 295;
+            }
+        }
+        assert_eq!((c.len(), c.cap), (690, 700));
+        assert!(c.reserve(11).is_err(), "past the context");
+        assert_eq!(c.bytes(), CpuCache::bytes_for(layers, g, hd, 700));
+        for l in 0..layers {
+            let kv = c.layer(l);
+            let glen = key_group_len(hd, kv.cap);
+            for p in 0..690 {
+                for gi in 0..g {
+                    for d in 0..hd {
+                        let i = gi * hd + d;
+                        assert_eq!(kv.kt[gi * glen + key_at(hd, d, p)], key(l, p, i), "key {l} {p} {i}");
+                        assert_eq!(kv.v[(gi * kv.cap + p) * hd + d], val(l, p, i), "value {l} {p} {i}");
+                    }
+                }
+            }
         }
     }
 }
