@@ -61,6 +61,19 @@ fn the_choice_is_measured_once_cached_and_can_be_forced() {
         let (second, _) = bench_kernels(&[("XDG_CACHE_HOME", dir)]);
         assert!(second.contains("measured earlier on this CPU"), "{second}");
         assert!(second.contains(variant), "{second}");
+        // An edited file naming another family's kernels is not believed: measured again.
+        let text = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(
+            &file,
+            text.replace(&format!("\"variant\": \"{variant}\""), "\"variant\": \"bf16-dot\""),
+        )
+        .unwrap();
+        assert!(std::fs::read_to_string(&file).unwrap().contains("bf16-dot"));
+        let (third, _) = bench_kernels(&[("XDG_CACHE_HOME", dir)]);
+        assert!(
+            third.contains("measured on this CPU") && !third.contains("bf16-dot"),
+            "{third}"
+        );
     }
     for forced in ["float", "int8", "int8+float"] {
         let (k, _) = bench_kernels(&[("XDG_CACHE_HOME", dir), ("ZAGREUS_KERNEL", forced)]);

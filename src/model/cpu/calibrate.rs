@@ -120,7 +120,8 @@ fn remembered(level: Level, family: Family, measure: impl FnOnce() -> (Variant, 
             family.name(),
             env!("CARGO_PKG_VERSION")
         );
-        if let Some(variant) = read_cache(&key) {
+        // An entry naming kernels of another family (an edited file) is measured again.
+        if let Some(variant) = read_cache(&key).filter(|v| family.runs(*v)) {
             return Choice {
                 variant,
                 reason: Reason::Cached,
@@ -158,6 +159,14 @@ impl Family {
             Family::Q8 => Format::Q8_0,
             Family::Q4 => Format::Q4_1,
             Family::Bf16Fast => Format::Bf16,
+        }
+    }
+
+    /// Whether `variant` is one of this family's choices.
+    fn runs(self, variant: Variant) -> bool {
+        match self {
+            Family::Q8 | Family::Q4 => variant != Variant::Bf16Dot,
+            Family::Bf16Fast => matches!(variant, Variant::Float | Variant::Bf16Dot),
         }
     }
 
