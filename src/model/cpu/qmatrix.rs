@@ -608,7 +608,11 @@ fn product(
                 w,
                 out,
                 m,
-                INT_ROWS,
+                if matches!(w.data, MatData::Q8_0 { .. }) {
+                    Q8_DECODE_GROUP
+                } else {
+                    INT_ROWS
+                },
                 |p, r0, rows, steps, acc| {
                     let blocks = steps.start / QBLOCK..steps.end.div_ceil(QBLOCK);
                     gemv_int_blocks(level, w.panel(arena, p), &acts.rows(r0, rows), blocks, acc)
@@ -710,6 +714,14 @@ fn bf16_dot(exec: Exec, level: Level, arena: &Arena, w: &QMatrix, x: &[f32], m: 
         );
     });
 }
+
+/// Decoding rows per integer kernel call for Q8_0. The kernel runs its rows four at a time over
+/// the steps it is given; given a whole Q8_0 panel (30-80 KiB in the Zagreus shape), the second
+/// four would read it back from L2. In groups of 4, 5-16 rows take it a `PIECE` at a time from
+/// L1 instead (8 sequences: a median of 240 decode t/s against 216 in the model, nine alternating
+/// runs on a noisy host, 2026-12-04; the bits are the same). Q4_0 panels are half the size and mostly stay in L1: there
+/// groups of 4 were 5-7% slower at 8 rows (the pieces' extra passes), so they keep `INT_ROWS`.
+const Q8_DECODE_GROUP: usize = 4;
 
 /// Steps of a panel taken at a time when more than one group of decoding rows shares it: 256
 /// steps of BF16 are 16 KiB, so every group after the first finds them in L1 while the memory
