@@ -481,6 +481,14 @@ impl CpuLlama {
                 &mut s.gather[g * h..(g + 1) * h],
             );
         }
+        if all.is_empty() {
+            // Only `Last` rows (every decoding step): they are in chunk order already, so the
+            // product writes every value of the answer in place (no copy of rows x vocab floats,
+            // and no clearing when the caller's buffer has the size already).
+            out.resize(rows * vocab, 0.0);
+            matmul_rows(arena, &self.lm_head, &s.gather, rows, rows, out);
+            return Ok(());
+        }
         s.logits.resize(rows * vocab, 0.0);
         matmul_rows(arena, &self.lm_head, &s.gather, last.len(), rows, &mut s.logits);
         // Back in chunk order.
