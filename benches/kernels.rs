@@ -172,3 +172,25 @@ fn quantize_rows_960(bencher: Bencher, rows: usize) {
         .counter(divan::counter::ItemsCount::new(rows * 960))
         .bench_local(|| acts.quantize(&x, rows, 960));
 }
+
+/// The four products of a decoding layer at the Zagreus shape (q/k/v 1600 x 960, o 960 x 960,
+/// gate/up 5120 x 960, down 960 x 2560) for 1 and 16 sequences, over 8 layers' worth of
+/// weights so that they come from memory as in the model (the products alone, without the rest
+/// of a step: what a change to how panels are shared between threads or streamed would move).
+#[divan::bench(args = [(0, 1), (0, 16), (3, 1), (3, 16)], sample_count = 20)]
+fn decode_layers(bencher: Bencher, (format, rows): (usize, usize)) {
+    let shapes = [(1600, 960), (960, 960), (5120, 960), (960, 2560)];
+    let layers: Vec<Vec<(Arena, QMatrix)>> = (0..8)
+        .map(|_| shapes.iter().map(|&(n, k)| matrix(FORMATS[format], n, k)).collect())
+        .collect();
+    let x: Vec<f32> = (0..rows * 5120).map(|i| (i % 13) as f32 / 13.0 - 0.4).collect();
+    let mut out = vec![0f32; rows * 5120];
+    bencher.bench_local(|| {
+        for layer in &layers {
+            for (arena, m) in layer {
+                let (n, k) = (m.rows, m.cols);
+                zagreus::model::cpu::qmatrix::matmul_rows(arena, m, &x[..rows * k], rows, rows, &mut out[..rows * n]);
+            }
+        }
+    });
+}
