@@ -32,6 +32,9 @@ pub struct Line {
     /// 1-based line number in the input.
     pub number: usize,
     pub custom_id: String,
+    /// Its `custom_id` is an earlier line's: the line gets an error record that does not stand
+    /// for the earlier line's result when a run resumes.
+    pub duplicate: bool,
     pub job: Result<Job>,
 }
 
@@ -46,6 +49,7 @@ pub fn parse_lines(text: &str) -> Vec<Line> {
             continue;
         }
         let (custom_id, mut job) = parse_line(number, raw);
+        let duplicate = seen.contains_key(&custom_id);
         if let Some(first) = seen.get(&custom_id) {
             job = Err(anyhow::anyhow!(
                 "custom_id {custom_id:?} is already used on line {first}"
@@ -53,7 +57,12 @@ pub fn parse_lines(text: &str) -> Vec<Line> {
         } else {
             seen.insert(custom_id.clone(), number);
         }
-        out.push(Line { number, custom_id, job });
+        out.push(Line {
+            number,
+            custom_id,
+            duplicate,
+            job,
+        });
     }
     out
 }
@@ -109,14 +118,59 @@ fn infer(body: &Value) -> Endpoint {
     }
 }
 
-/// The ids already in a results file. A last line cut short (the run was killed while writing
-/// it) is removed, so the file holds whole records only.
-fn finished_ids(path: &Path) -> Result<HashSet<String>> {
+/// The error code of a line whose `custom_id` an earlier line has: its record is not the
+/// earlier line's result.
+const DUPLICATE_ID: &str = "duplicate_custom_id";
+
+/// What a results file already holds.
+#[derive(Debug, Default)]
+struct Finished {
+    /// Requests with a record.
+    ids: HashSet<String>,
+    /// Input lines whose duplicate-id error record is written (by line number).
+    duplicates: HashSet<usize>,
+}
+
+impl Finished {
+    fn has(&self, line: &Line) -> bool {
+        if line.duplicate {
+            self.duplicates.contains(&line.number)
+        } else {
+            self.ids.contains(&line.custom_id)
+        }
+    }
+}
+
+/// What a results file already holds. Every whole line must be a result record (so a file of
+/// something else is refused untouched); then a last line cut short (the run was killed while
+/// writing it) is removed, so the file holds whole records only.
+fn finished(path: &Path) -> Result<Finished> {
+    let mut done = Finished::default();
     if !path.exists() {
-        return Ok(HashSet::new());
+        return Ok(done);
     }
     let bytes = crate::bounded::read_file(path, RESULTS_LIMIT, "results file")?;
     let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let text = std::str::from_utf8(&bytes[..whole])
+        .with_context(|| format!("{} is not UTF-8 text: is it a results file?", path.display()))?;
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let record = serde_json::from_str::<Value>(line).ok();
+        let Some(id) = record.as_ref().and_then(|v| v.get("custom_id").and_then(Value::as_str)) else {
+            bail!(
+                "{} line {}: not a result record; give -o a results file of an earlier run or a new file",
+                path.display(),
+                i + 1
+            );
+        };
+        let record = record.as_ref().expect("a record with an id");
+        let duplicate_line = (record["error"]["code"] == DUPLICATE_ID)
+            .then(|| record["id"].as_str()?.strip_prefix("batch_req_")?.parse::<usize>().ok())
+            .flatten();
+        match duplicate_line {
+            Some(n) => done.duplicates.insert(n),
+            None => done.ids.insert(id.to_string()),
+        };
+    }
     if whole < bytes.len() {
         let f = OpenOptions::new()
             .write(true)
@@ -125,23 +179,7 @@ fn finished_ids(path: &Path) -> Result<HashSet<String>> {
         f.set_len(whole as u64)
             .with_context(|| format!("cannot remove the cut-short last line of {}", path.display()))?;
     }
-    let text = std::str::from_utf8(&bytes[..whole])
-        .with_context(|| format!("{} is not UTF-8 text: is it a results file?", path.display()))?;
-    let mut ids = HashSet::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let id = serde_json::from_str::<Value>(line)
-            .ok()
-            .and_then(|v| v.get("custom_id").and_then(Value::as_str).map(str::to_string));
-        match id {
-            Some(id) => ids.insert(id),
-            None => bail!(
-                "{} line {}: not a result record; give -o a results file of an earlier run or a new file",
-                path.display(),
-                i + 1
-            ),
-        };
-    }
-    Ok(ids)
+    Ok(done)
 }
 
 /// Where records go: stdout in input order, or a file as they finish.
@@ -189,12 +227,17 @@ fn ok_record(n: usize, custom_id: &str, body: Value) -> Value {
     })
 }
 
-fn error_record(n: usize, custom_id: &str, e: &str) -> Value {
+fn error_record(line: &Line, e: &str) -> Value {
+    let code = if line.duplicate {
+        DUPLICATE_ID
+    } else {
+        "invalid_request"
+    };
     json!({
-        "id": format!("batch_req_{n}"),
-        "custom_id": custom_id,
+        "id": format!("batch_req_{}", line.number),
+        "custom_id": line.custom_id,
         "response": null,
-        "error": {"code": "invalid_request", "message": e},
+        "error": {"code": code, "message": e},
     })
 }
 
@@ -243,10 +286,10 @@ pub fn run(args: BatchArgs) -> Result<()> {
     })?;
     let lines = parse_lines(&text);
     let done = match &args.output {
-        Some(p) => finished_ids(p)?,
-        None => HashSet::new(),
+        Some(p) => finished(p)?,
+        None => Finished::default(),
     };
-    let todo: Vec<&Line> = lines.iter().filter(|l| !done.contains(&l.custom_id)).collect();
+    let todo: Vec<&Line> = lines.iter().filter(|l| !done.has(l)).collect();
     let mut sink = match &args.output {
         Some(p) => Sink::File(
             OpenOptions::new()
@@ -389,7 +432,7 @@ pub fn run(args: BatchArgs) -> Result<()> {
 fn finish_error(sink: &mut Sink, progress: &mut Progress, pos: usize, line: &Line, e: &str) -> Result<()> {
     progress.done += 1;
     progress.errors += 1;
-    sink.put(pos, error_record(line.number, &line.custom_id, e))
+    sink.put(pos, error_record(line, e))
 }
 
 /// The scheduler's updates for one request, tagged with its position; events are not needed.

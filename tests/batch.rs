@@ -26,6 +26,18 @@ fn records(stdout: &str) -> Vec<Value> {
         .collect()
 }
 
+/// `zagreus batch -m MODEL -o RESULTS INPUT`.
+fn batch_to_file<'a>(model: &'a str, results: &'a std::path::Path, input: &'a std::path::Path) -> [&'a str; 6] {
+    [
+        "batch",
+        "-m",
+        model,
+        "-o",
+        results.to_str().unwrap(),
+        input.to_str().unwrap(),
+    ]
+}
+
 fn jsonl(lines: &[Value]) -> String {
     lines.iter().map(|l| l.to_string() + "\n").collect()
 }
@@ -247,4 +259,57 @@ fn a_killed_run_resumes_without_losing_or_repeating_a_request() {
     );
     assert_eq!(again.code, 0, "{}", again.stderr);
     assert_eq!(std::fs::read_to_string(&results).unwrap(), all);
+}
+
+#[test]
+fn a_duplicate_ids_error_record_is_not_taken_for_the_first_lines_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines = [
+        json!({"custom_id": "a", "prompt": "uno due", "max_tokens": 3, "temperature": 0}),
+        json!({"custom_id": "a", "prompt": "tre", "max_tokens": 3}),
+        json!({"custom_id": "b", "prompt": "quattro", "max_tokens": 3, "temperature": 0}),
+    ];
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, jsonl(&lines)).unwrap();
+    let results = dir.path().join("out.jsonl");
+    let model = tied();
+    let args = batch_to_file(&model, &results, &input);
+    let first = run(&args, b"");
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    let recs = records(&std::fs::read_to_string(&results).unwrap());
+    assert_eq!(recs.len(), 3);
+    let dup = recs
+        .iter()
+        .find(|r| r["error"]["code"] == "duplicate_custom_id")
+        .expect("the second line's error record");
+    assert_eq!(
+        (dup["custom_id"].as_str(), dup["id"].as_str()),
+        (Some("a"), Some("batch_req_2"))
+    );
+    // As if the run had been killed before the first line finished (its duplicate's error record
+    // is written at once, before it): the rerun must still answer it, and only it.
+    let kept: Vec<Value> = recs
+        .into_iter()
+        .filter(|r| !(r["custom_id"] == "a" && r["error"].is_null()))
+        .collect();
+    std::fs::write(&results, jsonl(&kept)).unwrap();
+    let again = run(&args, b"");
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert!(again.stderr.contains("2 of 3 requests are already"), "{}", again.stderr);
+    let all = records(&std::fs::read_to_string(&results).unwrap());
+    assert_eq!(all.len(), 3, "{all:?}");
+    let answered = all.iter().find(|r| r["custom_id"] == "a" && r["error"].is_null());
+    assert_eq!(
+        answered.expect("line 1 answered")["response"]["body"]["usage"]["completion_tokens"],
+        3
+    );
+    // A file that is not a results file is refused and left as it was (no "cut-short line" cut).
+    let notes = dir.path().join("notes.txt");
+    std::fs::write(&notes, "my notes\nthe last line, no newline").unwrap();
+    let refused = run(&batch_to_file(&model, &notes, &input), b"");
+    assert_clean_error(&refused, &["notes.txt", "not a result record"]);
+    assert_eq!(
+        std::fs::read_to_string(&notes).unwrap(),
+        "my notes\nthe last line, no newline"
+    );
 }
