@@ -34,7 +34,9 @@ use crate::structured::Plan;
 pub struct SchedulerConfig {
     /// Sequences in flight at most.
     pub max_sequences: usize,
-    /// Requests waiting for a sequence at most (beyond them, `submit` refuses).
+    /// Requests waiting for a sequence at most, beyond those that free sequences are about to
+    /// take (beyond them, `submit` refuses; 0: a request runs at once or is refused). Requests
+    /// cancelled while waiting do not count.
     pub max_queue: usize,
     /// Prompt tokens run per step at most, over all sequences.
     pub prefill_chunk: usize,
@@ -259,7 +261,9 @@ impl Scheduler {
         }
         let (lock, wake) = &*self.shared;
         let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
-        if s.queue.len() >= c.max_queue {
+        // Queued requests that free sequences will take at the next step do not wait.
+        let free = c.max_sequences.saturating_sub(s.counters.active);
+        if live(&s.queue) >= c.max_queue.saturating_add(free) {
             return Err(Refusal::QueueFull { waiting: c.max_queue });
         }
         let cancel = Arc::new(AtomicBool::new(false));
@@ -273,9 +277,9 @@ impl Scheduler {
         Ok(cancel)
     }
 
-    /// Requests waiting for a sequence.
+    /// Requests waiting for a sequence (not those cancelled while waiting).
     pub fn queued(&self) -> usize {
-        self.shared.0.lock().unwrap_or_else(|e| e.into_inner()).queue.len()
+        live(&self.shared.0.lock().unwrap_or_else(|e| e.into_inner()).queue)
     }
 
     pub fn counters(&self) -> Counters {
@@ -296,9 +300,15 @@ impl Drop for Scheduler {
     }
 }
 
-/// Positions a request may fill: its prompt and answer, within the context.
+/// Queued requests not cancelled.
+fn live(queue: &VecDeque<Queued>) -> usize {
+    queue.iter().filter(|q| !q.cancel.load(Ordering::Relaxed)).count()
+}
+
+/// Positions a request may fill: its prompt and answer, within the context (`max_tokens` comes
+/// from a request body unbounded: `usize::MAX` means "until the context is full").
 fn positions(req: &Request, context: usize) -> usize {
-    (req.prompt.len() + req.settings.max_tokens).min(context)
+    req.prompt.len().saturating_add(req.settings.max_tokens).min(context)
 }
 
 /// A sequence in flight.
@@ -505,7 +515,10 @@ impl<'m> Worker<'m> {
                 if s.stop {
                     return;
                 }
-                self.take_admissible(&mut s.queue)
+                let admitted = self.take_admissible(&mut s.queue);
+                // Counted as running from now on, so that `submit` sees the sequences taken.
+                s.counters.active = self.active.len() + admitted.len();
+                admitted
             };
             for q in admitted {
                 self.admit(q);
@@ -547,28 +560,32 @@ impl<'m> Worker<'m> {
 
     /// Takes the requests at the front of the queue that fit beside those in flight.
     fn take_admissible(&self, queue: &mut VecDeque<Queued>) -> Vec<Queued> {
+        // Requests cancelled while waiting end before they began, wherever they are in the
+        // queue (not only at its front, when a sequence is free).
+        let mut i = 0;
+        while i < queue.len() {
+            if !queue[i].cancel.load(Ordering::Relaxed) {
+                i += 1;
+                continue;
+            }
+            let mut q = queue.remove(i).expect("an index below the length");
+            (q.sink)(Update::Done(Completion {
+                text: String::new(),
+                tokens: Vec::new(),
+                finish: FinishReason::Cancelled,
+                stop_token: None,
+                logprobs: Vec::new(),
+                prompt_logprobs: Vec::new(),
+                stats: Stats {
+                    prompt_tokens: q.req.prompt.len(),
+                    ..Stats::default()
+                },
+            }));
+        }
         let mut out = Vec::new();
         let mut reserved = self.reserved();
         while self.active.len() + out.len() < self.config.max_sequences {
             let Some(q) = queue.front() else { break };
-            if q.cancel.load(Ordering::Relaxed) {
-                // Cancelled while waiting: it ends before it began.
-                let q = queue.pop_front().expect("front");
-                let mut q = q;
-                (q.sink)(Update::Done(Completion {
-                    text: String::new(),
-                    tokens: Vec::new(),
-                    finish: FinishReason::Cancelled,
-                    stop_token: None,
-                    logprobs: Vec::new(),
-                    prompt_logprobs: Vec::new(),
-                    stats: Stats {
-                        prompt_tokens: q.req.prompt.len(),
-                        ..Stats::default()
-                    },
-                }));
-                continue;
-            }
             let need = positions(&q.req, self.config.context) * self.kv_per_token;
             if reserved + need > self.config.kv_bytes {
                 break;
@@ -579,34 +596,58 @@ impl<'m> Worker<'m> {
         out
     }
 
-    fn admit(&mut self, q: Queued) {
-        let need = positions(&q.req, self.config.context) * self.kv_per_token;
-        // Room for it: idle caches go, least recently used first, until the budget holds it.
-        let idle_bytes = |idle: &[Idle]| idle.iter().map(|i| i.tokens.len() * self.kv_per_token).sum::<usize>();
-        let prompt = q.req.prompt;
-        // The idle cache sharing the longest prefix with the prompt (at least one token).
-        // A prompt being scored runs whole: every position's logits are needed.
+    /// What a cache counts against the memory budget: the positions it has room for.
+    fn charge(&self, cache: &Cache) -> usize {
+        cache.capacity() * self.kv_per_token
+    }
+
+    /// Idle caches go, least recently used first, until `extra` more bytes fit the budget.
+    fn evict_idle(&mut self, extra: usize) {
+        let idle_bytes = |w: &Self| w.idle.iter().map(|i| w.charge(&i.cache)).sum::<usize>();
+        while !self.idle.is_empty() && self.reserved() + extra + idle_bytes(self) > self.config.kv_bytes {
+            self.idle.remove(0);
+        }
+    }
+
+    /// The cache a prompt starts from: the idle cache sharing the longest prefix with it, taken
+    /// when that prefix is most of it (the same conversation going on), or a copy of the prefix
+    /// when it is a small part (a shared system prompt: the idle conversation stays for its own
+    /// next turn); a new cache when nothing is shared. A prompt being scored runs whole (every
+    /// position's logits are needed).
+    fn start_cache(&mut self, prompt: &[u32], scored: bool) -> (Cache, Vec<u32>) {
         let best = self
             .idle
             .iter()
             .enumerate()
-            .map(|(i, idle)| (i, common_prefix(&idle.tokens, &prompt)))
-            .filter(|&(_, n)| n > 0 && q.req.prompt_logprobs.is_none())
+            .map(|(i, idle)| (i, common_prefix(&idle.tokens, prompt)))
+            .filter(|&(_, n)| n > 0 && !scored)
             .max_by_key(|&(i, n)| (n, i));
-        let (cache, cached) = match best {
-            Some((i, n)) => {
-                let mut idle = self.idle.remove(i);
-                // At least the last prompt token runs, for its logits.
-                let keep = n.min(prompt.len() - 1);
-                idle.cache.truncate(keep);
-                idle.tokens.truncate(keep);
-                (idle.cache, idle.tokens)
+        // At least the last prompt token runs, for its logits.
+        if let Some((i, keep)) = best.map(|(i, n)| (i, n.min(prompt.len() - 1))).filter(|&(_, k)| k > 0) {
+            let idle = &self.idle[i];
+            if 2 * keep < idle.tokens.len() {
+                if let Some(Ok(copy)) = idle.cache.prefix(keep) {
+                    let tokens = idle.tokens[..keep].to_vec();
+                    // The copied-from cache is the most recently used now.
+                    let idle = self.idle.remove(i);
+                    self.idle.push(idle);
+                    return (copy, tokens);
+                }
             }
-            None => (self.lm.model.new_cache(self.config.context), Vec::new()),
-        };
-        while !self.idle.is_empty() && self.reserved() + need + idle_bytes(&self.idle) > self.config.kv_bytes {
-            self.idle.remove(0);
+            let mut idle = self.idle.remove(i);
+            idle.cache.truncate(keep);
+            idle.tokens.truncate(keep);
+            return (idle.cache, idle.tokens);
         }
+        (self.lm.model.new_cache(self.config.context), Vec::new())
+    }
+
+    fn admit(&mut self, q: Queued) {
+        let (cache, cached) = self.start_cache(&q.req.prompt, q.req.prompt_logprobs.is_some());
+        // A cache taken from an idle one may hold more room than the request needs.
+        let need = (positions(&q.req, self.config.context) * self.kv_per_token).max(self.charge(&cache));
+        let prompt = q.req.prompt;
+        self.evict_idle(need);
         let cached_len = cached.len();
         let s = &q.req.settings;
         let opts = GenerateOptions {
@@ -813,6 +854,9 @@ impl<'m> Worker<'m> {
                 });
             }
         }
+        // An idle cache may take more room than its sequence reserved (capacity grows by
+        // doubling): the budget holds for what is kept.
+        self.evict_idle(0);
         (finished, cancelled)
     }
 }

@@ -150,6 +150,60 @@ fn the_queue_is_bounded() {
     sched.submit(request(p, settings(0.0, 1, 2))).unwrap().wait().unwrap();
 }
 
+/// A request of SmolLM2 that holds its sequence until cancelled, once it has begun.
+fn running_until_cancelled(sched: &Scheduler, lm: &LoadedModel) -> zagreus::scheduler::Handle {
+    let p = prompts(lm, &[4]).remove(0);
+    let mut long = settings(0.0, 1, 4000);
+    long.ignore_eos = true;
+    let h = sched.submit(request(p, long)).expect("a free sequence");
+    match h.updates.recv_timeout(Duration::from_secs(30)).unwrap() {
+        Update::Event(Event::Token { .. }) => h,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// SmolLM2 with one sequence and room for `max_queue` waiting requests, a short prompt, and a
+/// first request holding the sequence.
+fn one_sequence_taken(max_queue: usize) -> (Scheduler, Vec<u32>, zagreus::scheduler::Handle) {
+    let lm = smollm2();
+    let mut config = SchedulerConfig::new(&lm, 1, 4096);
+    config.max_queue = max_queue;
+    let sched = Scheduler::start(lm.clone(), config);
+    let a = running_until_cancelled(&sched, &lm);
+    (sched, prompts(&lm, &[4]).remove(0), a)
+}
+
+#[test]
+fn a_queue_of_zero_runs_a_request_at_once_or_refuses_it() {
+    let (sched, p, a) = one_sequence_taken(0);
+    let e = sched.submit(request(p.clone(), settings(0.0, 1, 3))).err().unwrap();
+    assert!(e.to_string().contains("queue is full"), "{e}");
+    a.cancel();
+    assert_eq!(a.wait().unwrap().finish, FinishReason::Cancelled);
+    // The sequence is free again.
+    let t = Instant::now();
+    while sched.counters().active > 0 && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    sched.submit(request(p, settings(0.0, 1, 3))).unwrap().wait().unwrap();
+}
+
+#[test]
+fn requests_cancelled_while_waiting_leave_their_place_in_the_queue() {
+    let (sched, p, a) = one_sequence_taken(1);
+    let b = sched.submit(request(p.clone(), settings(0.0, 1, 3))).unwrap();
+    let e = sched.submit(request(p.clone(), settings(0.0, 1, 3))).err().unwrap();
+    assert!(e.to_string().contains("queue is full"), "{e}");
+    // B's client goes away: its place is free while A still runs.
+    drop(b);
+    assert_eq!(sched.queued(), 0);
+    let d = sched.submit(request(p, settings(0.0, 1, 3))).unwrap();
+    assert_eq!(sched.queued(), 1);
+    a.cancel();
+    let done = d.wait().unwrap();
+    assert!(!done.tokens.is_empty() || done.finish == FinishReason::StopToken);
+}
+
 #[test]
 fn a_dropped_request_frees_its_sequence() {
     // A model and context large enough that the first request is still running when dropped.
@@ -216,6 +270,44 @@ fn a_shared_prefix_is_not_run_again() {
 }
 
 #[test]
+fn a_short_shared_prefix_is_copied_and_the_conversation_it_came_from_kept() {
+    let lm = fixture();
+    let sched = Scheduler::start(lm.clone(), SchedulerConfig::new(&lm, 2, 64));
+    let ps = prompts(&lm, &[40, 3]);
+    let mut four = settings(0.0, 1, 4);
+    four.ignore_eos = true;
+    // A conversation of 40 tokens and its 4-token answer: 43 positions cached when it ends.
+    let a = sched
+        .submit(request(ps[0].clone(), four.clone()))
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(a.tokens.len(), 4);
+    // Another request shares its first 6 tokens only: they are copied, not taken.
+    let vocab = lm.tokenizer.vocab_size() as u32;
+    let differ = |&t: &u32| if t + 1 < vocab { t + 1 } else { t - 1 };
+    let other: Vec<u32> = ps[0][..6]
+        .iter()
+        .copied()
+        .chain(ps[0][6..12].iter().map(differ))
+        .collect();
+    let b_req = request(other, four.clone());
+    let b = sched.submit(b_req.clone()).unwrap().wait().unwrap();
+    assert_eq!(b.stats.prompt_processed, 6, "the shared 6 tokens are not run again");
+    assert_eq!(b.tokens, alone(&lm, &b_req, 64).0);
+    // The conversation's next turn still finds all of it.
+    let next: Vec<u32> = ps[0].iter().chain(&a.tokens).chain(&ps[1]).copied().collect();
+    let c_req = request(next, four);
+    let c = sched.submit(c_req.clone()).unwrap().wait().unwrap();
+    assert_eq!(
+        c.stats.prompt_processed, 4,
+        "only the last answer token and the 3 new ones run"
+    );
+    assert_eq!(c.tokens, alone(&lm, &c_req, 64).0);
+    assert_eq!(sched.counters().prompt_tokens_reused, 6 + 43);
+}
+
+#[test]
 fn a_request_that_can_never_fit_is_refused() {
     let lm = fixture();
     let mut config = SchedulerConfig::new(&lm, 4, 64);
@@ -234,4 +326,18 @@ fn a_request_that_can_never_fit_is_refused() {
         .unwrap()
         .wait()
         .unwrap();
+    // A body's `max_tokens` is unbounded: the largest asks for the whole context, which this
+    // budget cannot hold (it must not wrap around to a small reservation).
+    let e = sched
+        .submit(request(p[1][..10].to_vec(), settings(0.0, 1, usize::MAX)))
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("keys and values"), "{e}");
+    // With room for the context, it runs until the context is full (54 positions after the
+    // prompt, and the token sampled from the last of them).
+    let sched = Scheduler::start(lm.clone(), SchedulerConfig::new(&lm, 1, 64));
+    let mut all = settings(0.0, 1, usize::MAX);
+    all.ignore_eos = true;
+    let done = sched.submit(request(p[1][..10].to_vec(), all)).unwrap().wait().unwrap();
+    assert_eq!((done.tokens.len(), done.finish), (55, FinishReason::Length));
 }

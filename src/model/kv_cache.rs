@@ -51,6 +51,11 @@ impl KvCache {
         self.max_len
     }
 
+    /// Tokens the cache has room for without growing.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Forgets every token after the first `len` (for prefix reuse and regeneration).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);

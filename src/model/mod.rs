@@ -68,6 +68,23 @@ impl Cache {
             Cache::Candle(c) => c.truncate(len),
         }
     }
+
+    /// Tokens it has room for without growing (what it takes in memory).
+    pub fn capacity(&self) -> usize {
+        match self {
+            Cache::Cpu(c) => c.capacity(),
+            Cache::Candle(c) => c.capacity(),
+        }
+    }
+
+    /// A new cache with a copy of the first `n` tokens, this one unchanged; `None` where the
+    /// engine cannot copy one (candle's).
+    pub fn prefix(&self, n: usize) -> Option<Result<Cache>> {
+        match self {
+            Cache::Cpu(c) => Some(c.prefix(n).map(Cache::Cpu)),
+            Cache::Candle(_) => None,
+        }
+    }
 }
 
 /// One sequence's part of a batched step: its cache, the tokens to run after those cached, what

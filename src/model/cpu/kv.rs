@@ -49,6 +49,39 @@ impl CpuCache {
         self.len = self.len.min(len);
     }
 
+    /// Positions the cache has room for without growing.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// A new cache holding a copy of the first `n` cached positions (room for them and no more
+    /// than growth would give), this one unchanged.
+    pub(crate) fn prefix(&self, n: usize) -> Result<Self> {
+        let n = n.min(self.len);
+        let mut c = Self::new(self.kt.len(), self.kv_heads, self.head_dim, self.max_len);
+        c.reserve(n)?;
+        let (g, hd) = (self.kv_heads, self.head_dim);
+        let (glen, old_glen, used) = (
+            key_group_len(hd, c.cap),
+            key_group_len(hd, self.cap),
+            key_group_len(hd, n),
+        );
+        for (to, from) in c.kt.iter_mut().zip(&self.kt) {
+            for gi in 0..g {
+                // Whole tiles: a tile's positions past `n` are masked until written again.
+                to[gi * glen..gi * glen + used].copy_from_slice(&from[gi * old_glen..gi * old_glen + used]);
+            }
+        }
+        for (to, from) in c.v.iter_mut().zip(&self.v) {
+            for gi in 0..g {
+                to[gi * c.cap * hd..(gi * c.cap + n) * hd]
+                    .copy_from_slice(&from[gi * self.cap * hd..(gi * self.cap + n) * hd]);
+            }
+        }
+        c.len = n;
+        Ok(c)
+    }
+
     /// Bytes held by the keys and values.
     pub fn bytes(&self) -> usize {
         self.kt.iter().chain(&self.v).map(|v| v.len() * 4).sum()
@@ -151,18 +184,24 @@ mod tests {
         assert_eq!((c.len(), c.cap), (690, 700));
         assert!(c.reserve(11).is_err(), "past the context");
         assert_eq!(c.bytes(), CpuCache::bytes_for(layers, g, hd, 700));
-        for l in 0..layers {
-            let kv = c.layer(l);
-            let glen = key_group_len(hd, kv.cap);
-            for p in 0..690 {
-                for gi in 0..g {
-                    for d in 0..hd {
-                        let i = gi * hd + d;
-                        assert_eq!(kv.kt[gi * glen + key_at(hd, d, p)], key(l, p, i), "key {l} {p} {i}");
-                        assert_eq!(kv.v[(gi * kv.cap + p) * hd + d], val(l, p, i), "value {l} {p} {i}");
+        // A copy of a prefix that ends inside a tile: its own room, the same keys and values.
+        let copy = c.prefix(299).unwrap();
+        assert_eq!((copy.len(), copy.capacity(), copy.max_len()), (299, 299, 700));
+        for (cache, len) in [(&c, 690), (&copy, 299)] {
+            for l in 0..layers {
+                let kv = cache.layer(l);
+                let glen = key_group_len(hd, kv.cap);
+                for p in 0..len {
+                    for gi in 0..g {
+                        for d in 0..hd {
+                            let i = gi * hd + d;
+                            assert_eq!(kv.kt[gi * glen + key_at(hd, d, p)], key(l, p, i), "key {l} {p} {i}");
+                            assert_eq!(kv.v[(gi * kv.cap + p) * hd + d], val(l, p, i), "value {l} {p} {i}");
+                        }
                     }
                 }
             }
         }
+        assert_eq!(c.len(), 690, "the copied-from cache is unchanged");
     }
 }
