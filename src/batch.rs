@@ -141,9 +141,31 @@ impl Finished {
     }
 }
 
-/// What a results file already holds. Every whole line must be a result record (so a file of
-/// something else is refused untouched); then a last line cut short (the run was killed while
-/// writing it) is removed, so the file holds whole records only.
+/// The input line number of a result record this program wrote (`id` is `batch_req_N`, with
+/// `custom_id`, `response` and `error` beside it), or `None` for anything else (a requests
+/// file has `custom_id` too, but not these).
+fn record_line(record: &Value) -> Option<usize> {
+    let o = record.as_object()?;
+    if !(o.contains_key("response") && o.contains_key("error") && o.get("custom_id")?.is_string()) {
+        return None;
+    }
+    o.get("id")?.as_str()?.strip_prefix("batch_req_")?.parse().ok()
+}
+
+/// Whether an error record is a duplicate id's: by its code, or (files written before the code
+/// existed) by its message.
+fn is_duplicate(record: &Value) -> bool {
+    let e = &record["error"];
+    e["code"] == DUPLICATE_ID
+        || e["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("custom_id ") && m.contains(" is already used on line "))
+}
+
+/// What a results file already holds. Every whole line must be a result record of this
+/// program, and a last line without its newline must be the start of one (a run killed while
+/// writing it), so that a file of something else, the requests file included, is refused
+/// untouched; then that cut-short line is removed, so the file holds whole records only.
 fn finished(path: &Path) -> Result<Finished> {
     let mut done = Finished::default();
     if !path.exists() {
@@ -151,27 +173,37 @@ fn finished(path: &Path) -> Result<Finished> {
     }
     let bytes = crate::bounded::read_file(path, RESULTS_LIMIT, "results file")?;
     let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let not_results = |what: String| {
+        anyhow::anyhow!(
+            "{} {what}: not a result record of zagreus batch; give -o a results file of an earlier run or a new file",
+            path.display()
+        )
+    };
     let text = std::str::from_utf8(&bytes[..whole])
         .with_context(|| format!("{} is not UTF-8 text: is it a results file?", path.display()))?;
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let record = serde_json::from_str::<Value>(line).ok();
-        let Some(id) = record.as_ref().and_then(|v| v.get("custom_id").and_then(Value::as_str)) else {
-            bail!(
-                "{} line {}: not a result record; give -o a results file of an earlier run or a new file",
-                path.display(),
-                i + 1
-            );
+        let record = serde_json::from_str::<Value>(line).unwrap_or(Value::Null);
+        let Some(number) = record_line(&record) else {
+            return Err(not_results(format!("line {}", i + 1)));
         };
-        let record = record.as_ref().expect("a record with an id");
-        let duplicate_line = (record["error"]["code"] == DUPLICATE_ID)
-            .then(|| record["id"].as_str()?.strip_prefix("batch_req_")?.parse::<usize>().ok())
-            .flatten();
-        match duplicate_line {
-            Some(n) => done.duplicates.insert(n),
-            None => done.ids.insert(id.to_string()),
-        };
+        if is_duplicate(&record) {
+            done.duplicates.insert(number);
+        } else if let Some(id) = record["custom_id"].as_str() {
+            done.ids.insert(id.to_string());
+        }
     }
     if whole < bytes.len() {
+        // Records are written `{"id":"batch_req_...` (keys in the order written); spacing aside.
+        let start = br#"{"id":"batch_req_"#;
+        let tail: Vec<u8> = bytes[whole..]
+            .iter()
+            .copied()
+            .filter(|b| !b.is_ascii_whitespace())
+            .take(start.len())
+            .collect();
+        if !start.starts_with(&tail) {
+            return Err(not_results("last line".into()));
+        }
         let f = OpenOptions::new()
             .write(true)
             .open(path)
@@ -483,6 +515,32 @@ fn prepare(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_duplicate_ids_record_stands_for_its_own_line_in_files_of_every_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let lines = parse_lines("{\"custom_id\": \"a\", \"prompt\": \"x\"}\n{\"custom_id\": \"a\", \"prompt\": \"y\"}\n{\"custom_id\": \"b\", \"prompt\": \"z\"}");
+        let message = format!("{:#}", lines[1].job.as_ref().unwrap_err());
+        let now = error_record(&lines[1], &message);
+        // Before the code existed, the record said `invalid_request`.
+        let mut then = now.clone();
+        then["error"]["code"] = json!("invalid_request");
+        let ok = ok_record(3, "b", json!({}));
+        for dup in [now, then] {
+            std::fs::write(&path, format!("{dup}\n{ok}\n")).unwrap();
+            let done = finished(&path).unwrap();
+            let todo: Vec<usize> = lines.iter().filter(|l| !done.has(l)).map(|l| l.number).collect();
+            assert_eq!(todo, [1], "only the first line is left to run");
+        }
+        // A record cut short is removed; the start of something else is refused, untouched.
+        std::fs::write(&path, format!("{ok}\n{{\"id\":\"batch_req_1\",\"cus")).unwrap();
+        finished(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), format!("{ok}\n"));
+        std::fs::write(&path, format!("{ok}\nnotes")).unwrap();
+        assert!(finished(&path).is_err());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), format!("{ok}\nnotes"));
+    }
 
     #[test]
     fn lines_of_both_formats_and_bad_ones() {

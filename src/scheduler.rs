@@ -264,7 +264,9 @@ impl Scheduler {
         // Queued requests that free sequences will take at the next step do not wait.
         let free = c.max_sequences.saturating_sub(s.counters.active);
         if live(&s.queue) >= c.max_queue.saturating_add(free) {
-            return Err(Refusal::QueueFull { waiting: c.max_queue });
+            return Err(Refusal::QueueFull {
+                waiting: live(&s.queue),
+            });
         }
         let cancel = Arc::new(AtomicBool::new(false));
         s.queue.push_back(Queued {
@@ -554,8 +556,10 @@ impl<'m> Worker<'m> {
         }
     }
 
+    /// What the sequences in flight count against the memory budget: what each reserved, or
+    /// the room its cache has grown to if that is more.
     fn reserved(&self) -> usize {
-        self.active.iter().map(|s| s.reserved).sum()
+        self.active.iter().map(|s| s.reserved.max(self.charge(&s.cache))).sum()
     }
 
     /// Takes the requests at the front of the queue that fit beside those in flight.
@@ -837,6 +841,8 @@ impl<'m> Worker<'m> {
                 continue;
             }
             let seq = self.active.swap_remove(i);
+            // Its sequence is free before its client hears it is done (and may send the next).
+            self.shared.0.lock().unwrap_or_else(|e| e.into_inner()).counters.active = self.active.len();
             if seq.gen.finish_reason() == Some(FinishReason::Cancelled) || failed {
                 cancelled += 1;
             } else {

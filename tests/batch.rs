@@ -303,13 +303,21 @@ fn a_duplicate_ids_error_record_is_not_taken_for_the_first_lines_result() {
         answered.expect("line 1 answered")["response"]["body"]["usage"]["completion_tokens"],
         3
     );
-    // A file that is not a results file is refused and left as it was (no "cut-short line" cut).
+    // A file that is not a results file is refused and left as it was (no "cut-short line"
+    // cut): lines of notes, a single line without a newline, the requests file itself.
     let notes = dir.path().join("notes.txt");
+    let one_line = dir.path().join("one-line.txt");
     std::fs::write(&notes, "my notes\nthe last line, no newline").unwrap();
-    let refused = run(&batch_to_file(&model, &notes, &input), b"");
-    assert_clean_error(&refused, &["notes.txt", "not a result record"]);
-    assert_eq!(
-        std::fs::read_to_string(&notes).unwrap(),
-        "my notes\nthe last line, no newline"
-    );
+    std::fs::write(&one_line, "my notes").unwrap();
+    let requests = std::fs::read_to_string(&input).unwrap();
+    for file in [&notes, &one_line, &input] {
+        let before = std::fs::read(file).unwrap();
+        let refused = run(&batch_to_file(&model, file, &input), b"");
+        assert_clean_error(
+            &refused,
+            &[file.file_name().unwrap().to_str().unwrap(), "not a result record"],
+        );
+        assert_eq!(std::fs::read(file).unwrap(), before);
+    }
+    assert_eq!(std::fs::read_to_string(&input).unwrap(), requests);
 }

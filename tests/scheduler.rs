@@ -140,7 +140,7 @@ fn the_queue_is_bounded() {
             Err(e) => refused.push(e.to_string()),
         }
     }
-    // One may already be running; at most two wait.
+    // One sequence and two places: three are accepted while none runs yet, two once one does.
     assert!((2..=3).contains(&accepted.len()), "{} accepted", accepted.len());
     assert!(refused.iter().all(|e| e.contains("queue is full")), "{refused:?}");
     for h in accepted {
@@ -180,11 +180,7 @@ fn a_queue_of_zero_runs_a_request_at_once_or_refuses_it() {
     assert!(e.to_string().contains("queue is full"), "{e}");
     a.cancel();
     assert_eq!(a.wait().unwrap().finish, FinishReason::Cancelled);
-    // The sequence is free again.
-    let t = Instant::now();
-    while sched.counters().active > 0 && t.elapsed() < Duration::from_secs(30) {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    // The sequence is free again by the time its client hears that it is done.
     sched.submit(request(p, settings(0.0, 1, 3))).unwrap().wait().unwrap();
 }
 
