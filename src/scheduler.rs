@@ -262,11 +262,9 @@ impl Scheduler {
         let (lock, wake) = &*self.shared;
         let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
         // Queued requests that free sequences will take at the next step do not wait.
-        let free = c.max_sequences.saturating_sub(s.counters.active);
-        if live(&s.queue) >= c.max_queue.saturating_add(free) {
-            return Err(Refusal::QueueFull {
-                waiting: live(&s.queue),
-            });
+        let (free, waiting) = (c.max_sequences.saturating_sub(s.counters.active), live(&s.queue));
+        if waiting >= c.max_queue.saturating_add(free) {
+            return Err(Refusal::QueueFull { waiting });
         }
         let cancel = Arc::new(AtomicBool::new(false));
         s.queue.push_back(Queued {

@@ -58,28 +58,46 @@ impl CpuCache {
     /// than growth would give), this one unchanged.
     pub(crate) fn prefix(&self, n: usize) -> Result<Self> {
         let n = n.min(self.len);
-        let mut c = Self::new(self.kt.len(), self.kv_heads, self.head_dim, self.max_len);
-        c.reserve(n)?;
-        let (g, hd) = (self.kv_heads, self.head_dim);
-        let (glen, old_glen, used) = (
-            key_group_len(hd, c.cap),
-            key_group_len(hd, self.cap),
-            key_group_len(hd, n),
-        );
-        for (to, from) in c.kt.iter_mut().zip(&self.kt) {
-            for gi in 0..g {
-                // Whole tiles: a tile's positions past `n` are masked until written again.
-                to[gi * glen..gi * glen + used].copy_from_slice(&from[gi * old_glen..gi * old_glen + used]);
-            }
-        }
-        for (to, from) in c.v.iter_mut().zip(&self.v) {
-            for gi in 0..g {
-                to[gi * c.cap * hd..(gi * c.cap + n) * hd]
-                    .copy_from_slice(&from[gi * self.cap * hd..(gi * self.cap + n) * hd]);
-            }
-        }
-        c.len = n;
-        Ok(c)
+        let cap = kv_capacity(0, n, 0, self.max_len)?;
+        let (kt, v) = self.laid_out(cap, n);
+        Ok(Self {
+            kt,
+            v,
+            cap,
+            len: n,
+            ..*self
+        })
+    }
+
+    /// Every layer's keys and values in the layout of a cache of `cap` positions, holding the
+    /// first `n` of this one's (keys in whole tiles: a tile's positions past `n` are masked until
+    /// written again; the rest is zero).
+    fn laid_out(&self, cap: usize, n: usize) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        let (g, hd, old) = (self.kv_heads, self.head_dim, self.cap);
+        let (glen, old_glen, used) = (key_group_len(hd, cap), key_group_len(hd, old), key_group_len(hd, n));
+        let kt = self
+            .kt
+            .iter()
+            .map(|kt| {
+                let mut fresh = vec![0f32; g * glen];
+                for gi in 0..g {
+                    fresh[gi * glen..gi * glen + used].copy_from_slice(&kt[gi * old_glen..gi * old_glen + used]);
+                }
+                fresh
+            })
+            .collect();
+        let v = self
+            .v
+            .iter()
+            .map(|v| {
+                let mut fresh = vec![0f32; g * cap * hd];
+                for gi in 0..g {
+                    fresh[gi * cap * hd..(gi * cap + n) * hd].copy_from_slice(&v[gi * old * hd..(gi * old + n) * hd]);
+                }
+                fresh
+            })
+            .collect();
+        (kt, v)
     }
 
     /// Bytes held by the keys and values.
@@ -98,24 +116,7 @@ impl CpuCache {
         if cap == self.cap {
             return Ok(());
         }
-        let (g, hd, old, len) = (self.kv_heads, self.head_dim, self.cap, self.len);
-        let (glen, old_glen) = (key_group_len(hd, cap), key_group_len(hd, old));
-        // The tiles holding the cached positions, whole (a tile's unused tail is zero).
-        let used = key_group_len(hd, len);
-        for kt in &mut self.kt {
-            let mut fresh = vec![0f32; g * glen];
-            for gi in 0..g {
-                fresh[gi * glen..gi * glen + used].copy_from_slice(&kt[gi * old_glen..gi * old_glen + used]);
-            }
-            *kt = fresh;
-        }
-        for v in &mut self.v {
-            let mut fresh = vec![0f32; g * cap * hd];
-            for gi in 0..g {
-                fresh[gi * cap * hd..(gi * cap + len) * hd].copy_from_slice(&v[gi * old * hd..(gi * old + len) * hd]);
-            }
-            *v = fresh;
-        }
+        (self.kt, self.v) = self.laid_out(cap, self.len);
         self.cap = cap;
         Ok(())
     }
