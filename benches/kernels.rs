@@ -6,7 +6,7 @@ use divan::Bencher;
 use zagreus::model::cpu::arena::{Arena, Placement};
 use zagreus::model::cpu::attention::{attention, key_group_len, AttnScratch, AttnSeq, LayerKv};
 use zagreus::model::cpu::isa::Isa;
-use zagreus::model::cpu::qmatrix::{matmul, Format, QMatrix, Storage, Variant, PANEL};
+use zagreus::model::cpu::qmatrix::{matmul, Format, Precision, QMatrix, Storage, Variant, PANEL};
 
 fn main() {
     divan::main();
@@ -31,26 +31,37 @@ const FORMATS: &[Storage] = &[
     Storage {
         format: Format::Bf16,
         variant: Variant::Float,
+        precision: Precision::Exact,
     },
     Storage {
         format: Format::F32,
         variant: Variant::Float,
+        precision: Precision::Exact,
     },
     Storage {
         format: Format::Q8_0,
         variant: Variant::Float,
+        precision: Precision::Exact,
     },
     Storage {
         format: Format::Q8_0,
         variant: Variant::Int,
+        precision: Precision::Exact,
+    },
+    Storage {
+        format: Format::Q8_0,
+        variant: Variant::Int,
+        precision: Precision::Fast,
     },
     Storage {
         format: Format::Q4_0,
         variant: Variant::Float,
+        precision: Precision::Exact,
     },
     Storage {
         format: Format::Q4_0,
         variant: Variant::Int,
+        precision: Precision::Exact,
     },
 ];
 
@@ -170,14 +181,15 @@ fn quantize_rows_960(bencher: Bencher, rows: usize) {
     let mut acts = zagreus::model::cpu::quant::QuantActs::default();
     bencher
         .counter(divan::counter::ItemsCount::new(rows * 960))
-        .bench_local(|| acts.quantize(&x, rows, 960));
+        .bench_local(|| acts.quantize(&x, rows, 960, true));
 }
 
 /// The four products of a decoding layer at the Zagreus shape (q/k/v 1600 x 960, o 960 x 960,
-/// gate/up 5120 x 960, down 960 x 2560) for 1 and 16 sequences, over 8 layers' worth of
-/// weights so that they come from memory as in the model (the products alone, without the rest
-/// of a step: what a change to how panels are shared between threads or streamed would move).
-#[divan::bench(args = [(0, 1), (0, 16), (3, 1), (3, 16)], sample_count = 20)]
+/// gate/up 5120 x 960, down 960 x 2560) for 1 and 16 sequences (BF16, Q8_0, and Q8_0 in the
+/// fast precision), over 8 layers' worth of weights so that they come from memory as in the
+/// model (the products alone, without the rest of a step: what a change to how panels are
+/// shared between threads or streamed would move).
+#[divan::bench(args = [(0, 1), (0, 16), (3, 1), (3, 16), (4, 1), (4, 16)], sample_count = 20)]
 fn decode_layers(bencher: Bencher, (format, rows): (usize, usize)) {
     let shapes = [(1600, 960), (960, 960), (5120, 960), (960, 2560)];
     let layers: Vec<Vec<(Arena, QMatrix)>> = (0..8)

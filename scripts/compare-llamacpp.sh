@@ -11,7 +11,7 @@
 #
 # Usage: scripts/compare-llamacpp.sh [ROUNDS]
 # Env: ISA=native|avx2 WORK=/tmp/llamacpp THREADS=2 BATCH=1 (batched decoding) EXTRA=1 (depth, pages, busy core)
-#      PRECISION=exact|fast (zagreus' --precision; fast rounds BF16 activations as llama.cpp does)
+#      PRECISION=exact|fast (zagreus' --precision; fast rounds activations as llama.cpp does: BF16 to BF16, Q8_0 to one byte)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3} WORK=${WORK:-/tmp/llamacpp} THREADS=${THREADS:-2} ISA=${ISA:-native} PRECISION=${PRECISION:-exact}

@@ -30,8 +30,9 @@ pub enum PrecisionArg {
     /// f32 activations: BF16 models compute what transformers computes in f32
     #[default]
     Exact,
-    /// activations rounded to BF16 for BF16 dot products (CPUs with AVX-512 BF16), as llama.cpp
-    /// does: faster batches and prompts, logits further from transformers'
+    /// activations rounded to BF16 for BF16 dot products (CPUs with AVX-512 BF16) and to 8 bits
+    /// for Q8_0/Q4, as llama.cpp does: faster batches and prompts, logits further from
+    /// transformers'
     Fast,
 }
 
@@ -587,8 +588,9 @@ pub struct ModelArgs {
     #[arg(long, value_enum, value_name = "TYPE", help_heading = "Model")]
     pub quantize: Option<QuantizeArg>,
 
-    /// How exactly the CPU multiplies: exact keeps activations in f32; fast rounds them to BF16
-    /// for BF16 dot products (AVX-512 BF16 CPUs), as llama.cpp does
+    /// How exactly the CPU multiplies: exact keeps activations in f32 (16-bit for Q8_0/Q4); fast
+    /// rounds them to BF16 for BF16 dot products (AVX-512 BF16 CPUs) and to 8 bits for Q8_0/Q4,
+    /// as llama.cpp does
     #[arg(
         long,
         value_enum,

@@ -185,6 +185,19 @@ fn the_fast_precision_gives_each_sequence_the_same_bits_alone_or_batched() {
         eprintln!("{name}: kernels {}", engine(&m).kernels());
         check_batches_match_alone(&m, name, "bf16 fast");
     }
+    // Q8_0 and Q4_0 in the fast precision: 8-bit activations, quantized per row.
+    for quantize in [Format::Q8_0, Format::Q4_0] {
+        let m = load_with(
+            "tied-bf16",
+            LoadOptions {
+                quantize: Some(quantize),
+                precision: Precision::Fast,
+                ..LoadOptions::cpu()
+            },
+        );
+        eprintln!("{quantize:?}: kernels {}", engine(&m).kernels());
+        check_batches_match_alone(&m, "tied-bf16", &format!("{quantize:?} fast"));
+    }
 }
 
 #[test]

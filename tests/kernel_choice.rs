@@ -121,7 +121,17 @@ fn the_fast_precision_says_what_it_runs() {
         &["--precision", "fast", "--quantize", "q8_0"],
         &[("XDG_CACHE_HOME", dir)],
     );
-    assert!(q8.ends_with("exact: the fast precision is for BF16 weights"), "{q8}");
+    // Q8_0: 8-bit activations where the integer kernels run, said so.
+    assert!(
+        q8.ends_with("fast precision: 8-bit activations")
+            || q8.ends_with("exact: the float kernels were faster on this CPU"),
+        "{q8}"
+    );
+    let (f32s, _) = bench_with(&["--precision", "fast", "--dtype", "f32"], &[("XDG_CACHE_HOME", dir)]);
+    assert!(
+        f32s.ends_with("exact: the fast precision is for BF16 and quantized weights"),
+        "{f32s}"
+    );
     let (exact, _) = bench_with(&[], &[("XDG_CACHE_HOME", dir)]);
     assert!(!exact.contains("precision"), "{exact}");
     let out = Command::new(cargo_bin("zagreus"))

@@ -58,13 +58,14 @@ pub struct CpuLlama {
 }
 
 /// How `format` is stored on this CPU in `precision` (integer or float layout, as measured; BF16
-/// dot products for BF16 in the fast precision where the CPU has them).
+/// dot products for BF16 in the fast precision where the CPU has them; 8-bit activations for the
+/// integer kernels in the fast precision).
 fn storage(format: Format, precision: Precision) -> Storage {
     let level = Level::get();
     if format == Format::Bf16 && precision == Precision::Fast {
         return Storage::new(format, calibrate::choose_fast_bf16(level).variant);
     }
-    Storage::new(format, calibrate::choose(level, format).variant)
+    Storage::new(format, calibrate::choose(level, format).variant).in_precision(precision)
 }
 
 /// The format holding most of the layers' weight bytes (what a mixed GGUF mostly is).
@@ -290,7 +291,11 @@ impl CpuLlama {
                     _ => format!("{exact}, exact: no BF16 dot products at this level"),
                 }
             }
-            (Precision::Fast, _) => format!("{exact}, exact: the fast precision is for BF16 weights"),
+            (Precision::Fast, f) if f.quantized() => match calibrate::choose(level, f).variant {
+                Variant::Int | Variant::IntFloat => format!("{exact}, fast precision: 8-bit activations"),
+                _ => format!("{exact}, exact: the float kernels were faster on this CPU"),
+            },
+            (Precision::Fast, _) => format!("{exact}, exact: the fast precision is for BF16 and quantized weights"),
         };
         format!("{}, {kernels}", level.name())
     }

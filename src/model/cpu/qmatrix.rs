@@ -84,7 +84,9 @@ pub enum Precision {
     Exact,
     /// Activations rounded to what the CPU multiplies fastest, as llama.cpp does: BF16 models
     /// round them to BF16 and use BF16 dot products (on CPUs with AVX-512 BF16; elsewhere they
-    /// compute exactly). About twice the multiply-adds per instruction, for batches and prompts.
+    /// compute exactly); Q8_0 and Q4 models quantize them to 8 bits per block of 32 for the
+    /// integer kernels (one pass of byte dot products instead of two). About twice the
+    /// multiply-adds per instruction, for batches and prompts.
     Fast,
 }
 
@@ -132,11 +134,14 @@ impl Variant {
     }
 }
 
-/// How a matrix is stored: its format and, for quantized formats, the kernels it is laid out for.
+/// How a matrix is stored: its format and, for quantized formats, the kernels it is laid out for
+/// and the precision they multiply in (the integer kernels take 8-bit activations in the fast
+/// precision, 16-bit in the exact one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Storage {
     pub format: Format,
     pub variant: Variant,
+    pub precision: Precision,
 }
 
 impl Storage {
@@ -149,7 +154,16 @@ impl Storage {
             (f, v) if f.quantized() => v,
             _ => Variant::Float,
         };
-        Self { format, variant }
+        Self {
+            format,
+            variant,
+            precision: Precision::Exact,
+        }
+    }
+
+    /// This storage computing in `precision`.
+    pub fn in_precision(self, precision: Precision) -> Self {
+        Self { precision, ..self }
     }
 
     pub fn float(format: Format) -> Self {
@@ -208,6 +222,7 @@ pub struct QMatrix {
     pub cols: usize,
     pub data: MatData,
     variant: Variant,
+    precision: Precision,
 }
 
 impl QMatrix {
@@ -250,6 +265,7 @@ impl QMatrix {
             cols,
             data,
             variant: storage.variant,
+            precision: storage.precision,
         })
     }
 
@@ -265,7 +281,7 @@ impl QMatrix {
     }
 
     pub fn storage(&self) -> Storage {
-        Storage::new(self.format(), self.variant)
+        Storage::new(self.format(), self.variant).in_precision(self.precision)
     }
 
     /// Bytes one product reads (the weight traffic of one decode step).
@@ -600,7 +616,7 @@ fn product(
     }
     ACTS.with(|acts| {
         let mut acts = acts.borrow_mut();
-        acts.quantize(x, m, k);
+        acts.quantize(x, m, k, w.precision == Precision::Exact);
         let acts = &*acts;
         if class == RowClass::Decode {
             stream_panels(
@@ -829,9 +845,14 @@ pub(crate) mod tests {
         ] {
             let wf = rand_vec(n * k, 1);
             let x = rand_vec(m * k, 2);
-            let mut acts = QuantActs::default();
-            acts.quantize(&x, m, k);
-            let xq = acts.dequantized(m, k);
+            // The activations the integer kernels multiply: 16-bit in the exact precision, 8-bit in
+            // the fast one.
+            let quantized = |residual| {
+                let mut acts = QuantActs::default();
+                acts.quantize(&x, m, k, residual);
+                acts.dequantized(m, k)
+            };
+            let (xq16, xq8) = (quantized(true), quantized(false));
             for format in [
                 Format::F32,
                 Format::Bf16,
@@ -840,8 +861,11 @@ pub(crate) mod tests {
                 Format::Q4_0,
                 Format::Q4_1,
             ] {
-                for variant in [Variant::Float, Variant::Int, Variant::IntFloat] {
-                    let storage = Storage::new(format, variant);
+                for (variant, precision) in [Variant::Float, Variant::Int, Variant::IntFloat]
+                    .into_iter()
+                    .flat_map(|v| [(v, Precision::Exact), (v, Precision::Fast)])
+                {
+                    let storage = Storage::new(format, variant).in_precision(precision);
                     if storage.variant != variant {
                         continue;
                     }
@@ -863,11 +887,15 @@ pub(crate) mod tests {
                     }
                     // Integer kernels multiply the quantized activations.
                     let int = variant == Variant::Int || (variant == Variant::IntFloat && m <= INT_ROWS);
-                    let xr = if int { &xq } else { &x };
+                    let xr = match (int, precision) {
+                        (false, _) => &x,
+                        (true, Precision::Exact) => &xq16,
+                        (true, Precision::Fast) => &xq8,
+                    };
                     for level in Level::supported() {
                         let mut out = vec![f32::NAN; m * n];
                         matmul_with(level, &arena, &w, &x, m, &mut out);
-                        let what = format!("{format:?} {variant:?} {}", level.name());
+                        let what = format!("{format:?} {variant:?} {precision:?} {}", level.name());
                         assert_reference(&out, xr, &deq, (m, k, n), &what);
                     }
                 }

@@ -63,8 +63,10 @@ pub fn dequantize_row_q8_0(q: &[i8], d: &[f32], dst: &mut [f32]) {
 /// Activation rows quantized for the integer kernels: per row and block of 32, a scale
 /// `d = max|x| / 127`, value bytes `q = round(x / d)`, residual bytes
 /// `lo = round((x - d·q) · 256 / d)` (so x ≈ d/256 · (256·q + lo), within d/512), and the sum of
-/// those integers (the kernels' offset terms need it). Rows are zero-padded to whole blocks.
-/// Buffers are kept and reused from call to call.
+/// those integers (the kernels' offset terms need it). Without the residual (the fast
+/// precision) the activations are the value bytes alone, `x ≈ d · q` within d/2, as llama.cpp
+/// quantizes them: `lo` is zero and the kernels skip its pass. Rows are zero-padded to whole
+/// blocks. Buffers are kept and reused from call to call.
 #[derive(Default)]
 pub struct QuantActs {
     q: Vec<i8>,
@@ -73,11 +75,13 @@ pub struct QuantActs {
     d: Vec<f32>,
     s: Vec<i32>,
     kp: usize,
+    residual: bool,
 }
 
 impl QuantActs {
-    /// Quantizes `rows` rows of `k` values (row stride `k`).
-    pub fn quantize(&mut self, x: &[f32], rows: usize, k: usize) {
+    /// Quantizes `rows` rows of `k` values (row stride `k`), with residual bytes (16-bit
+    /// activations) or without (8-bit).
+    pub fn quantize(&mut self, x: &[f32], rows: usize, k: usize, residual: bool) {
         let kp = super::kernels::padded(k);
         let nb = kp / BLOCK;
         self.kp = kp;
@@ -98,8 +102,12 @@ impl QuantActs {
             .zip(self.x16.chunks_mut(kp))
             .zip(self.d.chunks_mut(nb))
             .zip(self.s.chunks_mut(nb));
+        self.residual = residual;
         for (r, ((((q, lo), x16), d), s)) in chunks.enumerate().take(rows) {
             quantize_row(isa, &x[r * k..(r + 1) * k], QRowMut { q, lo, x16, d, s });
+            if !residual {
+                drop_residual(q, lo, x16, s);
+            }
         }
     }
 
@@ -109,6 +117,7 @@ impl QuantActs {
         super::kernels::QRows {
             q: &self.q[r0 * self.kp..(r0 + n) * self.kp],
             lo: &self.lo[r0 * self.kp..(r0 + n) * self.kp],
+            residual: self.residual,
             x16: &self.x16[r0 * self.kp..(r0 + n) * self.kp],
             d: &self.d[r0 * nb..(r0 + n) * nb],
             s: &self.s[r0 * nb..(r0 + n) * nb],
@@ -134,6 +143,20 @@ impl QuantActs {
     }
 }
 
+/// Makes a quantized row's activations its value bytes alone: `q` is already `round(x / d)`
+/// (the unit stays `d / 256`), so `x16 = 256 · q`, `lo = 0` and the block sums follow.
+fn drop_residual(q: &[i8], lo: &mut [i8], x16: &mut [i16], s: &mut [i32]) {
+    lo.fill(0);
+    for ((q, x16), s) in q.chunks_exact(BLOCK).zip(x16.chunks_exact_mut(BLOCK)).zip(s.iter_mut()) {
+        let mut sum = 0i32;
+        for (v, w) in q.iter().zip(x16.iter_mut()) {
+            *w = 256 * *v as i16;
+            sum += *v as i32;
+        }
+        *s = 256 * sum;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,5 +178,49 @@ mod tests {
         let mut d = vec![1f32; 1];
         quantize_row_q8_0(&[0.0; 32], &mut q, &mut d);
         assert!(q.iter().all(|x| *x == 0) && d[0] == 0.0);
+    }
+
+    #[test]
+    fn activations_are_within_half_a_step_of_16_or_8_bits() {
+        let (rows, k) = (3, 100);
+        let x = rand_vec(rows * k, 7);
+        for (residual, steps) in [(true, 127.0 * 256.0), (false, 127.0)] {
+            let mut acts = QuantActs::default();
+            acts.quantize(&x, rows, k, residual);
+            let back = acts.dequantized(rows, k);
+            for r in 0..rows {
+                for b in 0..k.div_ceil(BLOCK) {
+                    let at = r * k + b * BLOCK..r * k + ((b + 1) * BLOCK).min(k);
+                    let amax = x[at.clone()].iter().fold(0f32, |m, v| m.max(v.abs()));
+                    // Half a step, plus the residual byte's own rounding in 16 bits.
+                    let tol = amax / steps * if residual { 1.0 } else { 0.5 } + 1e-7;
+                    for i in at {
+                        assert!(
+                            (x[i] - back[i]).abs() <= tol,
+                            "residual={residual} {i}: {} vs {}",
+                            x[i],
+                            back[i]
+                        );
+                    }
+                }
+            }
+            // 8-bit activations have no residual, and their sums are what the kernels subtract.
+            let rows_ = acts.rows(0, rows);
+            assert_eq!(rows_.residual, residual);
+            if !residual {
+                assert!(rows_.lo.iter().all(|v| *v == 0));
+                let kp = rows_.kp;
+                for r in 0..rows {
+                    for b in 0..kp / BLOCK {
+                        let sum: i32 = rows_.q[r * kp + b * BLOCK..r * kp + (b + 1) * BLOCK]
+                            .iter()
+                            .map(|v| *v as i32)
+                            .sum();
+                        assert_eq!(rows_.s[r * (kp / BLOCK) + b], 256 * sum);
+                        assert_eq!(rows_.x16[r * kp + b * BLOCK], 256 * rows_.q[r * kp + b * BLOCK] as i16);
+                    }
+                }
+            }
+        }
     }
 }

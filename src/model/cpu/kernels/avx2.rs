@@ -464,6 +464,10 @@ unsafe fn q8x4_vnni<const R: usize>(p: Panel, a: &QRows, b0: usize, b1: usize, o
                     for r in 0..R {
                         acc[r] = [_mm256_slli_epi32(acc[r][0], 8), _mm256_slli_epi32(acc[r][1], 8)];
                     }
+                    // No residual bytes (8-bit activations): their pass would add zeros.
+                    if !a.residual {
+                        break;
+                    }
                 }
                 for g in 0..QBLOCK / 4 {
                     let t = b * QBLOCK + g * 4;
@@ -568,6 +572,10 @@ unsafe fn q4x8<const R: usize, const VNNI: bool>(p: Panel, a: &QRows, b0: usize,
                 if pass == 1 {
                     for r in 0..R {
                         acc[r] = [_mm256_slli_epi32(acc[r][0], 8), _mm256_slli_epi32(acc[r][1], 8)];
+                    }
+                    // No residual bytes (8-bit activations): their pass would add zeros.
+                    if !a.residual {
+                        break;
                     }
                 }
                 for o in 0..QBLOCK / 8 {

@@ -633,6 +633,10 @@ unsafe fn q8x4_vnni<const R: usize, const PIECE: bool>(
                 for r in 0..R {
                     acc[r] = [_mm512_slli_epi32(acc[r][0], 8), _mm512_slli_epi32(acc[r][1], 8)];
                 }
+                // No residual bytes (8-bit activations): their pass would add zeros.
+                if !a.residual {
+                    break;
+                }
             }
             for g in 0..QBLOCK / 4 {
                 let t = b * QBLOCK + g * 4;
@@ -683,6 +687,10 @@ unsafe fn q4x8<const R: usize, const VNNI: bool, const PIECE: bool>(
             if pass == 1 {
                 for r in 0..R {
                     acc[r] = [_mm512_slli_epi32(acc[r][0], 8), _mm512_slli_epi32(acc[r][1], 8)];
+                }
+                // No residual bytes (8-bit activations): their pass would add zeros.
+                if !a.residual {
+                    break;
                 }
             }
             for o in 0..QBLOCK / 8 {

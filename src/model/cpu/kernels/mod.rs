@@ -15,8 +15,10 @@
 //!   The activations are quantized per block of 32 to 16 bits held as two bytes, a value byte and
 //!   a residual byte (`QRows`): each block is summed twice over the same weights (the second time
 //!   from L1), the first sum shifted by 8 bits, so the products are exact to 1/65000 of the
-//!   block's largest activation while every instruction works on bytes. Per block the integer
-//!   sums are scaled by both scales in f32. Input lengths are padded to whole blocks of 32.
+//!   block's largest activation while every instruction works on bytes. In the fast precision
+//!   the residual bytes are zero (8-bit activations, llama.cpp's numerics) and their pass is
+//!   skipped: half the integer work. Per block the integer sums are scaled by both scales in
+//!   f32. Input lengths are padded to whole blocks of 32.
 //!
 //! Every entry point checks the lengths of what it is given before any `unsafe` code runs, so a
 //! wrong call is a panic with a message, never an out-of-bounds read.
@@ -341,6 +343,9 @@ pub fn gemv_bf16_pairs_finish(level: Level, rows: usize, acc: &mut [[f32; PANEL]
 pub struct QRows<'a> {
     pub q: &'a [i8],
     pub lo: &'a [i8],
+    /// Whether `lo` holds residual bytes. Without them (8-bit activations, the fast precision)
+    /// `lo` is all zeros and the kernels skip its pass, which gives the same bits.
+    pub residual: bool,
     /// `256 · q + lo` as one 16-bit integer (for `vpmaddwd`).
     pub x16: &'a [i16],
     pub d: &'a [f32],
@@ -359,6 +364,7 @@ impl<'a> QRows<'a> {
         QRows {
             q: &self.q[r0 * self.kp..],
             lo: &self.lo[r0 * self.kp..],
+            residual: self.residual,
             x16: &self.x16[r0 * self.kp..],
             d: &self.d[r0 * nb..],
             s: &self.s[r0 * nb..],
@@ -621,8 +627,6 @@ mod tests {
                 }
             }
         }
-        let mut acts = QuantActs::default();
-        acts.quantize(&x, INT_ROWS, k);
         let quads = [
             Panel::Q8x4 { q: &f.q8x4, d: &f.d },
             Panel::Q4x8 {
@@ -631,17 +635,57 @@ mod tests {
                 m: &f.m4n,
             },
         ];
-        for level in Level::supported() {
-            for p in quads {
-                let mut all = [[0f32; PANEL]; INT_ROWS];
-                gemv_int(level, p, &acts.rows(0, INT_ROWS), &mut all);
-                for r0 in 0..INT_ROWS {
-                    for rows in 1..=INT_ROWS - r0 {
-                        let mut some = [[0f32; PANEL]; INT_ROWS];
-                        gemv_int(level, p, &acts.rows(r0, rows), &mut some);
-                        assert_eq!(some[..rows], all[r0..r0 + rows], "{} r0={r0} rows={rows}", level.name());
+        for residual in [true, false] {
+            let mut acts = QuantActs::default();
+            acts.quantize(&x, INT_ROWS, k, residual);
+            for level in Level::supported() {
+                for p in quads {
+                    let mut all = [[0f32; PANEL]; INT_ROWS];
+                    gemv_int(level, p, &acts.rows(0, INT_ROWS), &mut all);
+                    for r0 in 0..INT_ROWS {
+                        for rows in 1..=INT_ROWS - r0 {
+                            let mut some = [[0f32; PANEL]; INT_ROWS];
+                            gemv_int(level, p, &acts.rows(r0, rows), &mut some);
+                            assert_eq!(
+                                some[..rows],
+                                all[r0..r0 + rows],
+                                "{} residual={residual} r0={r0} rows={rows}",
+                                level.name()
+                            );
+                        }
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn skipping_the_residual_pass_of_8_bit_activations_gives_the_same_bits() {
+        let k = 960;
+        let f = formats(k);
+        let x = rand_vec(INT_ROWS * k, 16);
+        let mut acts = QuantActs::default();
+        acts.quantize(&x, INT_ROWS, k, false);
+        let skipped = acts.rows(0, INT_ROWS);
+        assert!(!skipped.residual && skipped.lo.iter().all(|b| *b == 0));
+        // The same rows with the (zero) residual pass run.
+        let run = QRows {
+            residual: true,
+            ..acts.rows(0, INT_ROWS)
+        };
+        for level in Level::supported() {
+            for p in [
+                Panel::Q8x4 { q: &f.q8x4, d: &f.d },
+                Panel::Q4x8 {
+                    q: &f.q4x8,
+                    d: &f.d4n,
+                    m: &f.m4n,
+                },
+            ] {
+                let (mut a, mut b) = ([[0f32; PANEL]; INT_ROWS], [[0f32; PANEL]; INT_ROWS]);
+                gemv_int(level, p, &skipped, &mut a);
+                gemv_int(level, p, &run, &mut b);
+                assert_eq!(a, b, "{}", level.name());
             }
         }
     }
@@ -674,24 +718,26 @@ mod tests {
                 assert_eq!(pieces[..rows], whole[..rows], "{isa:?}");
             }
         }
-        let mut acts = QuantActs::default();
-        acts.quantize(&rand_vec(rows * k, 13), rows, k);
-        for level in Level::supported() {
-            for p in [
-                Panel::Q8x4 { q: &f.q8x4, d: &f.d },
-                Panel::Q4x8 {
-                    q: &f.q4x8,
-                    d: &f.d4n,
-                    m: &f.m4n,
-                },
-            ] {
-                let mut whole = [[0f32; PANEL]; INT_ROWS];
-                gemv_int(level, p, &acts.rows(0, rows), &mut whole);
-                let mut pieces = [[f32::NAN; PANEL]; INT_ROWS];
-                for blocks in [0..2, 2..3, 3..5] {
-                    gemv_int_blocks(level, p, &acts.rows(0, rows), blocks, &mut pieces);
+        for residual in [true, false] {
+            let mut acts = QuantActs::default();
+            acts.quantize(&rand_vec(rows * k, 13), rows, k, residual);
+            for level in Level::supported() {
+                for p in [
+                    Panel::Q8x4 { q: &f.q8x4, d: &f.d },
+                    Panel::Q4x8 {
+                        q: &f.q4x8,
+                        d: &f.d4n,
+                        m: &f.m4n,
+                    },
+                ] {
+                    let mut whole = [[0f32; PANEL]; INT_ROWS];
+                    gemv_int(level, p, &acts.rows(0, rows), &mut whole);
+                    let mut pieces = [[f32::NAN; PANEL]; INT_ROWS];
+                    for blocks in [0..2, 2..3, 3..5] {
+                        gemv_int_blocks(level, p, &acts.rows(0, rows), blocks, &mut pieces);
+                    }
+                    assert_eq!(pieces[..rows], whole[..rows], "{} residual={residual}", level.name());
                 }
-                assert_eq!(pieces[..rows], whole[..rows], "{}", level.name());
             }
         }
     }
@@ -932,11 +978,11 @@ mod tests {
                     m: &f.m4n,
                 },
             ];
-            for p in panels {
+            for (p, residual) in panels.into_iter().flat_map(|p| [(p, true), (p, false)]) {
                 for rows in 1..=INT_ROWS {
                     let x = rand_vec(rows * k, 5);
                     let mut acts = QuantActs::default();
-                    acts.quantize(&x, rows, k);
+                    acts.quantize(&x, rows, k, residual);
                     // The reference multiplies the dequantized activations in f64.
                     let xq = acts.dequantized(rows, k);
                     for level in Level::supported() {
@@ -948,7 +994,7 @@ mod tests {
                                 let got = out[r][c] as f64;
                                 assert!(
                                     (got - want).abs() < 2e-5 * (k as f64).sqrt() * (1.0 + want.abs()),
-                                    "{} k={k} rows={rows} r={r} c={c}: {got} vs {want}",
+                                    "{} k={k} residual={residual} rows={rows} r={r} c={c}: {got} vs {want}",
                                     level.name()
                                 );
                             }

@@ -242,6 +242,10 @@ unsafe fn q8x4<const R: usize>(p: Panel, a: &QRows, b0: usize, b1: usize, out: &
         for (pass, x) in [a.q, a.lo].into_iter().enumerate() {
             if pass == 1 {
                 acc.iter_mut().for_each(|v| shift8(v));
+                // No residual bytes (8-bit activations): their pass would add zeros.
+                if !a.residual {
+                    break;
+                }
             }
             for g in 0..QBLOCK / 4 {
                 let t = b * QBLOCK + g * 4;
@@ -284,6 +288,10 @@ unsafe fn q4x8<const R: usize>(p: Panel, a: &QRows, b0: usize, b1: usize, out: &
         for (pass, x) in [a.q, a.lo].into_iter().enumerate() {
             if pass == 1 {
                 acc.iter_mut().for_each(|v| shift8(v));
+                // No residual bytes (8-bit activations): their pass would add zeros.
+                if !a.residual {
+                    break;
+                }
             }
             for o in 0..QBLOCK / 8 {
                 let t = b * QBLOCK + o * 8;
