@@ -121,12 +121,34 @@ fn the_fast_precision_says_what_it_runs() {
         &["--precision", "fast", "--quantize", "q8_0"],
         &[("XDG_CACHE_HOME", dir)],
     );
-    // Q8_0: 8-bit activations where the integer kernels run, said so.
+    // Q8_0: one-byte activations where the integer kernels run on byte dot products (timed
+    // apart from the exact precision's choice), said so; exact elsewhere, said why.
     assert!(
-        q8.ends_with("fast precision: 8-bit activations")
-            || q8.ends_with("exact: the float kernels were faster on this CPU"),
+        q8.contains("fast precision: 8-bit activations")
+            || q8.ends_with("exact: the float kernels were faster on this CPU")
+            || q8.ends_with("exact: no byte dot products at this level"),
         "{q8}"
     );
+    assert_eq!(
+        q8.starts_with("avx512-vnni") || q8.starts_with("avx2-vnni") || q8.starts_with("neon-dotprod"),
+        !q8.ends_with("exact: no byte dot products at this level"),
+        "{q8}"
+    );
+    if q8.contains("fast precision") {
+        let file = cache.path().join("zagreus/kernels.json");
+        let saved = std::fs::read_to_string(file).unwrap();
+        assert!(saved.contains("| q8_0 fast |"), "{saved}");
+    }
+    if q8.starts_with("avx512") {
+        let (avx2, _) = bench_with(
+            &["--precision", "fast", "--quantize", "q8_0"],
+            &[("XDG_CACHE_HOME", dir), ("ZAGREUS_ISA", "avx2")],
+        );
+        assert!(
+            avx2.contains("fast precision") || avx2.ends_with("exact: no byte dot products at this level"),
+            "{avx2}"
+        );
+    }
     let (f32s, _) = bench_with(&["--precision", "fast", "--dtype", "f32"], &[("XDG_CACHE_HOME", dir)]);
     assert!(
         f32s.ends_with("exact: the fast precision is for BF16 and quantized weights"),

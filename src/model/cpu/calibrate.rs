@@ -12,7 +12,8 @@
 //!
 //! BF16 in the fast precision is chosen the same way between f32 arithmetic and BF16 dot
 //! products (`vdpbf16ps`), where the CPU has them: some run them at the FMA rate with twice the
-//! multiply-adds, others far below it.
+//! multiply-adds, others far below it. Q8_0 and Q4 in the fast precision are timed apart from
+//! the exact precision's choice, since one-byte activations halve the integer kernels' work.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -20,8 +21,8 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use super::arena::{Arena, Placement};
-use super::isa::{cpu_model, warn, Isa, Level};
-use super::qmatrix::{matmul_serial, Format, QMatrix, Storage, Variant};
+use super::isa::{cpu_model, warn, Dot, Isa, Level};
+use super::qmatrix::{matmul_serial, Format, Precision, QMatrix, Storage, Variant};
 
 /// Changes whenever what `measure` does changes, so that older measurements are not reused.
 const METHOD: u32 = 2;
@@ -66,18 +67,8 @@ pub fn choose(level: Level, format: Format) -> Choice {
             reason: Reason::Only,
         };
     }
-    if let Ok(v) = std::env::var("ZAGREUS_KERNEL") {
-        match Variant::from_name(&v).filter(|v| *v != Variant::Bf16Dot) {
-            Some(variant) => {
-                return Choice {
-                    variant,
-                    reason: Reason::Forced,
-                }
-            }
-            None => warn(&format!(
-                "ZAGREUS_KERNEL={v}: unknown (known: float, int8, int8+float); measuring instead"
-            )),
-        }
+    if let Some(choice) = forced() {
+        return choice;
     }
     // Plain code has no integer advantage to find: keep the exact float kernels.
     if level.isa == Isa::Portable {
@@ -87,7 +78,43 @@ pub fn choose(level: Level, format: Format) -> Choice {
         };
     }
     let family = Family::of(format);
-    remembered(level, family, || measure(level, family.format()))
+    remembered(level, family, || measure(level, family.format(), Precision::Exact))
+}
+
+/// The kernels Q8_0 or Q4 weights run with at `level` in the fast precision, where it applies:
+/// at levels with byte dot products (VNNI, AVX-VNNI, dotprod), whose integer kernels then skip
+/// the residual pass. Halving their work can change which family is faster, so this is timed
+/// apart from `choose`. `None` elsewhere (Q8_0's integer kernel there already makes one pass
+/// over 16-bit activations, and plain code has no integer advantage): one-byte activations
+/// would cost accuracy for no speed, and the exact precision's choice applies.
+pub fn choose_fast_quantized(level: Level, format: Format) -> Option<Choice> {
+    if !format.quantized() || level.dot == Dot::None {
+        return None;
+    }
+    if let Some(choice) = forced() {
+        return Some(choice);
+    }
+    let family = Family::of(format).fast();
+    Some(remembered(level, family, || {
+        measure(level, family.format(), Precision::Fast)
+    }))
+}
+
+/// `ZAGREUS_KERNEL`'s choice for the quantized formats, if it names one (a warning if not).
+fn forced() -> Option<Choice> {
+    let v = std::env::var("ZAGREUS_KERNEL").ok()?;
+    match Variant::from_name(&v).filter(|v| *v != Variant::Bf16Dot) {
+        Some(variant) => Some(Choice {
+            variant,
+            reason: Reason::Forced,
+        }),
+        None => {
+            warn(&format!(
+                "ZAGREUS_KERNEL={v}: unknown (known: float, int8, int8+float); measuring instead"
+            ));
+            None
+        }
+    }
 }
 
 /// The kernels BF16 weights run with at `level` in the fast precision: BF16 dot products where
@@ -141,6 +168,9 @@ fn remembered(level: Level, family: Family, measure: impl FnOnce() -> (Variant, 
 enum Family {
     Q8,
     Q4,
+    /// Q8_0 and Q4 in the fast precision: one-byte activations for the integer kernels.
+    Q8Fast,
+    Q4Fast,
     /// BF16 in the fast precision: BF16 dot products or f32 arithmetic.
     Bf16Fast,
 }
@@ -154,10 +184,19 @@ impl Family {
         }
     }
 
+    /// The same formats in the fast precision.
+    fn fast(self) -> Family {
+        match self {
+            Family::Q8 | Family::Q8Fast => Family::Q8Fast,
+            Family::Q4 | Family::Q4Fast => Family::Q4Fast,
+            Family::Bf16Fast => Family::Bf16Fast,
+        }
+    }
+
     fn format(self) -> Format {
         match self {
-            Family::Q8 => Format::Q8_0,
-            Family::Q4 => Format::Q4_1,
+            Family::Q8 | Family::Q8Fast => Format::Q8_0,
+            Family::Q4 | Family::Q4Fast => Format::Q4_1,
             Family::Bf16Fast => Format::Bf16,
         }
     }
@@ -165,8 +204,8 @@ impl Family {
     /// Whether `variant` is one of this family's choices.
     fn runs(self, variant: Variant) -> bool {
         match self {
-            Family::Q8 | Family::Q4 => variant != Variant::Bf16Dot,
             Family::Bf16Fast => matches!(variant, Variant::Float | Variant::Bf16Dot),
+            _ => variant != Variant::Bf16Dot,
         }
     }
 
@@ -174,6 +213,8 @@ impl Family {
         match self {
             Family::Q8 => "q8_0",
             Family::Q4 => "q4",
+            Family::Q8Fast => "q8_0 fast",
+            Family::Q4Fast => "q4 fast",
             Family::Bf16Fast => "bf16 fast",
         }
     }
@@ -206,10 +247,11 @@ fn time(level: Level, arena: &Arena, w: &QMatrix, m: usize) -> f64 {
 }
 
 /// Times decoding (one row) float against integer; if integer wins, prefill (32 rows) integer
-/// against float-from-quads. About 10-30 ms in all.
-fn measure(level: Level, format: Format) -> (Variant, Vec<(&'static str, f64)>) {
+/// against float-from-quads. About 10-30 ms in all. `precision` is the integer kernels'
+/// (16-bit or one-byte activations).
+fn measure(level: Level, format: Format, precision: Precision) -> (Variant, Vec<(&'static str, f64)>) {
     let run = |variant: Variant, rows: usize, m: usize| {
-        matrix(Storage::new(format, variant), rows, 1024).map(|(a, w)| time(level, &a, &w, m))
+        matrix(Storage::new(format, variant).in_precision(precision), rows, 1024).map(|(a, w)| time(level, &a, &w, m))
     };
     let (Some(float), Some(int)) = (run(Variant::Float, 512, 1), run(Variant::Int, 512, 1)) else {
         return (Variant::Float, Vec::new());
@@ -300,11 +342,28 @@ mod tests {
             if level.isa == Isa::Portable {
                 continue;
             }
-            let (v, timings) = measure(level, Format::Q8_0);
-            assert!(timings.len() == 2 || timings.len() == 4, "{timings:?}");
-            assert!(timings.iter().all(|(_, us)| us.is_finite() && *us > 0.0));
-            let (float, int) = (timings[0].1, timings[1].1);
-            assert_eq!(v == Variant::Float, float <= int, "{} {timings:?}", level.name());
+            for precision in [Precision::Exact, Precision::Fast] {
+                let (v, timings) = measure(level, Format::Q8_0, precision);
+                assert!(timings.len() == 2 || timings.len() == 4, "{timings:?}");
+                assert!(timings.iter().all(|(_, us)| us.is_finite() && *us > 0.0));
+                let (float, int) = (timings[0].1, timings[1].1);
+                assert_eq!(v == Variant::Float, float <= int, "{} {timings:?}", level.name());
+            }
+        }
+    }
+
+    #[test]
+    fn the_fast_precision_applies_to_quantized_formats_where_bytes_are_dot_products() {
+        for level in Level::supported() {
+            for format in [Format::Q8_0, Format::Q4_0, Format::Bf16] {
+                let fast = choose_fast_quantized(level, format);
+                assert_eq!(
+                    fast.is_some(),
+                    format.quantized() && level.dot != Dot::None,
+                    "{} {format:?}",
+                    level.name()
+                );
+            }
         }
     }
 

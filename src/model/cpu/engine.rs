@@ -57,15 +57,20 @@ pub struct CpuLlama {
     scratch: Mutex<Box<Scratch>>,
 }
 
-/// How `format` is stored on this CPU in `precision` (integer or float layout, as measured; BF16
-/// dot products for BF16 in the fast precision where the CPU has them; 8-bit activations for the
-/// integer kernels in the fast precision).
+/// How `format` is stored on this CPU in `precision` (integer or float layout, as measured; in
+/// the fast precision BF16 dot products for BF16, and one-byte activations for the integer
+/// kernels of Q8_0 and Q4, where the CPU has such dot products).
 fn storage(format: Format, precision: Precision) -> Storage {
     let level = Level::get();
-    if format == Format::Bf16 && precision == Precision::Fast {
-        return Storage::new(format, calibrate::choose_fast_bf16(level).variant);
+    if precision == Precision::Fast {
+        if format == Format::Bf16 {
+            return Storage::new(format, calibrate::choose_fast_bf16(level).variant);
+        }
+        if let Some(c) = calibrate::choose_fast_quantized(level, format) {
+            return Storage::new(format, c.variant).in_precision(Precision::Fast);
+        }
     }
-    Storage::new(format, calibrate::choose(level, format).variant).in_precision(precision)
+    Storage::new(format, calibrate::choose(level, format).variant)
 }
 
 /// The format holding most of the layers' weight bytes (what a mixed GGUF mostly is).
@@ -291,9 +296,17 @@ impl CpuLlama {
                     _ => format!("{exact}, exact: no BF16 dot products at this level"),
                 }
             }
-            (Precision::Fast, f) if f.quantized() => match calibrate::choose(level, f).variant {
-                Variant::Int | Variant::IntFloat => format!("{exact}, fast precision: 8-bit activations"),
-                _ => format!("{exact}, exact: the float kernels were faster on this CPU"),
+            (Precision::Fast, f) if f.quantized() => match calibrate::choose_fast_quantized(level, f) {
+                Some(c) => match (c.variant, c.reason) {
+                    (Variant::Int, _) => format!("{}, fast precision: 8-bit activations", c.describe()),
+                    (Variant::IntFloat, _) => format!(
+                        "{}, fast precision: 8-bit activations for decoding rows, f32 for prompt rows",
+                        c.describe()
+                    ),
+                    (_, calibrate::Reason::Forced) => format!("{}, exact", c.describe()),
+                    _ => format!("{}, exact: the float kernels were faster on this CPU", c.describe()),
+                },
+                None => format!("{exact}, exact: no byte dot products at this level"),
             },
             (Precision::Fast, _) => format!("{exact}, exact: the fast precision is for BF16 and quantized weights"),
         };

@@ -85,7 +85,8 @@ pub enum Precision {
     /// Activations rounded to what the CPU multiplies fastest, as llama.cpp does: BF16 models
     /// round them to BF16 and use BF16 dot products (on CPUs with AVX-512 BF16; elsewhere they
     /// compute exactly); Q8_0 and Q4 models quantize them to 8 bits per block of 32 for the
-    /// integer kernels (one pass of byte dot products instead of two). About twice the
+    /// integer kernels (one pass of byte dot products instead of two, on CPUs with VNNI or
+    /// dotprod; elsewhere they keep 16 bits). About twice the
     /// multiply-adds per instruction, for batches and prompts.
     Fast,
 }
