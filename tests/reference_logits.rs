@@ -53,6 +53,23 @@ fn diffs(name: &str, dtype: Option<DType>, quantize: Option<Format>, engine: Eng
     d
 }
 
+/// `diffs` of a checkpoint loaded on the CPU in the fast precision, and the kernels it ran.
+fn fast_diffs(name: &str, dtype: Option<DType>, quantize: Option<Format>) -> (Diffs, String) {
+    let files = ModelFiles::from_dir(&model_dir(name)).unwrap();
+    let opts = LoadOptions {
+        dtype,
+        quantize,
+        precision: Precision::Fast,
+        ..LoadOptions::cpu()
+    };
+    let m = load(&files, &opts).unwrap();
+    let Model::Cpu(e) = &m.model else {
+        panic!("the CPU engine")
+    };
+    let kernels = e.kernels();
+    (diffs_of(m, name, false), kernels)
+}
+
 /// As `diffs`, for a loaded model.
 fn diffs_of(m: LoadedModel, name: &str, exact_greedy: bool) -> Diffs {
     let r = read_json(&model_dir(name).join("reference.json"));
@@ -139,18 +156,7 @@ fn the_fast_precision_stays_within_its_stated_tolerance() {
     // further from transformers' f32 logits than the exact precision, by what rounding every
     // product's input to 8 significant bits costs.
     for (name, dtype) in [("tied-bf16", None), ("untied-f32-sharded", Some(DType::BF16))] {
-        let files = ModelFiles::from_dir(&model_dir(name)).unwrap();
-        let opts = LoadOptions {
-            dtype,
-            precision: Precision::Fast,
-            ..LoadOptions::cpu()
-        };
-        let m = load(&files, &opts).unwrap();
-        let Model::Cpu(e) = &m.model else {
-            panic!("the CPU engine")
-        };
-        let kernels = e.kernels();
-        let d = diffs_of(m, name, false);
+        let (d, kernels) = fast_diffs(name, dtype, None);
         eprintln!(
             "{name} fast ({kernels}): {} / {} relative RMS {}",
             d.prompt, d.steps, d.relative_rms
@@ -185,18 +191,7 @@ fn quantized_weights_in_the_fast_precision_stay_within_their_tolerance() {
     for name in MODELS {
         for (format, tol) in [(Format::Q8_0, 0.06), (Format::Q4_0, 0.5)] {
             let exact = diffs(name, None, Some(format), Engine::Auto, false);
-            let files = ModelFiles::from_dir(&model_dir(name)).unwrap();
-            let opts = LoadOptions {
-                quantize: Some(format),
-                precision: Precision::Fast,
-                ..LoadOptions::cpu()
-            };
-            let m = load(&files, &opts).unwrap();
-            let Model::Cpu(e) = &m.model else {
-                panic!("the CPU engine")
-            };
-            let kernels = e.kernels();
-            let fast = diffs_of(m, name, false);
+            let (fast, kernels) = fast_diffs(name, None, Some(format));
             eprintln!(
                 "{name} {format:?} fast ({kernels}): {} / {} relative RMS {} (exact {})",
                 fast.prompt, fast.steps, fast.relative_rms, exact.relative_rms

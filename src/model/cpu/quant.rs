@@ -104,10 +104,15 @@ impl QuantActs {
             .zip(self.s.chunks_mut(nb));
         self.residual = residual;
         for (r, ((((q, lo), x16), d), s)) in chunks.enumerate().take(rows) {
-            quantize_row(isa, &x[r * k..(r + 1) * k], QRowMut { q, lo, x16, d, s });
-            if !residual {
-                drop_residual(q, lo, x16, s);
-            }
+            let dst = QRowMut {
+                q,
+                lo,
+                x16,
+                d,
+                s,
+                residual,
+            };
+            quantize_row(isa, &x[r * k..(r + 1) * k], dst);
         }
     }
 
@@ -140,20 +145,6 @@ impl QuantActs {
             }
         }
         v
-    }
-}
-
-/// Makes a quantized row's activations its value bytes alone: `q` is already `round(x / d)`
-/// (the unit stays `d / 256`), so `x16 = 256 · q`, `lo = 0` and the block sums follow.
-fn drop_residual(q: &[i8], lo: &mut [i8], x16: &mut [i16], s: &mut [i32]) {
-    lo.fill(0);
-    for ((q, x16), s) in q.chunks_exact(BLOCK).zip(x16.chunks_exact_mut(BLOCK)).zip(s.iter_mut()) {
-        let mut sum = 0i32;
-        for (v, w) in q.iter().zip(x16.iter_mut()) {
-            *w = 256 * *v as i16;
-            sum += *v as i32;
-        }
-        *s = 256 * sum;
     }
 }
 

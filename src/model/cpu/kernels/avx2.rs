@@ -665,7 +665,9 @@ pub unsafe fn quantize_row(x: &[f32], dst: QRowMut) {
             let r = _mm256_round_ps::<NEAREST>(_mm256_mul_ps(_mm256_sub_ps(y, h), f256));
             let r = _mm256_min_ps(_mm256_max_ps(r, lim_lo), lim_hi);
             hi[j] = _mm256_cvttps_epi32(h);
-            rest[j] = _mm256_cvttps_epi32(r);
+            if dst.residual {
+                rest[j] = _mm256_cvttps_epi32(r);
+            }
         }
         let wide = four!(|j| _mm256_add_epi32(_mm256_slli_epi32(hi[j], 8), rest[j]));
         macro_rules! bytes {

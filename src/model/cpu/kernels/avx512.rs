@@ -774,6 +774,7 @@ pub unsafe fn quantize_row(x: &[f32], dst: QRowMut) {
             let rest = _mm512_roundscale_ps::<NEAREST>(_mm512_mul_ps(_mm512_sub_ps(y, hi), f256));
             let rest = _mm512_min_ps(_mm512_max_ps(rest, lim_lo), lim_hi);
             let (hi, rest) = (_mm512_cvttps_epi32(hi), _mm512_cvttps_epi32(rest));
+            let rest = if dst.residual { rest } else { _mm512_setzero_si512() };
             let wide = _mm512_add_epi32(_mm512_slli_epi32(hi, 8), rest);
             let at = t0 + 16 * h;
             _mm_storeu_si128(dst.q.as_mut_ptr().add(at) as *mut __m128i, _mm512_cvtepi32_epi8(hi));

@@ -396,6 +396,9 @@ pub struct QRowMut<'a> {
     pub x16: &'a mut [i16],
     pub d: &'a mut [f32],
     pub s: &'a mut [i32],
+    /// Whether to keep residual bytes; without them `lo` is written as zeros (8-bit
+    /// activations: `x16 = 256 · q`).
+    pub residual: bool,
 }
 
 /// A block's scale from its largest magnitude, and its inverse: 0 for an all-zero block, and for
@@ -411,7 +414,8 @@ fn act_scale(amax: f32) -> (f32, f32) {
 
 /// Quantizes one row of `k` activations for the integer kernels: per block of 32, value bytes
 /// `q = round(x / d)` and residual bytes `lo = round((x / d - q) · 256)` (both clamped to ±127,
-/// rounding half to even), `x16 = 256 · q + lo`, the unit `d / 256` and the sum of `x16`.
+/// rounding half to even; `lo = 0` without `dst.residual`), `x16 = 256 · q + lo`, the unit
+/// `d / 256` and the sum of `x16`.
 /// Positions past `k` are written as zeros. Every level gives the same bits for finite inputs.
 pub fn quantize_row(isa: Isa, x: &[f32], dst: QRowMut) {
     let kp = padded(x.len());
@@ -484,6 +488,23 @@ mod tests {
         q4x8: Vec<u8>,
         d4n: Vec<f16>,
         m4n: Vec<f16>,
+    }
+
+    impl Formats {
+        /// The integer kernels' panels (Q8x4 and Q4x8).
+        fn quads(&self) -> [Panel<'_>; 2] {
+            [
+                Panel::Q8x4 {
+                    q: &self.q8x4,
+                    d: &self.d,
+                },
+                Panel::Q4x8 {
+                    q: &self.q4x8,
+                    d: &self.d4n,
+                    m: &self.m4n,
+                },
+            ]
+        }
     }
 
     /// The same pseudo-random panel in every format.
@@ -627,14 +648,7 @@ mod tests {
                 }
             }
         }
-        let quads = [
-            Panel::Q8x4 { q: &f.q8x4, d: &f.d },
-            Panel::Q4x8 {
-                q: &f.q4x8,
-                d: &f.d4n,
-                m: &f.m4n,
-            },
-        ];
+        let quads = f.quads();
         for residual in [true, false] {
             let mut acts = QuantActs::default();
             acts.quantize(&x, INT_ROWS, k, residual);
@@ -674,14 +688,7 @@ mod tests {
             ..acts.rows(0, INT_ROWS)
         };
         for level in Level::supported() {
-            for p in [
-                Panel::Q8x4 { q: &f.q8x4, d: &f.d },
-                Panel::Q4x8 {
-                    q: &f.q4x8,
-                    d: &f.d4n,
-                    m: &f.m4n,
-                },
-            ] {
+            for p in f.quads() {
                 let (mut a, mut b) = ([[0f32; PANEL]; INT_ROWS], [[0f32; PANEL]; INT_ROWS]);
                 gemv_int(level, p, &skipped, &mut a);
                 gemv_int(level, p, &run, &mut b);
@@ -722,14 +729,7 @@ mod tests {
             let mut acts = QuantActs::default();
             acts.quantize(&rand_vec(rows * k, 13), rows, k, residual);
             for level in Level::supported() {
-                for p in [
-                    Panel::Q8x4 { q: &f.q8x4, d: &f.d },
-                    Panel::Q4x8 {
-                        q: &f.q4x8,
-                        d: &f.d4n,
-                        m: &f.m4n,
-                    },
-                ] {
+                for p in f.quads() {
                     let mut whole = [[0f32; PANEL]; INT_ROWS];
                     gemv_int(level, p, &acts.rows(0, rows), &mut whole);
                     let mut pieces = [[f32::NAN; PANEL]; INT_ROWS];
@@ -929,7 +929,7 @@ mod tests {
             }
             let kp = padded(k);
             let nb = kp / QBLOCK;
-            let run = |isa: Isa| {
+            let run = |isa: Isa, residual: bool| {
                 let (mut q, mut lo, mut x16) = (vec![9i8; kp], vec![9i8; kp], vec![9i16; kp]);
                 let (mut d, mut s) = (vec![f32::NAN; nb], vec![7i32; nb]);
                 let dst = QRowMut {
@@ -938,13 +938,32 @@ mod tests {
                     x16: &mut x16,
                     d: &mut d,
                     s: &mut s,
+                    residual,
                 };
                 quantize_row(isa, &x, dst);
                 (q, lo, x16, d, s)
             };
-            let want = run(Isa::Portable);
+            // Without residual bytes: the same value bytes, units and bits at every level, `lo`
+            // all zeros and everything else following from `q`.
+            let (q8, lo8, x8, d8, s8) = run(Isa::Portable, false);
             for isa in Isa::supported() {
-                assert!(run(isa) == want, "{isa:?} k={k}");
+                assert!(
+                    run(isa, false) == (q8.clone(), lo8.clone(), x8.clone(), d8.clone(), s8.clone()),
+                    "{isa:?} k={k}"
+                );
+            }
+            let want = run(Isa::Portable, true);
+            assert!(lo8.iter().all(|v| *v == 0) && q8 == want.0 && d8 == want.3, "k={k}");
+            for b in 0..nb {
+                let at = b * QBLOCK..(b + 1) * QBLOCK;
+                assert!(x8[at.clone()]
+                    .iter()
+                    .zip(&q8[at.clone()])
+                    .all(|(w, v)| *w == 256 * *v as i16));
+                assert_eq!(s8[b], 256 * q8[at].iter().map(|v| *v as i32).sum::<i32>());
+            }
+            for isa in Isa::supported() {
+                assert!(run(isa, true) == want, "{isa:?} k={k}");
             }
             let (q, lo, x16, d, s) = want;
             assert!(q[k..].iter().chain(&lo[k..]).all(|v| *v == 0) && x16[k..].iter().all(|v| *v == 0));
@@ -970,14 +989,7 @@ mod tests {
     fn integer_kernels_match_reference_on_quantized_activations() {
         for k in [1, 31, 32, 33, 64, 95, 960, 2560] {
             let f = formats(k);
-            let panels = [
-                Panel::Q8x4 { q: &f.q8x4, d: &f.d },
-                Panel::Q4x8 {
-                    q: &f.q4x8,
-                    d: &f.d4n,
-                    m: &f.m4n,
-                },
-            ];
+            let panels = f.quads();
             for (p, residual) in panels.into_iter().flat_map(|p| [(p, true), (p, false)]) {
                 for rows in 1..=INT_ROWS {
                     let x = rand_vec(rows * k, 5);

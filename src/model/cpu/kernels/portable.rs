@@ -122,7 +122,12 @@ pub fn quantize_row(x: &[f32], dst: QRowMut) {
                     // NaN becomes 0 here (the SIMD levels clamp it); a NaN activation is a broken model.
                     let y = v * inv;
                     let hi = round_near(y).clamp(-127.0, 127.0);
-                    (hi, round_near((y - hi) * 256.0).clamp(-127.0, 127.0))
+                    let rest = if dst.residual {
+                        round_near((y - hi) * 256.0).clamp(-127.0, 127.0)
+                    } else {
+                        0.0
+                    };
+                    (hi, rest)
                 }
                 None => (0.0, 0.0),
             };
