@@ -4,7 +4,7 @@
 use divan::counter::BytesCount;
 use divan::Bencher;
 use zagreus::model::cpu::arena::{Arena, Placement};
-use zagreus::model::cpu::attention::{attention, key_group_len, AttnScratch, AttnSeq, LayerKv};
+use zagreus::model::cpu::attention::{attention, key_group_len, AttnScratch, AttnSeq, KvElem, LayerKv};
 use zagreus::model::cpu::isa::Isa;
 use zagreus::model::cpu::qmatrix::{matmul, Format, Precision, QMatrix, Storage, Variant, PANEL};
 
@@ -88,15 +88,16 @@ fn gemm_pp128_gate_up(bencher: Bencher, format: Storage) {
         .bench_local(|| matmul(&arena, &m, &x, 128, &mut out));
 }
 
-/// Attention of one query (15 heads, 5 KV heads, head_dim 64) against 2048 cached positions.
-#[divan::bench(sample_count = 50)]
-fn attention_decode_ctx2048(bencher: Bencher) {
+/// Attention of one query (15 heads, 5 KV heads, head_dim 64) against 2048 cached positions,
+/// keys and values in f32 (the exact precision) or BF16 (the fast one).
+#[divan::bench(types = [f32, half::bf16], sample_count = 50)]
+fn attention_decode_ctx2048<E: KvElem>(bencher: Bencher) {
     let (heads, kvh, hd, len) = (15, 5, 64, 2048);
     let cap = len;
-    let kt: Vec<f32> = (0..kvh * key_group_len(hd, cap))
-        .map(|i| (i % 7) as f32 / 7.0)
+    let kt: Vec<E> = (0..kvh * key_group_len(hd, cap))
+        .map(|i| E::from_f32((i % 7) as f32 / 7.0))
         .collect();
-    let v: Vec<f32> = (0..kvh * cap * hd).map(|i| (i % 7) as f32 / 7.0).collect();
+    let v: Vec<E> = (0..kvh * cap * hd).map(|i| E::from_f32((i % 7) as f32 / 7.0)).collect();
     let q: Vec<f32> = (0..heads * hd).map(|i| (i % 5) as f32 / 5.0).collect();
     let mut out = vec![0f32; heads * hd];
     let mut sc = AttnScratch::default();
@@ -108,6 +109,40 @@ fn attention_decode_ctx2048(bencher: Bencher) {
             pos: len - 1,
         };
         attention(Isa::get(), &[seq], &q, heads * hd, heads, kvh, hd, &mut out, &mut sc)
+    });
+}
+
+/// One decoding step's attention in one layer for 16 sequences of 1024 cached positions each,
+/// every sequence its own cache (42 MB of f32 keys and values, more than the last-level cache
+/// here: memory-bound, as in a batched step where each layer's caches were last read a step ago).
+#[divan::bench(types = [f32, half::bf16], sample_count = 30)]
+fn attention_decode_16x1024<E: KvElem>(bencher: Bencher) {
+    let (heads, kvh, hd, len, seqs) = (15, 5, 64, 1024, 16);
+    let cap = len;
+    let caches: Vec<(Vec<E>, Vec<E>)> = (0..seqs)
+        .map(|s| {
+            let kt = (0..kvh * key_group_len(hd, cap))
+                .map(|i| E::from_f32(((i + s) % 7) as f32 / 7.0))
+                .collect();
+            let v = (0..kvh * cap * hd).map(|i| E::from_f32(((i + s) % 5) as f32 / 5.0)).collect();
+            (kt, v)
+        })
+        .collect();
+    let q: Vec<f32> = (0..seqs * heads * hd).map(|i| (i % 5) as f32 / 5.0).collect();
+    let mut out = vec![0f32; seqs * heads * hd];
+    let mut sc = AttnScratch::default();
+    bencher.bench_local(|| {
+        let batch: Vec<AttnSeq<E>> = caches
+            .iter()
+            .enumerate()
+            .map(|(s, (kt, v))| AttnSeq {
+                kv: LayerKv { kt, v, cap },
+                row0: s,
+                t: 1,
+                pos: len - 1,
+            })
+            .collect();
+        attention(Isa::get(), &batch, &q, heads * hd, heads, kvh, hd, &mut out, &mut sc)
     });
 }
 

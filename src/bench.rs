@@ -328,7 +328,13 @@ fn measure_batches(args: &BenchArgs, model: &CpuLlama, name: &str, threads: usiz
     let mut out = std::io::stdout().lock();
     let c = model.config();
     for (&p, &n, &b) in iproduct(&args.prompt, &args.gen, &args.batch) {
-        let bytes = CpuCache::bytes_for(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, p + n + 1);
+        let bytes = CpuCache::bytes_for(
+            c.num_hidden_layers,
+            c.num_key_value_heads,
+            c.head_dim,
+            p + n + 1,
+            model.kv_type(),
+        );
         if bytes.saturating_mul(b) > MAX_BATCH_KV_BYTES {
             bail!(
                 "{b} sequences of {} tokens need {} GiB of keys and values, more than the {} GiB a benchmark may take",

@@ -24,7 +24,7 @@ use anyhow::{bail, Result};
 
 use crate::generation::{Completion, Event, FinishReason, GenerateOptions, Generation, Stats};
 use crate::loader::LoadedModel;
-use crate::model::{Cache, CpuCache, LogitsFor, RowKind, Step};
+use crate::model::{Cache, LogitsFor, RowKind, Step};
 use crate::sampling::Sampler;
 use crate::settings::Settings;
 use crate::structured::Plan;
@@ -65,8 +65,7 @@ impl SchedulerConfig {
 
 /// Bytes of keys and values one token takes in the model's caches.
 pub fn kv_bytes_per_token(lm: &LoadedModel) -> usize {
-    let c = lm.model.config();
-    CpuCache::bytes_for(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, 1)
+    lm.model.kv_bytes_per_position()
 }
 
 /// One request: prompt tokens and how to generate after them.

@@ -156,6 +156,15 @@ fn the_fast_precision_says_what_it_runs() {
     );
     let (exact, _) = bench_with(&[], &[("XDG_CACHE_HOME", dir)]);
     assert!(!exact.contains("precision"), "{exact}");
+    // Where the products run in the fast precision, keys and values are kept in BF16 too, and
+    // the column says so; where it computes exactly, so does attention (f32 keys and values).
+    for column in [&fast, &q8, &f32s, &exact] {
+        assert_eq!(
+            column.contains(", fast precision"),
+            column.ends_with(", BF16 KV cache"),
+            "{column}"
+        );
+    }
     let out = Command::new(cargo_bin("zagreus"))
         .args(["bench", "--random", "smollm2-135m", "--precision", "fastest"])
         .output()

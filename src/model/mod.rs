@@ -16,7 +16,7 @@ use candle_core::Device;
 
 pub use config::{GenerationConfig, LlamaConfig};
 pub use cpu::engine::{Chunk, CpuLlama};
-pub use cpu::kv::CpuCache;
+pub use cpu::kv::{CpuCache, KvType};
 pub use cpu::qmatrix::{Format, Precision};
 pub use kv_cache::KvCache;
 pub use llama::Llama;
@@ -101,6 +101,17 @@ impl Model {
         match self {
             Model::Cpu(m) => m.config(),
             Model::Candle(m) => m.config(),
+        }
+    }
+
+    /// Bytes of keys and values one position takes in this model's caches.
+    pub fn kv_bytes_per_position(&self) -> usize {
+        match self {
+            Model::Cpu(m) => m.kv_bytes_per_position(),
+            Model::Candle(m) => {
+                let c = m.config();
+                CpuCache::bytes_for(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, 1, KvType::F32)
+            }
         }
     }
 

@@ -39,13 +39,101 @@ pub fn key_at(head_dim: usize, d: usize, p: usize) -> usize {
     (p / KEY_TILE) * head_dim * KEY_TILE + d * KEY_TILE + p % KEY_TILE
 }
 
-/// One layer's cache for all KV groups.
-pub struct LayerKv<'a> {
+/// One layer's cache for all KV groups, in f32 or BF16 (`KvElem`).
+pub struct LayerKv<'a, E> {
     /// `[kv_heads][tile][head_dim][KEY_TILE]` (`key_at`), `key_group_len` per group
-    pub kt: &'a [f32],
+    pub kt: &'a [E],
     /// `[kv_heads][cap][head_dim]`
-    pub v: &'a [f32],
+    pub v: &'a [E],
     pub cap: usize,
+}
+
+/// An element type of the KV cache: stored from f32, read back as f32 (the kernels widen BF16
+/// as they load it, so attention computes in f32 either way).
+pub trait KvElem: Copy + Default + Send + Sync + 'static {
+    fn from_f32(x: f32) -> Self;
+    fn to_f32(self) -> f32;
+    /// 16 values from `p` as f32 (AVX-512).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL; `p` points at 16 readable values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+    /// The values of `p` where `m` has a bit, zeros elsewhere (AVX-512).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL; `p` points at the values `m` selects.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn maskz_load16(m: u16, p: *const Self) -> std::arch::x86_64::__m512;
+    /// 8 values from `p` as f32 (AVX2).
+    ///
+    /// # Safety
+    /// AVX2; `p` points at 8 readable values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn maskz_load16(m: u16, p: *const f32) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_maskz_loadu_ps(m, p)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+/// BF16 keys and values: rounded to nearest (even) when stored; widening back is exact (the
+/// 16 bits become the top of an f32).
+impl KvElem for half::bf16 {
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        half::bf16::from_f32(x)
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const half::bf16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+            p as *const __m256i,
+        ))))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn maskz_load16(m: u16, p: *const half::bf16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+            _mm256_maskz_loadu_epi16(m, p as *const i16),
+        )))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const half::bf16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(
+            p as *const __m128i,
+        ))))
+    }
 }
 
 thread_local! {
@@ -90,8 +178,8 @@ impl Parts {
 
 /// One sequence's part of a batched attention: its cache, and its `t` query rows (rows
 /// `row0..row0 + t` of the batch) at positions `pos..pos + t`.
-pub struct AttnSeq<'a> {
-    pub kv: LayerKv<'a>,
+pub struct AttnSeq<'a, E> {
+    pub kv: LayerKv<'a, E>,
     pub row0: usize,
     pub t: usize,
     pub pos: usize,
@@ -105,9 +193,9 @@ pub struct AttnSeq<'a> {
 /// the online-softmax rule. The blocks are fixed by absolute position, so a row's result is the
 /// same bits whether it is decoded alone, in a batch, or as part of a prompt.
 #[allow(clippy::too_many_arguments)]
-pub fn attention(
+pub fn attention<E: KvElem>(
     isa: Isa,
-    seqs: &[AttnSeq],
+    seqs: &[AttnSeq<E>],
     q: &[f32],
     q_stride: usize,
     heads: usize,
@@ -259,9 +347,9 @@ pub fn attention(
 /// Scores, softmax numerator and weighted values of `rep` query heads over keys `k0..k1` of
 /// group `g`. Writes `[max, sum, acc(head_dim)]` per head into `res`.
 #[allow(clippy::too_many_arguments)]
-fn attend(
+fn attend<E: KvElem>(
     isa: Isa,
-    kv: &LayerKv,
+    kv: &LayerKv<E>,
     g: usize,
     q: &[f32],
     scale: f32,
@@ -307,7 +395,7 @@ super::ops::multiversion! {
     /// `scores[r][j] = scale · q_r · k_{k0+j}`, a tile of 16 keys at a time in a register-sized
     /// block (`k0` a multiple of `KEY_TILE`).
     #[allow(clippy::too_many_arguments)]
-    pub fn raw_scores(kt: &[f32], q: &[f32], scale: f32, rep: usize, head_dim: usize, k0: usize, n: usize, scores: &mut [f32]) {
+    pub fn raw_scores<E: KvElem>(kt: &[E], q: &[f32], scale: f32, rep: usize, head_dim: usize, k0: usize, n: usize, scores: &mut [f32]) {
         for r in 0..rep {
             let qr = &q[r * head_dim..(r + 1) * head_dim];
             let s = &mut scores[r * n..(r + 1) * n];
@@ -318,7 +406,7 @@ super::ops::multiversion! {
                     let at = key_at(head_dim, d, k0 + j0);
                     let krow = &kt[at..at + w];
                     for (a, kj) in acc.iter_mut().zip(krow) {
-                        *a += qd * kj;
+                        *a += qd * kj.to_f32();
                     }
                 }
                 for (sj, a) in s[j0..j0 + w].iter_mut().zip(acc) {
@@ -350,7 +438,7 @@ super::ops::multiversion! {
 super::ops::multiversion! {
     /// `acc_r = Σ_j scores[r][j] · v_{k0+j}` into `res`.
     #[allow(clippy::too_many_arguments)]
-    pub fn weighted_values(v: &[f32], scores: &[f32], rep: usize, head_dim: usize, k0: usize, n: usize, res: &mut [f32]) {
+    pub fn weighted_values<E: KvElem>(v: &[E], scores: &[f32], rep: usize, head_dim: usize, k0: usize, n: usize, res: &mut [f32]) {
         for r in 0..rep {
             let acc = &mut res[r * (head_dim + 2) + 2..(r + 1) * (head_dim + 2)];
             acc.fill(0.0);
@@ -358,7 +446,7 @@ super::ops::multiversion! {
             for (j, p) in s.iter().enumerate() {
                 let vrow = &v[(k0 + j) * head_dim..(k0 + j + 1) * head_dim];
                 for (a, vd) in acc.iter_mut().zip(vrow) {
-                    *a += p * vd;
+                    *a += p * vd.to_f32();
                 }
             }
         }
@@ -371,23 +459,38 @@ super::ops::multiversion! {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::KEY_TILE;
+    use super::{KvElem, KEY_TILE};
 
     /// # Safety
     /// AVX-512F; `kt` one group's tiled keys covering positions `k0..k0 + n` (`k0` a multiple of
     /// `KEY_TILE`), `q` `rep * 64`, `scores` `rep * n`.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn scores_hd64(kt: &[f32], q: &[f32], scale: f32, rep: usize, k0: usize, n: usize, scores: &mut [f32]) {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn scores_hd64<E: KvElem>(
+        kt: &[E],
+        q: &[f32],
+        scale: f32,
+        rep: usize,
+        k0: usize,
+        n: usize,
+        scores: &mut [f32],
+    ) {
         match rep {
-            1 => scores_r::<1>(kt, q, scale, k0, n, scores),
-            2 => scores_r::<2>(kt, q, scale, k0, n, scores),
-            3 => scores_r::<3>(kt, q, scale, k0, n, scores),
-            _ => scores_r::<4>(kt, q, scale, k0, n, scores),
+            1 => scores_r::<1, E>(kt, q, scale, k0, n, scores),
+            2 => scores_r::<2, E>(kt, q, scale, k0, n, scores),
+            3 => scores_r::<3, E>(kt, q, scale, k0, n, scores),
+            _ => scores_r::<4, E>(kt, q, scale, k0, n, scores),
         }
     }
 
     #[inline(always)]
-    unsafe fn scores_r<const R: usize>(kt: &[f32], q: &[f32], scale: f32, k0: usize, n: usize, scores: &mut [f32]) {
+    unsafe fn scores_r<const R: usize, E: KvElem>(
+        kt: &[E],
+        q: &[f32],
+        scale: f32,
+        k0: usize,
+        n: usize,
+        scores: &mut [f32],
+    ) {
         const HD: usize = 64;
         const TILE: usize = HD * KEY_TILE;
         let (kp, qp, sp) = (kt.as_ptr(), q.as_ptr(), scores.as_mut_ptr());
@@ -399,11 +502,7 @@ mod x86 {
             let tile = kp.add((k0 + j) / KEY_TILE * TILE);
             for d in 0..HD {
                 let row = tile.add(d * KEY_TILE);
-                let k = [
-                    _mm512_loadu_ps(row),
-                    _mm512_loadu_ps(row.add(TILE)),
-                    _mm512_loadu_ps(row.add(2 * TILE)),
-                ];
+                let k = [E::load16(row), E::load16(row.add(TILE)), E::load16(row.add(2 * TILE))];
                 for r in 0..R {
                     let qd = _mm512_set1_ps(*qp.add(r * HD + d));
                     for b in 0..3 {
@@ -424,7 +523,7 @@ mod x86 {
             let mut acc = [_mm512_setzero_ps(); R];
             let tile = kp.add((k0 + j) / KEY_TILE * TILE);
             for d in 0..HD {
-                let k = _mm512_maskz_loadu_ps(m, tile.add(d * KEY_TILE));
+                let k = E::maskz_load16(m, tile.add(d * KEY_TILE));
                 for r in 0..R {
                     acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(*qp.add(r * HD + d)), k, acc[r]);
                 }
@@ -489,28 +588,28 @@ mod x86 {
 
     /// # Safety
     /// AVX-512F; `v` covers rows `k0..k0 + n` of 64, `scores` `rep * n`, `res` `rep * 66`.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn values_hd64(v: &[f32], scores: &[f32], rep: usize, k0: usize, n: usize, res: &mut [f32]) {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn values_hd64<E: KvElem>(v: &[E], scores: &[f32], rep: usize, k0: usize, n: usize, res: &mut [f32]) {
         match rep {
-            1 => values_r::<1>(v, scores, k0, n, res),
-            2 => values_r::<2>(v, scores, k0, n, res),
-            3 => values_r::<3>(v, scores, k0, n, res),
-            _ => values_r::<4>(v, scores, k0, n, res),
+            1 => values_r::<1, E>(v, scores, k0, n, res),
+            2 => values_r::<2, E>(v, scores, k0, n, res),
+            3 => values_r::<3, E>(v, scores, k0, n, res),
+            _ => values_r::<4, E>(v, scores, k0, n, res),
         }
     }
 
     #[inline(always)]
-    unsafe fn values_r<const R: usize>(v: &[f32], scores: &[f32], k0: usize, n: usize, res: &mut [f32]) {
+    unsafe fn values_r<const R: usize, E: KvElem>(v: &[E], scores: &[f32], k0: usize, n: usize, res: &mut [f32]) {
         const HD: usize = 64;
         let (vp, sp) = (v.as_ptr(), scores.as_ptr());
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
         for j in 0..n {
             let row = vp.add((k0 + j) * HD);
             let vv = [
-                _mm512_loadu_ps(row),
-                _mm512_loadu_ps(row.add(16)),
-                _mm512_loadu_ps(row.add(32)),
-                _mm512_loadu_ps(row.add(48)),
+                E::load16(row),
+                E::load16(row.add(16)),
+                E::load16(row.add(32)),
+                E::load16(row.add(48)),
             ];
             for r in 0..R {
                 let p = _mm512_set1_ps(*sp.add(r * n + j));
@@ -533,7 +632,7 @@ mod x86 {
 mod x86_avx2 {
     use std::arch::x86_64::*;
 
-    use super::key_at;
+    use super::{key_at, KvElem};
 
     const HD: usize = 64;
 
@@ -541,19 +640,27 @@ mod x86_avx2 {
     /// AVX2 and FMA; `kt` one group's tiled keys covering positions `k0..k0 + n` (`k0` a multiple
     /// of `KEY_TILE`), `q` `rep * 64`, `scores` `rep * n`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn scores_hd64(kt: &[f32], q: &[f32], scale: f32, rep: usize, k0: usize, n: usize, scores: &mut [f32]) {
+    pub unsafe fn scores_hd64<E: KvElem>(
+        kt: &[E],
+        q: &[f32],
+        scale: f32,
+        rep: usize,
+        k0: usize,
+        n: usize,
+        scores: &mut [f32],
+    ) {
         match rep {
-            1 => scores_r::<1, 3>(kt, q, scale, k0, n, scores),
-            2 => scores_r::<2, 3>(kt, q, scale, k0, n, scores),
-            3 => scores_r::<3, 3>(kt, q, scale, k0, n, scores),
-            _ => scores_r::<4, 2>(kt, q, scale, k0, n, scores),
+            1 => scores_r::<1, 3, E>(kt, q, scale, k0, n, scores),
+            2 => scores_r::<2, 3, E>(kt, q, scale, k0, n, scores),
+            3 => scores_r::<3, 3, E>(kt, q, scale, k0, n, scores),
+            _ => scores_r::<4, 2, E>(kt, q, scale, k0, n, scores),
         }
     }
 
     /// R heads by B vectors of 8 keys.
     #[inline(always)]
-    unsafe fn scores_r<const R: usize, const B: usize>(
-        kt: &[f32],
+    unsafe fn scores_r<const R: usize, const B: usize, E: KvElem>(
+        kt: &[E],
         q: &[f32],
         scale: f32,
         k0: usize,
@@ -570,7 +677,7 @@ mod x86_avx2 {
                 // closure (`array::from_fn`) would not inherit the target features.
                 let mut k = [_mm256_setzero_ps(); B];
                 for b in 0..B {
-                    k[b] = _mm256_loadu_ps(kp.add(key_at(HD, d, k0 + j + 8 * b)));
+                    k[b] = E::load8(kp.add(key_at(HD, d, k0 + j + 8 * b)));
                 }
                 for r in 0..R {
                     let qd = _mm256_broadcast_ss(&*qp.add(r * HD + d));
@@ -591,7 +698,7 @@ mod x86_avx2 {
             for r in 0..R {
                 let mut a = 0f32;
                 for d in 0..HD {
-                    a += *qp.add(r * HD + d) * *kp.add(key_at(HD, d, k0 + jj));
+                    a += *qp.add(r * HD + d) * (*kp.add(key_at(HD, d, k0 + jj))).to_f32();
                 }
                 *sp.add(r * n + jj) = a * scale;
             }
@@ -656,25 +763,38 @@ mod x86_avx2 {
     /// # Safety
     /// AVX2 and FMA; `v` covers rows `k0..k0 + n` of 64, `scores` `rep * n`, `res` `rep * 66`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn values_hd64(v: &[f32], scores: &[f32], rep: usize, k0: usize, n: usize, res: &mut [f32]) {
+    pub unsafe fn values_hd64<E: KvElem>(v: &[E], scores: &[f32], rep: usize, k0: usize, n: usize, res: &mut [f32]) {
         for half in 0..2 {
             match rep {
-                1 => values_r::<1>(v, scores, k0, n, res, half),
-                2 => values_r::<2>(v, scores, k0, n, res, half),
-                3 => values_r::<3>(v, scores, k0, n, res, half),
-                _ => values_r::<4>(v, scores, k0, n, res, half),
+                1 => values_r::<1, E>(v, scores, k0, n, res, half),
+                2 => values_r::<2, E>(v, scores, k0, n, res, half),
+                3 => values_r::<3, E>(v, scores, k0, n, res, half),
+                _ => values_r::<4, E>(v, scores, k0, n, res, half),
             }
         }
     }
 
     /// Dimensions `32 · half ..` of the weighted values: 4 vectors per head.
     #[inline(always)]
-    unsafe fn values_r<const R: usize>(v: &[f32], scores: &[f32], k0: usize, n: usize, res: &mut [f32], half: usize) {
+    unsafe fn values_r<const R: usize, E: KvElem>(
+        v: &[E],
+        scores: &[f32],
+        k0: usize,
+        n: usize,
+        res: &mut [f32],
+        half: usize,
+    ) {
         let (vp, sp) = (v.as_ptr().add(32 * half), scores.as_ptr());
         let mut acc = [[_mm256_setzero_ps(); 4]; R];
         for j in 0..n {
             let row = vp.add((k0 + j) * HD);
-            let vv: [__m256; 4] = std::array::from_fn(|b| _mm256_loadu_ps(row.add(8 * b)));
+            // A plain array, not `array::from_fn` (its closure would not inherit the features).
+            let vv = [
+                E::load8(row),
+                E::load8(row.add(8)),
+                E::load8(row.add(16)),
+                E::load8(row.add(24)),
+            ];
             for r in 0..R {
                 let p = _mm256_broadcast_ss(&*sp.add(r * n + j));
                 for b in 0..4 {
@@ -736,6 +856,23 @@ mod tests {
 
     #[test]
     fn matches_reference_for_decode_prefill_and_long_contexts() {
+        matches_reference::<f32>();
+    }
+
+    #[test]
+    fn bf16_caches_match_the_reference_on_their_rounded_keys_and_values() {
+        matches_reference::<half::bf16>();
+    }
+
+    #[test]
+    fn a_rows_result_is_the_same_in_a_prompt_chunk_alone_or_batched() {
+        same_alone_or_batched::<f32>();
+        same_alone_or_batched::<half::bf16>();
+    }
+
+    /// Every level's kernels against the plain reference, computed on the keys and values as the
+    /// cache holds them (rounded to `E`).
+    fn matches_reference<E: KvElem>() {
         for &(t, pos, heads, kvh, hd) in &[
             (1, 0, 6, 2, 16),
             (1, 700, 6, 2, 16),
@@ -749,17 +886,18 @@ mod tests {
         ] {
             let len = pos + t;
             let cap = len + 3;
-            let k = rand_vec(len * kvh * hd, 1);
-            let v = rand_vec(len * kvh * hd, 2);
+            let held = |x: Vec<f32>| -> Vec<f32> { x.into_iter().map(|x| E::from_f32(x).to_f32()).collect() };
+            let k = held(rand_vec(len * kvh * hd, 1));
+            let v = held(rand_vec(len * kvh * hd, 2));
             let q = rand_vec(t * heads * hd, 3);
             let glen = key_group_len(hd, cap);
-            let mut kt = vec![0f32; kvh * glen];
-            let mut vv = vec![0f32; kvh * cap * hd];
+            let mut kt = vec![E::default(); kvh * glen];
+            let mut vv = vec![E::default(); kvh * cap * hd];
             for j in 0..len {
                 for g in 0..kvh {
                     for d in 0..hd {
-                        kt[g * glen + key_at(hd, d, j)] = k[(j * kvh + g) * hd + d];
-                        vv[(g * cap + j) * hd + d] = v[(j * kvh + g) * hd + d];
+                        kt[g * glen + key_at(hd, d, j)] = E::from_f32(k[(j * kvh + g) * hd + d]);
+                        vv[(g * cap + j) * hd + d] = E::from_f32(v[(j * kvh + g) * hd + d]);
                     }
                 }
             }
@@ -790,14 +928,14 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_rows_result_is_the_same_in_a_prompt_chunk_alone_or_batched() {
+    fn same_alone_or_batched<E: KvElem>() {
         // Rows past one key block (512) too: the blocks are fixed by position.
         let (heads, kvh, hd) = (15, 5, 64);
         let len = 1100;
         let cap = len;
-        let kt = rand_vec(kvh * key_group_len(hd, cap), 4);
-        let vv = rand_vec(kvh * cap * hd, 5);
+        let held = |x: Vec<f32>| -> Vec<E> { x.into_iter().map(E::from_f32).collect() };
+        let kt = held(rand_vec(kvh * key_group_len(hd, cap), 4));
+        let vv = held(rand_vec(kvh * cap * hd, 5));
         let q = rand_vec(len * heads * hd, 6);
         let row = heads * hd;
         for isa in Isa::supported() {

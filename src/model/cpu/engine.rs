@@ -9,15 +9,16 @@
 
 use std::sync::Mutex;
 
-use anyhow::Result;
+use anyhow::{ensure, Result};
 
 use super::arena::{Arena, Placement};
 use super::attention::{attention, AttnScratch, AttnSeq};
 use super::calibrate;
 use super::isa::{Isa, Level};
-use super::kv::CpuCache;
+use super::kv::{CacheElem, CpuCache, KvType};
 use super::load::{fill, fill_random};
 use super::ops::{add_in_place, rms_norm, rope_heads, silu_mul};
+use super::pool::Exec;
 use super::qmatrix::{matmul_rows, Format, Precision, QMatrix, Storage, Variant};
 use super::source::{common_format, Rows, Tensors};
 use crate::model::config::LlamaConfig;
@@ -53,6 +54,8 @@ pub struct CpuLlama {
     inv_freq: Vec<f32>,
     format: Format,
     precision: Precision,
+    /// How the caches this model makes hold keys and values.
+    kv: KvType,
     /// The step buffers (one step runs at a time).
     scratch: Mutex<Box<Scratch>>,
 }
@@ -71,6 +74,29 @@ fn storage(format: Format, precision: Precision) -> Storage {
         }
     }
     Storage::new(format, calibrate::choose(level, format).variant)
+}
+
+/// Whether `format`'s products run in the fast precision on this CPU (BF16 dot products for BF16,
+/// one-byte activations for Q8_0 and Q4). Where they do, the KV cache is BF16 too; where the
+/// fast precision computes exactly, so does attention.
+fn runs_fast(format: Format, precision: Precision) -> bool {
+    let level = Level::get();
+    match (precision, format) {
+        (Precision::Exact, _) => false,
+        (Precision::Fast, Format::Bf16) => calibrate::choose_fast_bf16(level).variant == Variant::Bf16Dot,
+        (Precision::Fast, f) if f.quantized() => calibrate::choose_fast_quantized(level, f)
+            .is_some_and(|c| matches!(c.variant, Variant::Int | Variant::IntFloat)),
+        (Precision::Fast, _) => false,
+    }
+}
+
+/// The KV cache type for a model whose weights are mostly `format`.
+fn kv_type(format: Format, precision: Precision) -> KvType {
+    if runs_fast(format, precision) {
+        KvType::Bf16
+    } else {
+        KvType::F32
+    }
 }
 
 /// The format holding most of the layers' weight bytes (what a mixed GGUF mostly is).
@@ -195,6 +221,7 @@ impl CpuLlama {
         let dominant = format.unwrap_or_else(|| dominant_format(&layers));
         Ok(Self {
             precision,
+            kv: kv_type(dominant, precision),
             inv_freq: inv_freq(cfg),
             norm: w.vector(plan::FINAL_NORM, h)?,
             cfg: cfg.clone(),
@@ -265,6 +292,7 @@ impl CpuLlama {
             layers,
             format,
             precision,
+            kv: kv_type(format, precision),
             scratch: Mutex::new(Box::default()),
         })
     }
@@ -310,7 +338,13 @@ impl CpuLlama {
             },
             (Precision::Fast, _) => format!("{exact}, exact: the fast precision is for BF16 and quantized weights"),
         };
-        format!("{}, {kernels}", level.name())
+        let kv = if self.kv == KvType::Bf16 { ", BF16 KV cache" } else { "" };
+        format!("{}, {kernels}{kv}", level.name())
+    }
+
+    /// How the caches this model makes hold keys and values.
+    pub fn kv_type(&self) -> KvType {
+        self.kv
     }
 
     pub fn precision(&self) -> Precision {
@@ -350,6 +384,7 @@ impl CpuLlama {
             self.cfg.num_key_value_heads,
             self.cfg.head_dim,
             max_len.min(self.max_positions()),
+            self.kv,
         )
     }
 
@@ -360,6 +395,7 @@ impl CpuLlama {
             self.cfg.num_key_value_heads,
             self.cfg.head_dim,
             1,
+            self.kv,
         )
     }
 
@@ -382,6 +418,12 @@ impl CpuLlama {
         let vocab = self.vocab_size();
         for c in chunks.iter() {
             plan::check_input(c.tokens, c.cache.len(), vocab, self.max_positions())?;
+            ensure!(
+                c.cache.kv_type() == self.kv,
+                "a {:?} KV cache given to a model that makes {:?} ones",
+                c.cache.kv_type(),
+                self.kv
+            );
         }
         for c in chunks.iter_mut() {
             c.cache.reserve(c.tokens.len())?;
@@ -435,43 +477,43 @@ impl CpuLlama {
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(isa, &s.x[..t * h], &layer.attn_norm, eps, &mut s.xn[..t * h]);
             product(&layer.qkv, &s.xn[..t * h], &mut s.qkv[..t * qkv_dim]);
-            for &i in &order {
-                let c = &mut chunks[i];
-                let pos = c.cache.len();
-                for j in 0..c.tokens.len() {
-                    let r = row0[i] + j;
-                    let row = &mut s.qkv[r * qkv_dim..(r + 1) * qkv_dim];
-                    let (cos, sin) = (&s.cos[r * half..(r + 1) * half], &s.sin[r * half..(r + 1) * half]);
+            // Rotary embeddings and KV writes, each sequence in a task of its own.
+            let mut seq_rows = by_rows(chunks, &row0, &mut s.qkv[..t * qkv_dim], qkv_dim);
+            let (cos, sin) = (&s.cos, &s.sin);
+            Exec::Pool.for_each_mut(&mut seq_rows, &|_, sr| {
+                let pos = sr.cache.len();
+                for (j, row) in sr.rows.chunks_exact_mut(qkv_dim).enumerate() {
+                    let r = sr.row0 + j;
+                    let (cos, sin) = (&cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);
                     rope_heads(&mut row[..(nh + nkv) * hd], nh + nkv, hd, cos, sin);
                     let (k, v) = row[nh * hd..].split_at(nkv * hd);
-                    c.cache.store(l, pos + j, k, v);
+                    sr.cache.store(l, pos + j, k, v);
                 }
-            }
-            let seqs: Vec<AttnSeq> = order
-                .iter()
-                .map(|&i| AttnSeq {
-                    kv: chunks[i].cache.layer(l),
-                    row0: row0[i],
-                    t: chunks[i].tokens.len(),
-                    pos: chunks[i].cache.len(),
-                })
-                .collect();
-            attention(
+            });
+            drop(seq_rows);
+            let step = AttnStep {
                 isa,
-                &seqs,
-                &s.qkv[..t * qkv_dim],
-                qkv_dim,
-                nh,
-                nkv,
-                hd,
-                &mut s.att[..t * nh * hd],
-                &mut s.attn,
-            );
+                chunks,
+                order: &order,
+                row0: &row0,
+                layer: l,
+                q: &s.qkv[..t * qkv_dim],
+                q_stride: qkv_dim,
+                dims: (nh, nkv, hd),
+            };
+            match self.kv {
+                KvType::F32 => step.run::<f32>(&mut s.att[..t * nh * hd], &mut s.attn),
+                KvType::Bf16 => step.run::<half::bf16>(&mut s.att[..t * nh * hd], &mut s.attn),
+            }
             product(&layer.o, &s.att[..t * nh * hd], &mut s.proj[..t * h]);
             add_in_place(isa, &mut s.x[..t * h], &s.proj[..t * h]);
             rms_norm(isa, &s.x[..t * h], &layer.mlp_norm, eps, &mut s.xn[..t * h]);
             product(&layer.gate_up, &s.xn[..t * h], &mut s.gu[..t * 2 * inter]);
-            silu_mul(isa, &s.gu[..t * 2 * inter], inter, &mut s.act[..t * inter]);
+            let gu = &s.gu[..t * 2 * inter];
+            let mut act_rows: Vec<&mut [f32]> = s.act[..t * inter].chunks_exact_mut(inter).collect();
+            Exec::Pool.for_each_mut(&mut act_rows, &|r, row| {
+                silu_mul(isa, &gu[r * 2 * inter..(r + 1) * 2 * inter], inter, row)
+            });
             product(&layer.down, &s.act[..t * inter], &mut s.proj[..t * h]);
             add_in_place(isa, &mut s.x[..t * h], &s.proj[..t * h]);
         }
@@ -528,6 +570,69 @@ impl CpuLlama {
         }
         Ok(())
     }
+}
+
+/// A layer's attention for every sequence of a step.
+struct AttnStep<'s, 'c> {
+    isa: Isa,
+    chunks: &'s [Chunk<'c>],
+    order: &'s [usize],
+    row0: &'s [usize],
+    layer: usize,
+    q: &'s [f32],
+    q_stride: usize,
+    /// Heads, KV heads, head size.
+    dims: (usize, usize, usize),
+}
+
+impl AttnStep<'_, '_> {
+    /// Runs it on caches of element type `E` (every cache's type was checked against the
+    /// model's at the start of the step).
+    fn run<E: CacheElem>(&self, out: &mut [f32], scratch: &mut AttnScratch) {
+        let seqs: Vec<AttnSeq<E>> = self
+            .order
+            .iter()
+            .map(|&i| AttnSeq {
+                kv: self.chunks[i]
+                    .cache
+                    .layer(self.layer)
+                    .expect("caches were checked to be of the model's type"),
+                row0: self.row0[i],
+                t: self.chunks[i].tokens.len(),
+                pos: self.chunks[i].cache.len(),
+            })
+            .collect();
+        let (nh, nkv, hd) = self.dims;
+        attention(self.isa, &seqs, self.q, self.q_stride, nh, nkv, hd, out, scratch);
+    }
+}
+
+/// One sequence's rows of a step with its cache (see `by_rows`).
+struct SeqRows<'a> {
+    cache: &'a mut CpuCache,
+    /// The sequence's rows of a per-row buffer.
+    rows: &'a mut [f32],
+    /// Its first row in the step.
+    row0: usize,
+}
+
+/// Each chunk's cache with its rows of `buf` (`width` values per row; chunk `i`'s rows start at
+/// `row0[i]`, and the chunks' rows lie one after the other without gaps).
+fn by_rows<'a>(chunks: &'a mut [Chunk], row0: &[usize], buf: &'a mut [f32], width: usize) -> Vec<SeqRows<'a>> {
+    let mut refs: Vec<(usize, &mut Chunk)> = chunks.iter_mut().enumerate().collect();
+    refs.sort_by_key(|(i, _)| row0[*i]);
+    let mut rest = buf;
+    let mut out = Vec::with_capacity(refs.len());
+    for (i, c) in refs {
+        let (mine, tail) = std::mem::take(&mut rest).split_at_mut(c.tokens.len() * width);
+        rest = tail;
+        out.push(SeqRows {
+            cache: &mut *c.cache,
+            rows: mine,
+            row0: row0[i],
+        });
+    }
+    out
 }
 
 /// Per-step buffers, sized for the largest step seen and reused.

@@ -22,6 +22,28 @@ pub fn exp_approx(x: f32) -> f32 {
 }
 
 macro_rules! multiversion {
+    // With one type parameter.
+    ($(#[$m:meta])* pub fn $name:ident<$g:ident: $bound:path>($($arg:ident: $ty:ty),*) $body:block) => {
+        $(#[$m])*
+        pub fn $name<$g: $bound>(isa: Isa, $($arg: $ty),*) {
+            #[inline(always)]
+            fn imp<$g: $bound>($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+            unsafe fn avx512<$g: $bound>($($arg: $ty),*) { imp::<$g>($($arg),*) }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2<$g: $bound>($($arg: $ty),*) { imp::<$g>($($arg),*) }
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `Isa` levels are only produced for CPUs that report the features.
+                Isa::Avx512 => unsafe { avx512::<$g>($($arg),*) },
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => unsafe { avx2::<$g>($($arg),*) },
+                _ => imp::<$g>($($arg),*),
+            }
+        }
+    };
     ($(#[$m:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
         $(#[$m])*
         pub fn $name(isa: Isa, $($arg: $ty),*) {

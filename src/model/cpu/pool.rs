@@ -39,6 +39,30 @@ impl Exec {
             Exec::Serial => 1,
         }
     }
+
+    /// Runs `f(i, &mut items[i])` for every item, each item in a task of its own (the rows of a
+    /// step's small serial stages: each is independent of the others).
+    pub fn for_each_mut<I: Send>(self, items: &mut [I], f: &(dyn Fn(usize, &mut I) + Sync)) {
+        let base = Items(items.as_mut_ptr());
+        let n = items.len();
+        self.run(n, &|i| {
+            assert!(i < n, "for_each_mut: task {i} of {n}");
+            // SAFETY: `run` calls each index below `n` exactly once, so no two tasks hold the
+            // same item, and `items` is borrowed mutably until every task has finished.
+            f(i, unsafe { &mut *base.at(i) })
+        });
+    }
+}
+
+/// The items of `for_each_mut`, shared with the tasks (each takes its own).
+struct Items<I>(*mut I);
+// SAFETY: each item goes to one task only, so sharing the pointer hands each item to one thread,
+// which `I: Send` allows.
+unsafe impl<I: Send> Sync for Items<I> {}
+impl<I> Items<I> {
+    fn at(&self, i: usize) -> *mut I {
+        self.0.wrapping_add(i)
+    }
 }
 
 /// How long an idle worker spins before parking.
@@ -249,6 +273,20 @@ mod tests {
                     hits[i].fetch_add(1, SeqCst);
                 });
                 assert!(hits.iter().all(|h| h.load(SeqCst) == 1), "n={n}");
+            }
+        }
+    }
+
+    #[test]
+    fn for_each_mut_hands_every_item_to_one_task() {
+        for exec in [Exec::Pool, Exec::Serial] {
+            for n in [0usize, 1, 2, 5, 64] {
+                let mut items: Vec<(usize, u32)> = (0..n).map(|i| (i, 0)).collect();
+                exec.for_each_mut(&mut items, &|i, item| {
+                    assert_eq!(item.0, i);
+                    item.1 += 1;
+                });
+                assert!(items.iter().all(|&(_, hits)| hits == 1), "{exec:?} n={n}");
             }
         }
     }

@@ -617,7 +617,7 @@ fn product(
     }
     ACTS.with(|acts| {
         let mut acts = acts.borrow_mut();
-        acts.quantize(x, m, k, w.precision == Precision::Exact);
+        acts.quantize_on(exec, x, m, k, w.precision == Precision::Exact);
         let acts = &*acts;
         if class == RowClass::Decode {
             stream_panels(
