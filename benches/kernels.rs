@@ -124,7 +124,9 @@ fn attention_decode_16x1024<E: KvElem>(bencher: Bencher) {
             let kt = (0..kvh * key_group_len(hd, cap))
                 .map(|i| E::from_f32(((i + s) % 7) as f32 / 7.0))
                 .collect();
-            let v = (0..kvh * cap * hd).map(|i| E::from_f32(((i + s) % 5) as f32 / 5.0)).collect();
+            let v = (0..kvh * cap * hd)
+                .map(|i| E::from_f32(((i + s) % 5) as f32 / 5.0))
+                .collect();
             (kt, v)
         })
         .collect();
