@@ -74,7 +74,7 @@ if [[ ${BATCH:-1} == 1 ]]; then
     "$BB" -m "$G/zagreus-$f.gguf" -t "$THREADS" -c 4096 -b 2048 -ub 512 -npp 128 -ntg 64 -npl 1,2,4,8,16 2>/dev/null |
       awk -F'|' '$2 ~ /^ *128 *$/ {gsub(/ /,""); print $4, $9}' > "$results.l"
     ZAGREUS_ISA=$ZISA "$Z" bench --random zagreus-0.4b --precision "$PRECISION" $q -p 128 -n 64 -r 1 --batch 1,2,4,8,16 2>/dev/null |
-      awk -F'|' '$8 ~ /[0-9]/ {gsub(/ /,"",$10); print $10}' > "$results.z"
+      awk -F'|' '$9 ~ /[0-9]/ {gsub(/ /,"",$11); print $11}' > "$results.z"
     paste "$results.l" "$results.z" | awk '{printf "%s %s %s %.2f\n", $1, $2, $3, $3 / $2}'
   done
 fi

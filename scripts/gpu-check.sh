@@ -2,7 +2,8 @@
 # The GPU check, in one call, on a machine with an NVIDIA GPU (no Rust needed there):
 #   1. the cuda build's libraries resolve (ldd), with the machine's CUDA 13 libraries found;
 #   2. logits on the GPU against transformers' f32 references (tests/fixtures), in f32 and bf16;
-#   3. the one-shot and pipe front ends on the GPU;
+#   3. the one-shot and pipe front ends on the GPU; `zagreus batch` (the same answers alone or
+#      batched, greedy and seeded) and `bench --batch`;
 #   4. `zagreus bench` on the Zagreus shape (random weights) in bf16 on the GPU, beside
 #      transformers' `generate` on the same GPU, same shape, same run (torch + transformers needed).
 #
@@ -49,6 +50,39 @@ say "== front ends on the GPU"
 fixture=$here/tests/fixtures/models/tied-bf16
 "$bin" -m "$fixture" --device cuda --temperature 0 -n 8 --verbose "Ciao!" 2>&1 | tee -a "$log" || fail=1
 echo "Un testo da riassumere." | "$bin" -m "$fixture" --device cuda --temperature 0 -n 8 --json "Riassumi." 2>&1 | tee -a "$log" || fail=1
+
+say "== zagreus batch on the GPU: each answer the same alone (-P 1) or batched (-P 16)"
+python3 - >"$out/requests.jsonl" <<'PY'
+import json
+prompts = ["Ciao!", "Qual è la capitale d'Italia?", "Write a haiku about the sea.",
+           "1 2 3 4 5 6 7 8", "Traduci: the cat sleeps.", "Hi",
+           "Elenca tre colori.", "?"]
+for i, p in enumerate(prompts):
+    msgs = [{"role": "user", "content": p}]
+    print(json.dumps({"custom_id": f"greedy-{i}", "body": {"messages": msgs, "max_tokens": 16, "temperature": 0}}))
+    print(json.dumps({"custom_id": f"seeded-{i}", "body": {"messages": msgs, "max_tokens": 16, "temperature": 0.9, "seed": 7 + i}}))
+PY
+for dtype in f32 bf16; do
+  for p in 1 16; do
+    "$bin" batch -m "$fixture" --device cuda --dtype "$dtype" -P "$p" "$out/requests.jsonl" >"$out/batch-$dtype-$p.jsonl" 2>>"$log" || fail=1
+  done
+  python3 - "$out/batch-$dtype-1.jsonl" "$out/batch-$dtype-16.jsonl" "$dtype" <<'PY' 2>&1 | tee -a "$log" || fail=1
+import json, sys
+def answers(path):
+    rows = [json.loads(line) for line in open(path)]
+    return [(r["custom_id"], r["response"]["body"]["choices"][0]["message"]["content"],
+             r["response"]["body"]["choices"][0]["finish_reason"],
+             r["response"]["body"]["usage"]["completion_tokens"]) for r in rows]
+alone, batched = answers(sys.argv[1]), answers(sys.argv[2])
+assert len(alone) == 16, f"{len(alone)} results, not 16"
+diff = [a[0] for a, b in zip(alone, batched) if a != b]
+print(f"{sys.argv[3]}: {len(alone) - len(diff)}/{len(alone)} answers identical alone and batched" + (f"; differ: {diff}" if diff else ""))
+sys.exit(1 if diff else 0)
+PY
+done
+
+say "== zagreus bench --batch, Zagreus shape, bf16, GPU (the GPU engine loops over sequences)"
+"$bin" bench --random zagreus-0.4b --device cuda --dtype bf16 -p 128 -n 32 -r 1 --batch 1,4,16 2>&1 | tee -a "$log" || fail=1
 
 say "== zagreus bench, Zagreus shape, bf16, GPU"
 "$bin" bench --random zagreus-0.4b --device cuda --dtype bf16 -p 128 -n 64 -r 5 --json >"$out/bench.json" 2>>"$log" || fail=1

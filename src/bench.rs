@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::cli::BenchArgs;
 use crate::model::cpu::arena::Placement;
-use crate::model::{Chunk, CpuCache, CpuLlama, Format, LlamaConfig, LogitsFor, Model, RowKind};
+use crate::model::{Cache, CpuLlama, Format, LlamaConfig, LogitsFor, Model, RowKind, Step};
 use crate::structured::{Grammars, Plan, Structure};
 
 /// Shapes `--random` knows.
@@ -245,6 +245,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 pub struct BatchMeasurement {
     pub model: String,
     pub format: String,
+    pub device: String,
     pub kernels: String,
     pub threads: usize,
     pub prompt: usize,
@@ -276,9 +277,9 @@ fn iproduct<'a>(
 const BATCH_PREFILL_ROWS: usize = 2048;
 
 /// (prefill t/s, aggregate decode t/s) of `batch` sequences.
-fn batched_speed(model: &CpuLlama, batch: usize, prompt: usize, gen: usize) -> Result<(f64, f64)> {
+fn batched_speed(model: &Model, batch: usize, prompt: usize, gen: usize) -> Result<(f64, f64)> {
     let vocab = model.vocab_size();
-    let mut caches: Vec<CpuCache> = (0..batch).map(|_| model.new_cache(prompt + gen + 1)).collect();
+    let mut caches: Vec<Cache> = (0..batch).map(|_| model.new_cache(prompt + gen + 1)).collect();
     let prompts: Vec<Vec<u32>> = (0..batch).map(|b| tokens(prompt, vocab, 1 + b as u64)).collect();
     let mut out = Vec::new();
     let t = Instant::now();
@@ -286,17 +287,17 @@ fn batched_speed(model: &CpuLlama, batch: usize, prompt: usize, gen: usize) -> R
     if let Some(per_step) = BATCH_PREFILL_ROWS.checked_div(prompt) {
         let per_step = per_step.max(1);
         for (cs, ps) in caches.chunks_mut(per_step).zip(prompts.chunks(per_step)) {
-            let mut chunks: Vec<Chunk> = cs
+            let mut steps: Vec<Step> = cs
                 .iter_mut()
                 .zip(ps)
-                .map(|(cache, p)| Chunk {
+                .map(|(cache, p)| Step {
                     cache,
                     tokens: p,
                     kind: RowKind::Prompt,
                     logits: LogitsFor::Last,
                 })
                 .collect();
-            model.forward_batch(&mut chunks, &mut out)?;
+            model.forward_batch(&mut steps, &mut out)?;
         }
     }
     let prefill = (batch * prompt) as f64 / t.elapsed().as_secs_f64();
@@ -304,17 +305,17 @@ fn batched_speed(model: &CpuLlama, batch: usize, prompt: usize, gen: usize) -> R
     let t = Instant::now();
     for _ in 0..gen {
         let toks: Vec<[u32; 1]> = next.iter().map(|&x| [x]).collect();
-        let mut chunks: Vec<Chunk> = caches
+        let mut steps: Vec<Step> = caches
             .iter_mut()
             .zip(&toks)
-            .map(|(cache, tok)| Chunk {
+            .map(|(cache, tok)| Step {
                 cache,
                 tokens: tok,
                 kind: RowKind::Decode,
                 logits: LogitsFor::Last,
             })
             .collect();
-        model.forward_batch(&mut chunks, &mut out)?;
+        model.forward_batch(&mut steps, &mut out)?;
         for (b, row) in out.chunks(vocab).enumerate() {
             next[b] = crate::sampling::argmax(row);
         }
@@ -324,17 +325,12 @@ fn batched_speed(model: &CpuLlama, batch: usize, prompt: usize, gen: usize) -> R
 }
 
 /// `--batch`: llama-batched-bench-shaped figures for every batch size, prompt and length asked.
-fn measure_batches(args: &BenchArgs, model: &CpuLlama, name: &str, threads: usize) -> Result<()> {
+fn measure_batches(args: &BenchArgs, model: &Model, name: &str, threads: usize) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    let c = model.config();
+    let device = crate::device::device_name(&model.device());
+    let kernels = kernels_of(model);
     for (&p, &n, &b) in iproduct(&args.prompt, &args.gen, &args.batch) {
-        let bytes = CpuCache::bytes_for(
-            c.num_hidden_layers,
-            c.num_key_value_heads,
-            c.head_dim,
-            p + n + 1,
-            model.kv_type(),
-        );
+        let bytes = model.kv_bytes_per_position().saturating_mul(p + n + 1);
         if bytes.saturating_mul(b) > MAX_BATCH_KV_BYTES {
             bail!(
                 "{b} sequences of {} tokens need {} GiB of keys and values, more than the {} GiB a benchmark may take",
@@ -347,11 +343,11 @@ fn measure_batches(args: &BenchArgs, model: &CpuLlama, name: &str, threads: usiz
     if !args.json {
         writeln!(
             out,
-            "| model | format | kernels | threads | prompt | gen | batch | prefill t/s | decode t/s | per sequence t/s |"
+            "| model | format | device | kernels | threads | prompt | gen | batch | prefill t/s | decode t/s | per sequence t/s |"
         )?;
         writeln!(
             out,
-            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
         )?;
     }
     let mut results = Vec::new();
@@ -366,8 +362,9 @@ fn measure_batches(args: &BenchArgs, model: &CpuLlama, name: &str, threads: usiz
                 let (tg, _) = mean_sd(&samples.iter().map(|s| s.1).collect::<Vec<_>>());
                 let m = BatchMeasurement {
                     model: name.to_string(),
-                    format: model.format().name().to_string(),
-                    kernels: model.kernels(),
+                    format: model.precision().to_string(),
+                    device: device.clone(),
+                    kernels: kernels.clone(),
                     threads,
                     prompt: p,
                     gen: n,
@@ -380,8 +377,8 @@ fn measure_batches(args: &BenchArgs, model: &CpuLlama, name: &str, threads: usiz
                 if !args.json {
                     writeln!(
                         out,
-                        "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} |",
-                        m.model, m.format, m.kernels, threads, p, n, b, pp, tg, m.decode_per_sequence
+                        "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} |",
+                        m.model, m.format, m.device, m.kernels, threads, p, n, b, pp, tg, m.decode_per_sequence
                     )?;
                     out.flush()?;
                 }
@@ -394,6 +391,14 @@ fn measure_batches(args: &BenchArgs, model: &CpuLlama, name: &str, threads: usiz
         writeln!(out)?;
     }
     Ok(())
+}
+
+/// The kernels column: the CPU engine's instruction set and kernel choice, or candle's.
+fn kernels_of(model: &Model) -> String {
+    match model {
+        Model::Cpu(m) => m.kernels(),
+        Model::Candle(_) => "candle".to_string(),
+    }
 }
 
 /// Refuses tests longer than the model's context before any cache is allocated for them.
@@ -422,10 +427,7 @@ fn measure(
 ) -> Result<()> {
     check_lengths(args, model.max_positions())?;
     if !args.batch.is_empty() {
-        return match &model {
-            Model::Cpu(m) => measure_batches(args, m, &name, threads),
-            Model::Candle(_) => bail!("--batch measures the CPU engine (use --device cpu)"),
-        };
+        return measure_batches(args, &model, &name, threads);
     }
     let bytes_per_token = match &model {
         Model::Cpu(m) => Some(m.bytes_per_token()),
@@ -433,10 +435,7 @@ fn measure(
     };
     let format = model.precision().to_string();
     let device = crate::device::device_name(&model.device());
-    let kernels = match &model {
-        Model::Cpu(m) => m.kernels(),
-        Model::Candle(_) => "candle".to_string(),
-    };
+    let kernels = kernels_of(&model);
     let mut results = Vec::new();
     let spent = GrammarTime::default();
     type Test<'a> = (String, Box<dyn Fn() -> Result<f64> + 'a>);

@@ -574,6 +574,7 @@ fn bench_batch_measures_many_sequences_decoding_together() {
         assert!(agg > 0.0 && m["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
         assert!((agg / m["batch"].as_f64().unwrap() - per).abs() < 1e-6 * agg);
         assert_eq!(m["samples"].as_array().unwrap().len(), 2);
+        assert_eq!(m["device"], "cpu");
     }
     let out = run(
         &["bench", "-m", &tied(), "-p", "4", "-n", "2", "-r", "1", "--batch", "2"],
@@ -581,7 +582,7 @@ fn bench_batch_measures_many_sequences_decoding_together() {
     );
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(
-        out.stdout.contains("| batch |") && out.stdout.contains("| 4 | 2 | 2 |"),
+        out.stdout.contains("| batch |") && out.stdout.contains("| cpu |") && out.stdout.contains("| 4 | 2 | 2 |"),
         "{}",
         out.stdout
     );
