@@ -1,12 +1,14 @@
 //! Batched steps of the CPU engine: several sequences in one forward pass, mixing prompt chunks
 //! and decoding tokens, give every sequence exactly the logits (bit for bit) it gets alone, and
-//! those logits match transformers' references.
+//! those logits match transformers' references. The same for the candle engine's batched steps
+//! (its padded decoding passes), run here on the CPU.
 
 mod common;
 
 use common::{floats, ids, model_dir, read_json};
-use zagreus::loader::{load, LoadOptions, LoadedModel};
-use zagreus::model::{Chunk, CpuCache, CpuLlama, Format, LogitsFor, Model, Precision, RowKind};
+use zagreus::loader::{load, Engine, LoadOptions, LoadedModel};
+use zagreus::model::llama::DECODE_ROWS;
+use zagreus::model::{Cache, Chunk, CpuCache, CpuLlama, Format, LogitsFor, Model, Precision, RowKind, Step};
 use zagreus::source::ModelFiles;
 
 fn load_model(name: &str, quantize: Option<Format>) -> LoadedModel {
@@ -277,4 +279,131 @@ fn all_logits_of_a_prompt_in_a_batch_match_the_prompt_alone() {
     let e2 = e.forward_batch(&mut chunks, &mut out).unwrap_err().to_string();
     assert!(e2.contains("outside the model's vocabulary"), "{e2}");
     assert_eq!((a.len(), b.len()), (prompt.len(), 3));
+}
+
+/// The candle engine (the GPU path, run here on the CPU) as the scheduler drives it: one
+/// sequence alone is a batch of one.
+fn candle_alone(m: &Model, s: &Seq) -> Vec<Vec<f32>> {
+    candle_batched(m, std::slice::from_ref(s), &[0]).remove(0)
+}
+
+/// Sequence i starts `start[i]` steps late with its whole prompt, then decodes one token a step.
+fn candle_batched(m: &Model, seqs: &[Seq], start: &[usize]) -> Vec<Vec<Vec<f32>>> {
+    let vocab = m.vocab_size();
+    let mut caches: Vec<Cache> = seqs.iter().map(|_| m.new_cache(m.max_positions())).collect();
+    let mut fed = vec![0usize; seqs.len()];
+    let mut rows: Vec<Vec<Vec<f32>>> = seqs.iter().map(|_| Vec::new()).collect();
+    let mut out = Vec::new();
+    for step in 0.. {
+        let mut steps = Vec::new();
+        let mut who = Vec::new();
+        for (i, (s, cache)) in seqs.iter().zip(caches.iter_mut()).enumerate() {
+            if step < start[i] || fed[i] == s.prompt.len() + s.then.len() {
+                continue;
+            }
+            let (tokens, kind) = match fed[i].checked_sub(s.prompt.len()) {
+                None => (&s.prompt[..], RowKind::Prompt),
+                Some(j) => (&s.then[j..j + 1], RowKind::Decode),
+            };
+            fed[i] += tokens.len();
+            who.push(i);
+            steps.push(Step {
+                cache,
+                tokens,
+                kind,
+                logits: LogitsFor::Last,
+            });
+        }
+        if steps.is_empty() {
+            break;
+        }
+        m.forward_batch(&mut steps, &mut out).unwrap();
+        assert_eq!(out.len(), steps.len() * vocab);
+        for (k, i) in who.into_iter().enumerate() {
+            rows[i].push(out[k * vocab..(k + 1) * vocab].to_vec());
+        }
+    }
+    rows
+}
+
+#[test]
+fn the_candle_engine_decodes_a_batch_with_the_same_bits_as_alone() {
+    for name in ["tied-bf16", "untied-f32-sharded", "llama3-rope"] {
+        let m = load_with(
+            name,
+            LoadOptions {
+                engine: Engine::Candle,
+                ..LoadOptions::cpu()
+            },
+        )
+        .model;
+        assert!(matches!(m, Model::Candle(_)));
+        let r = read_json(&model_dir(name).join("reference.json"));
+        // 20 sequences: more than one padded decoding pass (DECODE_ROWS) in the busiest steps.
+        let mut seqs = Vec::new();
+        for copy in 0..5u32 {
+            for s in sequences(&r) {
+                let then = s.then.iter().map(|t| (t + 11 * copy) % m.vocab_size() as u32).collect();
+                seqs.push(Seq { prompt: s.prompt, then });
+            }
+        }
+        assert!(seqs.len() > DECODE_ROWS);
+        let want: Vec<_> = seqs.iter().map(|s| candle_alone(&m, s)).collect();
+        for start in [vec![0; seqs.len()], (0..seqs.len()).map(|i| i % 7).collect()] {
+            let got = candle_batched(&m, &seqs, &start);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.len(), w.len(), "{name} sequence {i}");
+                for (step, (a, b)) in g.iter().zip(w).enumerate() {
+                    assert!(
+                        a == b,
+                        "{name} sequence {i} step {step} (starts {start:?}): logits differ from alone"
+                    );
+                }
+            }
+            // Sequence 0 is the reference's prompt and greedy continuation.
+            let prompt_rows = r["prompt_logits"].as_array().unwrap();
+            let steps = r["step_logits"].as_array().unwrap();
+            let mut worst = 0f32;
+            for (row, want) in got[0]
+                .iter()
+                .zip(std::iter::once(floats(&prompt_rows[prompt_rows.len() - 1])).chain(steps.iter().map(floats)))
+            {
+                for (a, b) in row.iter().zip(&want) {
+                    worst = worst.max((a - b).abs());
+                }
+            }
+            assert!(worst < 1e-3, "{name}: batched candle logits {worst} from transformers'");
+        }
+    }
+    // A bad token in one decoding sequence fails the step before any cache moves.
+    let m = load_with(
+        "tied-bf16",
+        LoadOptions {
+            engine: Engine::Candle,
+            ..LoadOptions::cpu()
+        },
+    )
+    .model;
+    let (mut a, mut b) = (m.new_cache(64), m.new_cache(64));
+    let mut out = Vec::new();
+    m.forward(&[1, 2, 3], &mut a, LogitsFor::Last, &mut out).unwrap();
+    m.forward(&[4, 5], &mut b, LogitsFor::Last, &mut out).unwrap();
+    let bad = [u32::MAX];
+    let mut steps = vec![
+        Step {
+            cache: &mut a,
+            tokens: &[1],
+            kind: RowKind::Decode,
+            logits: LogitsFor::Last,
+        },
+        Step {
+            cache: &mut b,
+            tokens: &bad,
+            kind: RowKind::Decode,
+            logits: LogitsFor::Last,
+        },
+    ];
+    let err = m.forward_batch(&mut steps, &mut out).unwrap_err().to_string();
+    assert!(err.contains("outside the model's vocabulary"), "{err}");
+    assert_eq!((a.len(), b.len()), (3, 2));
 }

@@ -7,6 +7,7 @@
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::ops::{rms_norm, softmax_last_dim};
+use candle_nn::rotary_emb::rope;
 
 use super::config::LlamaConfig;
 use super::kv_cache::KvCache;
@@ -16,6 +17,14 @@ use super::rope::Rope;
 use super::weights::Weights;
 
 pub use super::plan::LogitsFor;
+
+/// Decoding tokens of a batched step ([`Llama::decode`]) go through the network in passes of
+/// exactly this many rows (unused rows are padding), so that a token meets the same matrix
+/// kernels, whose reduction order depends on the number of rows, whether it decodes alone or
+/// beside others: its logits are the same bits either way. Up to this many sequences share each
+/// weight read. ([`Llama::forward`] keeps one row, the fastest for a lone sequence: one-row
+/// products take cuBLAS' matrix-vector kernels.)
+pub const DECODE_ROWS: usize = 16;
 
 struct Block {
     attn_norm: Tensor,
@@ -259,6 +268,112 @@ impl Llama {
         };
         let x = rms_norm(&x.contiguous()?, &self.norm, eps)?;
         Ok(self.lm_head.forward(&x)?.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+
+    /// Runs one token after each sequence's cache and returns f32 logits `(sequences, vocab)`:
+    /// the products, norms and LM head run once for up to [`DECODE_ROWS`] sequences, attention
+    /// per sequence on its own cache. Nothing runs, and no cache changes, if any input is invalid.
+    pub fn decode(&self, seqs: &mut [(&mut KvCache, u32)]) -> Result<Tensor> {
+        for (cache, token) in seqs.iter() {
+            plan::check_input(&[*token], cache.len(), self.vocab_size, self.max_positions())?;
+        }
+        for (cache, _) in seqs.iter_mut() {
+            cache.reserve(1)?;
+        }
+        let mut parts = Vec::with_capacity(seqs.len().div_ceil(DECODE_ROWS));
+        for group in seqs.chunks_mut(DECODE_ROWS) {
+            parts.push(self.decode_rows(group)?);
+        }
+        Ok(match parts.len() {
+            1 => parts.remove(0),
+            _ => Tensor::cat(&parts, 0)?,
+        })
+    }
+
+    /// One padded pass of [`DECODE_ROWS`] rows for at most that many sequences (caches reserved).
+    fn decode_rows(&self, seqs: &mut [(&mut KvCache, u32)]) -> Result<Tensor> {
+        let n = seqs.len();
+        let (mut tokens, mut positions) = ([0u32; DECODE_ROWS], [0u32; DECODE_ROWS]);
+        for (i, (cache, token)) in seqs.iter().enumerate() {
+            tokens[i] = *token;
+            positions[i] = u32::try_from(cache.len())?;
+        }
+        let ids = Tensor::new(&tokens, &self.device)?;
+        let mut x = self
+            .embed
+            .index_select(&ids, 0)?
+            .to_dtype(self.act_dtype)?
+            .unsqueeze(0)?;
+        // Each row's own position: cos and sin `(rows, 1, head_dim / 2)`.
+        let pos = Tensor::new(&positions, &self.device)?;
+        let cos = self.rope.cos.index_select(&pos, 0)?.unsqueeze(1)?;
+        let sin = self.rope.sin.index_select(&pos, 0)?.unsqueeze(1)?;
+        let width = self.cfg.num_attention_heads * self.cfg.head_dim;
+        let pad = match DECODE_ROWS - n {
+            0 => None,
+            rows => Some(Tensor::zeros((rows, width), self.act_dtype, &self.device)?),
+        };
+        let eps = self.cfg.rms_norm_eps as f32;
+        for (i, b) in self.blocks.iter().enumerate() {
+            let hn = rms_norm(&x, &b.attn_norm, eps)?;
+            let a = self
+                .decode_attention(&hn, b, i, seqs, (&cos, &sin), pad.as_ref())
+                .with_context(|| format!("attention of layer {i}"))?;
+            x = (x + a)?;
+            let hn = rms_norm(&x, &b.mlp_norm, eps)?;
+            x = (&x + self.mlp(&hn, b)?)?;
+        }
+        for (cache, _) in seqs.iter_mut() {
+            cache.advance(1);
+        }
+        let x = rms_norm(&x, &self.norm, eps)?;
+        Ok(self
+            .lm_head
+            .forward(&x)?
+            .squeeze(0)?
+            .narrow(0, 0, n)?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// Attention of a decoding pass `x (1, rows, hidden)`: q, k and v for all rows in one product
+    /// and one rotation, then each sequence's row against its cache; padding rows give zeros.
+    fn decode_attention(
+        &self,
+        x: &Tensor,
+        b: &Block,
+        layer: usize,
+        seqs: &mut [(&mut KvCache, u32)],
+        (cos, sin): (&Tensor, &Tensor),
+        pad: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (hd, nh, nkv) = (
+            self.cfg.head_dim,
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+        );
+        let rep = nh / nkv;
+        let qkv = b.qkv.forward(x)?.squeeze(0)?;
+        let heads = |start: usize, n: usize| -> Result<Tensor> {
+            Ok(qkv
+                .narrow(D::Minus1, start * hd, n * hd)?
+                .contiguous()?
+                .reshape((DECODE_ROWS, n, 1, hd))?)
+        };
+        let q = rope(&heads(0, nh)?, cos, sin)?;
+        let k = rope(&heads(nh, nkv)?, cos, sin)?;
+        let v = heads(nh + nkv, nkv)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut ys = Vec::with_capacity(seqs.len() + 1);
+        for (i, (cache, _)) in seqs.iter_mut().enumerate() {
+            let (k_all, v_all) = cache.append(layer, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
+            // As in `attention`: the query heads of KV head g are rows g * rep .. of one product.
+            let q = q.narrow(0, i, 1)?.reshape((nkv, rep, hd))?;
+            let scores = (q.matmul(&k_all.squeeze(0)?.t()?)? * scale)?;
+            let probs = softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(self.act_dtype)?;
+            ys.push(probs.matmul(&v_all.squeeze(0)?)?.reshape((1, nh * hd))?);
+        }
+        ys.extend(pad.cloned());
+        b.o.forward(&Tensor::cat(&ys, 0)?.unsqueeze(0)?)
     }
 
     /// Additive mask `(rep * t, pos + t)`: row `r * t + i` (query i of any head in a KV group)

@@ -11,7 +11,7 @@ pub mod plan;
 pub mod rope;
 pub mod weights;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::Device;
 
 pub use config::{GenerationConfig, LlamaConfig};
@@ -171,7 +171,7 @@ impl Model {
     }
 
     /// Runs several sequences in one step (the CPU engine streams each weight once for all of
-    /// their rows; candle runs them one after the other). `out` gets the logits rows of every
+    /// their rows; candle decodes the one-token steps together and runs longer ones alone). `out` gets the logits rows of every
     /// step in order. Nothing is run, and no cache changes, if any step's input is invalid.
     pub fn forward_batch(&self, steps: &mut [Step], out: &mut Vec<f32>) -> Result<()> {
         match self {
@@ -195,12 +195,32 @@ impl Model {
                 for s in steps.iter() {
                     plan::check_input(s.tokens, s.cache.len(), vocab, self.max_positions())?;
                 }
-                out.clear();
+                // One-token steps decode together (`Llama::decode`); longer ones run alone.
+                let mut rows: Vec<Option<Vec<f32>>> = Vec::with_capacity(steps.len());
+                let mut decoding = Vec::new();
                 for s in steps.iter_mut() {
                     let Cache::Candle(c) = &mut *s.cache else {
                         anyhow::bail!("internal error: a cache of the other engine");
                     };
-                    out.extend(m.forward(s.tokens, c, s.logits)?.flatten_all()?.to_vec1::<f32>()?);
+                    match s.tokens {
+                        [token] => {
+                            decoding.push((c, *token));
+                            rows.push(None);
+                        }
+                        tokens => rows.push(Some(m.forward(tokens, c, s.logits)?.flatten_all()?.to_vec1::<f32>()?)),
+                    }
+                }
+                let mut decoded = match decoding.is_empty() {
+                    true => Vec::new(),
+                    false => m.decode(&mut decoding)?.to_vec2::<f32>()?,
+                }
+                .into_iter();
+                out.clear();
+                for row in rows {
+                    match row {
+                        Some(r) => out.extend(r),
+                        None => out.extend(decoded.next().context("internal error: a decoding row is missing")?),
+                    }
                 }
                 Ok(())
             }
