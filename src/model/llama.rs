@@ -353,11 +353,11 @@ impl Llama {
         );
         let rep = nh / nkv;
         let qkv = b.qkv.forward(x)?.squeeze(0)?;
-        let heads = |start: usize, n: usize| -> Result<Tensor> {
+        let heads = |start: usize, count: usize| -> Result<Tensor> {
             Ok(qkv
-                .narrow(D::Minus1, start * hd, n * hd)?
+                .narrow(D::Minus1, start * hd, count * hd)?
                 .contiguous()?
-                .reshape((DECODE_ROWS, n, 1, hd))?)
+                .reshape((DECODE_ROWS, count, 1, hd))?)
         };
         let q = rope(&heads(0, nh)?, cos, sin)?;
         let k = rope(&heads(nh, nkv)?, cos, sin)?;

@@ -171,8 +171,9 @@ impl Model {
     }
 
     /// Runs several sequences in one step (the CPU engine streams each weight once for all of
-    /// their rows; candle decodes the one-token steps together and runs longer ones alone). `out` gets the logits rows of every
-    /// step in order. Nothing is run, and no cache changes, if any step's input is invalid.
+    /// their rows; candle decodes the one-token steps together and runs longer ones alone).
+    /// `out` gets the logits rows of every step in order. Nothing is run, and no cache changes,
+    /// if any step's input is invalid.
     pub fn forward_batch(&self, steps: &mut [Step], out: &mut Vec<f32>) -> Result<()> {
         match self {
             Model::Cpu(m) => {
