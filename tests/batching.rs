@@ -407,3 +407,29 @@ fn the_candle_engine_decodes_a_batch_with_the_same_bits_as_alone() {
     assert!(err.contains("outside the model's vocabulary"), "{err}");
     assert_eq!((a.len(), b.len()), (3, 2));
 }
+
+#[test]
+fn both_engines_count_the_bytes_their_caches_take_per_position() {
+    let cpu = load_model("tied-bf16", None).model;
+    let candle = load_with(
+        "tied-bf16",
+        LoadOptions {
+            engine: Engine::Candle,
+            ..LoadOptions::cpu()
+        },
+    )
+    .model;
+    let c = cpu.config();
+    // Keys and values, f32 (the exact precision; candle's activations on the CPU).
+    let f32_bytes = c.num_hidden_layers * c.num_key_value_heads * 2 * c.head_dim * 4;
+    assert_eq!(cpu.kv_bytes_per_position(), f32_bytes);
+    assert_eq!(candle.kv_bytes_per_position(), f32_bytes);
+    // A CPU cache grown to whole tiles of keys holds exactly that per position.
+    let m = load_model("tied-bf16", None);
+    let e = engine(&m);
+    let mut cache = e.new_cache(64);
+    let mut out = Vec::new();
+    e.forward(&[1; 32], &mut cache, LogitsFor::Last, &mut out).unwrap();
+    assert_eq!(cache.capacity() % 16, 0, "capacity {}", cache.capacity());
+    assert_eq!(cache.bytes(), cache.capacity() * f32_bytes);
+}

@@ -211,6 +211,13 @@ impl Llama {
         self.dtype
     }
 
+    /// Bytes of keys and values one position takes in this network's caches (the activation
+    /// dtype: f32 on the CPU, the weights' dtype on accelerators).
+    pub fn kv_bytes_per_position(&self) -> usize {
+        let c = &self.cfg;
+        c.num_hidden_layers * c.num_key_value_heads * 2 * c.head_dim * self.act_dtype.size_in_bytes()
+    }
+
     pub fn tied_embeddings(&self) -> bool {
         self.tied
     }

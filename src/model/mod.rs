@@ -108,10 +108,7 @@ impl Model {
     pub fn kv_bytes_per_position(&self) -> usize {
         match self {
             Model::Cpu(m) => m.kv_bytes_per_position(),
-            Model::Candle(m) => {
-                let c = m.config();
-                CpuCache::bytes_for(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, 1, KvType::F32)
-            }
+            Model::Candle(m) => m.kv_bytes_per_position(),
         }
     }
 

@@ -390,11 +390,10 @@ impl CpuLlama {
 
     /// Bytes of KV cache one position takes (every layer, keys and values).
     pub fn kv_bytes_per_position(&self) -> usize {
-        CpuCache::bytes_for(
+        CpuCache::bytes_per_position(
             self.cfg.num_hidden_layers,
             self.cfg.num_key_value_heads,
             self.cfg.head_dim,
-            1,
             self.kv,
         )
     }

@@ -198,6 +198,12 @@ impl CpuCache {
         layers * kv_heads * (key_group_len(head_dim, positions) + positions * head_dim) * kind.bytes()
     }
 
+    /// Bytes one more position takes, averaged over a tile of keys: what `bytes_for` grows by
+    /// per position (`bytes_for(.., 1, ..)` would count a whole tile of keys for one position).
+    pub fn bytes_per_position(layers: usize, kv_heads: usize, head_dim: usize, kind: KvType) -> usize {
+        layers * kv_heads * 2 * head_dim * kind.bytes()
+    }
+
     /// Makes room for `extra` more positions.
     pub(crate) fn reserve(&mut self, extra: usize) -> Result<()> {
         let cap = kv_capacity(self.len, extra, self.cap, self.max_len)?;
@@ -270,6 +276,19 @@ mod tests {
     fn keys_and_values_survive_growth_and_truncation_in_their_tiles() {
         keep_through_growth::<f32>(KvType::F32);
         keep_through_growth::<bf16>(KvType::Bf16);
+    }
+
+    #[test]
+    fn bytes_per_position_is_what_a_cache_grows_by_per_position() {
+        for kind in [KvType::F32, KvType::Bf16] {
+            let per = CpuCache::bytes_per_position(32, 5, 64, kind);
+            assert_eq!(per, 32 * 5 * 2 * 64 * kind.bytes());
+            for positions in [16, 1024, 4096] {
+                assert_eq!(CpuCache::bytes_for(32, 5, 64, positions, kind), positions * per);
+            }
+            // A partial tile of keys counts whole; never less than the positions' own bytes.
+            assert!(CpuCache::bytes_for(32, 5, 64, 1000, kind) >= 1000 * per);
+        }
     }
 
     #[test]
