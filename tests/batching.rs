@@ -8,7 +8,7 @@ mod common;
 use common::{floats, ids, model_dir, read_json};
 use zagreus::loader::{load, Engine, LoadOptions, LoadedModel};
 use zagreus::model::llama::DECODE_ROWS;
-use zagreus::model::{Cache, Chunk, CpuCache, CpuLlama, Format, LogitsFor, Model, Precision, RowKind, Step};
+use zagreus::model::{Cache, Chunk, CpuLlama, Format, LogitsFor, Model, Precision, RowKind, Step};
 use zagreus::source::ModelFiles;
 
 fn load_model(name: &str, quantize: Option<Format>) -> LoadedModel {
@@ -40,38 +40,21 @@ struct Seq {
 }
 
 /// Every logits row a sequence produces: the prompt's last position (the whole prompt in one
-/// step), then one per fed token.
-fn alone(e: &CpuLlama, s: &Seq) -> Vec<Vec<f32>> {
-    let mut cache = e.new_cache(e.max_positions());
-    let mut out = Vec::new();
-    let mut rows = Vec::new();
-    let mut step = |cache: &mut CpuCache, tokens: &[u32], kind| {
-        let mut c = [Chunk {
-            cache,
-            tokens,
-            kind,
-            logits: LogitsFor::Last,
-        }];
-        e.forward_batch(&mut c, &mut out).unwrap();
-        out.clone()
-    };
-    rows.push(step(&mut cache, &s.prompt, RowKind::Prompt));
-    for &t in &s.then {
-        rows.push(step(&mut cache, &[t], RowKind::Decode));
-    }
-    rows
+/// step), then one per fed token; alone, that is a batch of one.
+fn alone(m: &Model, s: &Seq) -> Vec<Vec<f32>> {
+    batched(m, std::slice::from_ref(s), &[0], &[s.prompt.len()]).remove(0)
 }
 
 /// All sequences together: sequence i starts `start[i]` steps late and feeds its prompt in
 /// chunks of `chunk[i]` tokens (prompt rows), then its tokens one per step (decoding rows).
-fn batched(e: &CpuLlama, seqs: &[Seq], start: &[usize], chunk: &[usize]) -> Vec<Vec<Vec<f32>>> {
-    let vocab = e.vocab_size();
-    let mut caches: Vec<CpuCache> = seqs.iter().map(|_| e.new_cache(e.max_positions())).collect();
+fn batched(m: &Model, seqs: &[Seq], start: &[usize], chunk: &[usize]) -> Vec<Vec<Vec<f32>>> {
+    let vocab = m.vocab_size();
+    let mut caches: Vec<Cache> = seqs.iter().map(|_| m.new_cache(m.max_positions())).collect();
     let mut fed = vec![0usize; seqs.len()];
     let mut rows: Vec<Vec<Vec<f32>>> = seqs.iter().map(|_| Vec::new()).collect();
     let mut out = Vec::new();
     for step in 0.. {
-        let mut chunks = Vec::new();
+        let mut steps = Vec::new();
         let mut who = Vec::new();
         for (i, (s, cache)) in seqs.iter().zip(caches.iter_mut()).enumerate() {
             let total = s.prompt.len() + s.then.len();
@@ -90,18 +73,18 @@ fn batched(e: &CpuLlama, seqs: &[Seq], start: &[usize], chunk: &[usize]) -> Vec<
             let wants = done >= s.prompt.len();
             who.push((i, wants));
             fed[i] = done;
-            chunks.push(Chunk {
+            steps.push(Step {
                 cache,
                 tokens,
                 kind,
                 logits: LogitsFor::Last,
             });
         }
-        if chunks.is_empty() {
+        if steps.is_empty() {
             break;
         }
-        e.forward_batch(&mut chunks, &mut out).unwrap();
-        assert_eq!(out.len(), chunks.len() * vocab);
+        m.forward_batch(&mut steps, &mut out).unwrap();
+        assert_eq!(out.len(), steps.len() * vocab);
         for (k, (i, wants)) in who.into_iter().enumerate() {
             if wants {
                 rows[i].push(out[k * vocab..(k + 1) * vocab].to_vec());
@@ -138,7 +121,7 @@ fn sequences(r: &serde_json::Value) -> Vec<Seq> {
 /// different prompt chunkings (down to one token per step: decoding rows of some sequences beside
 /// prompt rows of others), must get the same bits.
 fn check_batches_match_alone(m: &LoadedModel, name: &str, label: &str) {
-    let e = engine(m);
+    let e = &m.model;
     let r = read_json(&model_dir(name).join("reference.json"));
     let seqs = sequences(&r);
     let want: Vec<_> = seqs.iter().map(|s| alone(e, s)).collect();
@@ -206,7 +189,7 @@ fn the_fast_precision_gives_each_sequence_the_same_bits_alone_or_batched() {
 fn batched_logits_match_transformers() {
     for name in ["tied-bf16", "untied-f32-sharded", "llama3-rope"] {
         let m = load_model(name, None);
-        let e = engine(&m);
+        let e = &m.model;
         let r = read_json(&model_dir(name).join("reference.json"));
         let seqs = sequences(&r);
         let got = batched(e, &seqs, &[1, 0, 0, 2], &[5, 64, 2, 1]);
@@ -281,51 +264,6 @@ fn all_logits_of_a_prompt_in_a_batch_match_the_prompt_alone() {
     assert_eq!((a.len(), b.len()), (prompt.len(), 3));
 }
 
-/// The candle engine (the GPU path, run here on the CPU) as the scheduler drives it: one
-/// sequence alone is a batch of one.
-fn candle_alone(m: &Model, s: &Seq) -> Vec<Vec<f32>> {
-    candle_batched(m, std::slice::from_ref(s), &[0]).remove(0)
-}
-
-/// Sequence i starts `start[i]` steps late with its whole prompt, then decodes one token a step.
-fn candle_batched(m: &Model, seqs: &[Seq], start: &[usize]) -> Vec<Vec<Vec<f32>>> {
-    let vocab = m.vocab_size();
-    let mut caches: Vec<Cache> = seqs.iter().map(|_| m.new_cache(m.max_positions())).collect();
-    let mut fed = vec![0usize; seqs.len()];
-    let mut rows: Vec<Vec<Vec<f32>>> = seqs.iter().map(|_| Vec::new()).collect();
-    let mut out = Vec::new();
-    for step in 0.. {
-        let mut steps = Vec::new();
-        let mut who = Vec::new();
-        for (i, (s, cache)) in seqs.iter().zip(caches.iter_mut()).enumerate() {
-            if step < start[i] || fed[i] == s.prompt.len() + s.then.len() {
-                continue;
-            }
-            let (tokens, kind) = match fed[i].checked_sub(s.prompt.len()) {
-                None => (&s.prompt[..], RowKind::Prompt),
-                Some(j) => (&s.then[j..j + 1], RowKind::Decode),
-            };
-            fed[i] += tokens.len();
-            who.push(i);
-            steps.push(Step {
-                cache,
-                tokens,
-                kind,
-                logits: LogitsFor::Last,
-            });
-        }
-        if steps.is_empty() {
-            break;
-        }
-        m.forward_batch(&mut steps, &mut out).unwrap();
-        assert_eq!(out.len(), steps.len() * vocab);
-        for (k, i) in who.into_iter().enumerate() {
-            rows[i].push(out[k * vocab..(k + 1) * vocab].to_vec());
-        }
-    }
-    rows
-}
-
 #[test]
 fn the_candle_engine_decodes_a_batch_with_the_same_bits_as_alone() {
     for name in ["tied-bf16", "untied-f32-sharded", "llama3-rope"] {
@@ -348,9 +286,10 @@ fn the_candle_engine_decodes_a_batch_with_the_same_bits_as_alone() {
             }
         }
         assert!(seqs.len() > DECODE_ROWS);
-        let want: Vec<_> = seqs.iter().map(|s| candle_alone(&m, s)).collect();
+        let want: Vec<_> = seqs.iter().map(|s| alone(&m, s)).collect();
         for start in [vec![0; seqs.len()], (0..seqs.len()).map(|i| i % 7).collect()] {
-            let got = candle_batched(&m, &seqs, &start);
+            let whole: Vec<usize> = seqs.iter().map(|s| s.prompt.len()).collect();
+            let got = batched(&m, &seqs, &start, &whole);
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert_eq!(g.len(), w.len(), "{name} sequence {i}");
                 for (step, (a, b)) in g.iter().zip(w).enumerate() {
