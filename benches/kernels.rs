@@ -76,6 +76,56 @@ fn gemv_lm_head(bencher: Bencher, format: Storage) {
         .bench_local(|| matmul(&arena, &m, &x, 1, &mut out));
 }
 
+/// The read ceiling the decode products are measured against: the pool's number of threads
+/// (`RAYON_NUM_THREADS`) each sum their share of 246 MB (the BF16 LM head's bytes) from an arena
+/// placed as the weights are (`ZAGREUS_HUGEPAGES`), a 64-byte line at a time with a prefetch
+/// `READ_AHEAD` bytes ahead as the kernels do. One sequence's decoding can go no faster than
+/// this many bytes per second (`gemv_lm_head` above, `weights GB/s` in `zagreus bench`); on a
+/// shared host both move together, so compare them within one run.
+#[divan::bench(sample_count = 20)]
+fn read_bandwidth(bencher: Bencher) {
+    let words = 128_256 * 960 / 2;
+    let mut arena = Arena::new(words * 4 + 4096, Placement::from_env()).unwrap();
+    let region = arena.alloc::<f32>(words).unwrap();
+    for (i, w) in arena.get_mut(region).iter_mut().enumerate() {
+        *w = (i % 7) as f32;
+    }
+    let data = arena.get(region);
+    let threads = rayon::current_num_threads().max(1);
+    bencher.counter(BytesCount::new(words * 4)).bench_local(|| {
+        std::thread::scope(|s| {
+            for part in data.chunks(words.div_ceil(threads)) {
+                s.spawn(move || divan::black_box(sum_lines(part)));
+            }
+        })
+    });
+}
+
+/// How far ahead `sum_lines` prefetches: the kernels' distance (the hardware prefetchers stop
+/// at 4 KiB boundaries).
+const READ_AHEAD: usize = 8192;
+
+/// Sums of `w`'s lines, one per position in a line.
+fn sum_lines(w: &[f32]) -> [f32; 16] {
+    let mut acc = [0f32; 16];
+    for line in w.chunks_exact(16) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let ahead = line.as_ptr().wrapping_byte_add(READ_AHEAD) as *const i8;
+            // SAFETY: a prefetch does not fault, whatever the address.
+            #[allow(unused_unsafe)]
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(ahead)
+            };
+        }
+        for (a, v) in acc.iter_mut().zip(line) {
+            *a += v;
+        }
+    }
+    acc
+}
+
 /// Prefill of 128 tokens through the fused gate/up projection (5120 x 960).
 #[divan::bench(args = FORMATS, sample_count = 10)]
 fn gemm_pp128_gate_up(bencher: Bencher, format: Storage) {
