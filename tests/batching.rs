@@ -26,6 +26,18 @@ fn load_with(name: &str, opts: LoadOptions) -> LoadedModel {
     load(&files, &opts).unwrap()
 }
 
+/// A fixture model on the candle engine, on the CPU.
+fn candle_model(name: &str) -> Model {
+    load_with(
+        name,
+        LoadOptions {
+            engine: Engine::Candle,
+            ..LoadOptions::cpu()
+        },
+    )
+    .model
+}
+
 fn engine(m: &LoadedModel) -> &CpuLlama {
     match &m.model {
         Model::Cpu(e) => e,
@@ -267,14 +279,7 @@ fn all_logits_of_a_prompt_in_a_batch_match_the_prompt_alone() {
 #[test]
 fn the_candle_engine_decodes_a_batch_with_the_same_bits_as_alone() {
     for name in ["tied-bf16", "untied-f32-sharded", "llama3-rope"] {
-        let m = load_with(
-            name,
-            LoadOptions {
-                engine: Engine::Candle,
-                ..LoadOptions::cpu()
-            },
-        )
-        .model;
+        let m = candle_model(name);
         assert!(matches!(m, Model::Candle(_)));
         let r = read_json(&model_dir(name).join("reference.json"));
         // 20 sequences: more than one padded decoding pass (DECODE_ROWS) in the busiest steps.
@@ -315,14 +320,7 @@ fn the_candle_engine_decodes_a_batch_with_the_same_bits_as_alone() {
         }
     }
     // A bad token in one decoding sequence fails the step before any cache moves.
-    let m = load_with(
-        "tied-bf16",
-        LoadOptions {
-            engine: Engine::Candle,
-            ..LoadOptions::cpu()
-        },
-    )
-    .model;
+    let m = candle_model("tied-bf16");
     let (mut a, mut b) = (m.new_cache(64), m.new_cache(64));
     let mut out = Vec::new();
     m.forward(&[1, 2, 3], &mut a, LogitsFor::Last, &mut out).unwrap();
@@ -350,14 +348,7 @@ fn the_candle_engine_decodes_a_batch_with_the_same_bits_as_alone() {
 #[test]
 fn both_engines_count_the_bytes_their_caches_take_per_position() {
     let cpu = load_model("tied-bf16", None).model;
-    let candle = load_with(
-        "tied-bf16",
-        LoadOptions {
-            engine: Engine::Candle,
-            ..LoadOptions::cpu()
-        },
-    )
-    .model;
+    let candle = candle_model("tied-bf16");
     let c = cpu.config();
     // Keys and values, f32 (the exact precision; candle's activations on the CPU).
     let f32_bytes = c.num_hidden_layers * c.num_key_value_heads * 2 * c.head_dim * 4;
